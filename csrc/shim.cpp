@@ -1,0 +1,137 @@
+// The C++ half of tch-fabric's FFI. Each entry point is wrapped in TF_PROTECT so that no C++
+// exception crosses into Rust: the message is returned as a heap string instead.
+#include "tch_fabric.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/DefaultDtype.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+char *dup_message(const char *msg) {
+  char *out = strdup(msg == nullptr ? "unknown C++ error" : msg);
+  return out;
+}
+
+c10::DeviceType device_type_from(int32_t device_type) {
+  switch (device_type) {
+    case 0:
+      return c10::DeviceType::CPU;
+    case 1:
+      return c10::DeviceType::CUDA;
+    default:
+      throw std::invalid_argument("tch-fabric shim: unsupported device type " +
+                                  std::to_string(device_type));
+  }
+}
+
+c10::ScalarType scalar_type_from(int32_t dtype) {
+  if (dtype < 0 || dtype >= static_cast<int32_t>(c10::ScalarType::NumOptions)) {
+    throw std::invalid_argument("tch-fabric shim: invalid scalar type " + std::to_string(dtype));
+  }
+  return static_cast<c10::ScalarType>(dtype);
+}
+
+const at::Tensor &deref(tf_tensor t) {
+  if (t == nullptr) throw std::invalid_argument("tch-fabric shim: null tensor");
+  return *static_cast<at::Tensor *>(t);
+}
+
+}  // namespace
+
+// Catches everything: c10::Error derives from std::exception, anything else is reported as
+// unknown rather than unwinding into Rust (which would abort the process).
+#define TF_PROTECT(body)                 \
+  try {                                  \
+    body                                 \
+    return nullptr;                      \
+  } catch (const std::exception &e) {    \
+    return dup_message(e.what());        \
+  } catch (...) {                        \
+    return dup_message(nullptr);         \
+  }
+
+extern "C" {
+
+void tf_free_error(char *err) { free(err); }
+
+char *tf_autocast_available(int32_t device_type, int32_t *out) {
+  TF_PROTECT(*out = at::autocast::is_autocast_available(device_type_from(device_type)) ? 1 : 0;)
+}
+
+char *tf_autocast_get(int32_t device_type, tf_autocast_state *out) {
+  TF_PROTECT({
+    auto dt = device_type_from(device_type);
+    out->enabled = at::autocast::is_autocast_enabled(dt) ? 1 : 0;
+    out->dtype = static_cast<int32_t>(at::autocast::get_autocast_dtype(dt));
+    out->cache_enabled = at::autocast::is_autocast_cache_enabled() ? 1 : 0;
+  })
+}
+
+char *tf_autocast_enter(int32_t device_type, int32_t dtype, int32_t enabled,
+                        int32_t cache_enabled, tf_autocast_state *saved) {
+  TF_PROTECT({
+    // torch.amp.autocast.__enter__: save (cache, enabled, dtype), set enabled, set dtype,
+    // increment the nesting counter, then set the cache flag.
+    auto dt = device_type_from(device_type);
+    auto st = scalar_type_from(dtype);
+    tf_autocast_state prev;
+    prev.cache_enabled = at::autocast::is_autocast_cache_enabled() ? 1 : 0;
+    prev.enabled = at::autocast::is_autocast_enabled(dt) ? 1 : 0;
+    prev.dtype = static_cast<int32_t>(at::autocast::get_autocast_dtype(dt));
+    at::autocast::set_autocast_enabled(dt, enabled != 0);
+    at::autocast::set_autocast_dtype(dt, st);
+    at::autocast::increment_nesting();
+    at::autocast::set_autocast_cache_enabled(cache_enabled != 0);
+    *saved = prev;
+  })
+}
+
+char *tf_autocast_exit(int32_t device_type, const tf_autocast_state *saved) {
+  TF_PROTECT({
+    // torch.amp.autocast.__exit__: clear the cast cache when the outermost scope ends, then
+    // restore what __enter__ saved.
+    auto dt = device_type_from(device_type);
+    if (at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
+    at::autocast::set_autocast_enabled(dt, saved->enabled != 0);
+    at::autocast::set_autocast_dtype(dt, scalar_type_from(saved->dtype));
+    at::autocast::set_autocast_cache_enabled(saved->cache_enabled != 0);
+  })
+}
+
+char *tf_default_dtype_get(int32_t *dtype) {
+  TF_PROTECT(*dtype = static_cast<int32_t>(c10::get_default_dtype_as_scalartype());)
+}
+
+char *tf_default_dtype_set(int32_t dtype) {
+  TF_PROTECT({
+    auto st = scalar_type_from(dtype);
+    // torch.set_default_dtype only accepts floating types; the same rule here.
+    if (!c10::isFloatingType(st)) {
+      throw std::invalid_argument(std::string("default dtype must be floating, got ") +
+                                  c10::toString(st));
+    }
+    c10::set_default_dtype(caffe2::TypeMeta::fromScalarType(st));
+  })
+}
+
+char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t n,
+                                                  tf_tensor found_inf, tf_tensor inv_scale) {
+  TF_PROTECT({
+    std::vector<at::Tensor> list;
+    list.reserve(n);
+    for (size_t i = 0; i < n; ++i) list.push_back(deref(grads[i]));
+    at::Tensor found = deref(found_inf);
+    at::_amp_foreach_non_finite_check_and_unscale_(list, found, deref(inv_scale));
+  })
+}
+
+}  // extern "C"

@@ -1,0 +1,54 @@
+/* The C interface between tch-fabric's Rust code (src/ffi.rs) and libtorch.
+ *
+ * Conventions:
+ * - Every function returns NULL on success, or a heap-allocated error message that the caller
+ *   releases with tf_free_error. No C++ exception ever leaves these functions.
+ * - A `tf_tensor` is the `at::Tensor*` that a tch `Tensor` wraps (tch's `C_tensor`).
+ * - Device types and scalar types are c10's integers (DeviceType: CPU=0, CUDA=1;
+ *   ScalarType: Half=5, Float=6, Double=7, BFloat16=15), not tch's.
+ */
+#ifndef TCH_FABRIC_H
+#define TCH_FABRIC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void *tf_tensor;
+
+/* Autocast state of one device type on the calling thread. */
+typedef struct {
+  int32_t enabled;
+  int32_t dtype;
+  int32_t cache_enabled;
+} tf_autocast_state;
+
+void tf_free_error(char *err);
+
+/* Whether libtorch has an autocast implementation for this device type. */
+char *tf_autocast_available(int32_t device_type, int32_t *out);
+/* Reads the current thread's autocast state for a device type. */
+char *tf_autocast_get(int32_t device_type, tf_autocast_state *out);
+/* Enters an autocast scope in PyTorch's order, writing the state to restore into *saved. */
+char *tf_autocast_enter(int32_t device_type, int32_t dtype, int32_t enabled,
+                        int32_t cache_enabled, tf_autocast_state *saved);
+/* Leaves a scope: clears the cast cache when the outermost scope ends, restores *saved. */
+char *tf_autocast_exit(int32_t device_type, const tf_autocast_state *saved);
+
+/* The process-wide default floating dtype (torch.get_default_dtype / set_default_dtype). */
+char *tf_default_dtype_get(int32_t *dtype);
+char *tf_default_dtype_set(int32_t dtype);
+
+/* torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale): one call for
+ * the whole list. */
+char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t n,
+                                                  tf_tensor found_inf, tf_tensor inv_scale);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TCH_FABRIC_H */

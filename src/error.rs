@@ -1,0 +1,92 @@
+//! The crate's one error type.
+use std::fmt;
+
+/// Everything that can go wrong in tch-fabric. Each variant names what was wrong and, where
+/// there is a rule, what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A precision value that is not one of Lightning's (the message lists them all, as
+    /// Lightning's does, and suggests the closest for a typo).
+    #[error("Precision {value} is invalid. Allowed precision values: {allowed}{}", Suggestion(suggestion))]
+    InvalidPrecision {
+        /// The value as given, quoted the way Lightning quotes it (`'fp16'`, `128`).
+        value: String,
+        /// Every value accepted, in Lightning's order.
+        allowed: &'static str,
+        /// The closest canonical value, when the input looks like a typo of one.
+        suggestion: Option<&'static str>,
+    },
+
+    /// An autocast scope that libtorch cannot run (wrong dtype, device without autocast or
+    /// without hardware).
+    #[error("autocast on {device} with {dtype}: {reason}")]
+    UnsupportedAutocast {
+        /// The device asked for.
+        device: String,
+        /// The dtype asked for.
+        dtype: String,
+        /// Why it cannot run and what is allowed instead.
+        reason: String,
+    },
+
+    /// A configuration value outside its allowed range.
+    #[error("invalid {field} = {value}: must be {allowed}")]
+    InvalidConfig {
+        /// The configuration field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// The allowed range, in words.
+        allowed: &'static str,
+    },
+
+    /// A state dict that cannot be loaded (nothing was changed).
+    #[error("cannot load state: {0}")]
+    InvalidState(String),
+
+    /// A call made in the wrong order, with PyTorch's message where PyTorch has one.
+    #[error("{0}")]
+    Usage(String),
+
+    /// A C++ exception raised inside libtorch, caught by the shim.
+    #[error("libtorch error in {op}: {message}")]
+    Native {
+        /// The shim entry point (or ATen op) that failed.
+        op: &'static str,
+        /// libtorch's message.
+        message: String,
+    },
+
+    /// An error reported by tch.
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// JSON that could not be parsed into the expected shape.
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+struct Suggestion<'a>(&'a Option<&'static str>);
+
+impl fmt::Display for Suggestion<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, ". Did you mean '{s}'?"),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The only place with `extern "C"`: declarations of the C++ shim in `csrc/tch_fabric.h`, and
+//! the helper that turns its error strings into [`Error::Native`].
+use crate::error::{Error, Result};
+use std::ffi::{c_char, CStr};
+use tch::Tensor;
+
+/// The `at::Tensor*` that a tch [`Tensor`] wraps.
+pub(crate) type CTensor = *mut torch_sys::C_tensor;
+
+/// Mirror of `tf_autocast_state`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AutocastState {
+    pub enabled: i32,
+    pub dtype: i32,
+    pub cache_enabled: i32,
+}
+
+extern "C" {
+    fn tf_free_error(err: *mut c_char);
+    fn tf_autocast_available(device_type: i32, out: *mut i32) -> *mut c_char;
+    fn tf_autocast_get(device_type: i32, out: *mut AutocastState) -> *mut c_char;
+    fn tf_autocast_enter(
+        device_type: i32,
+        dtype: i32,
+        enabled: i32,
+        cache_enabled: i32,
+        saved: *mut AutocastState,
+    ) -> *mut c_char;
+    fn tf_autocast_exit(device_type: i32, saved: *const AutocastState) -> *mut c_char;
+    fn tf_default_dtype_get(dtype: *mut i32) -> *mut c_char;
+    fn tf_default_dtype_set(dtype: i32) -> *mut c_char;
+    fn tf_amp_foreach_non_finite_check_and_unscale(
+        grads: *const CTensor,
+        n: usize,
+        found_inf: CTensor,
+        inv_scale: CTensor,
+    ) -> *mut c_char;
+}
+
+/// Turns the shim's return value into a `Result`, freeing the message.
+fn check(op: &'static str, err: *mut c_char) -> Result<()> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string from strdup that we own.
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { tf_free_error(err) };
+    Err(Error::Native { op, message })
+}
+
+fn ptr(t: &Tensor) -> CTensor {
+    // The shim only reads through this pointer or mutates the tensor's storage, never the
+    // `at::Tensor` handle itself, which is what tch's `&Tensor` promises.
+    t.as_ptr() as CTensor
+}
+
+pub(crate) fn autocast_available(device_type: i32) -> Result<bool> {
+    let mut out = 0;
+    check("autocast_available", unsafe {
+        tf_autocast_available(device_type, &mut out)
+    })?;
+    Ok(out != 0)
+}
+
+pub(crate) fn autocast_get(device_type: i32) -> Result<AutocastState> {
+    let mut out = AutocastState::default();
+    check("autocast_get", unsafe { tf_autocast_get(device_type, &mut out) })?;
+    Ok(out)
+}
+
+pub(crate) fn autocast_enter(
+    device_type: i32,
+    dtype: i32,
+    enabled: bool,
+    cache_enabled: bool,
+) -> Result<AutocastState> {
+    let mut saved = AutocastState::default();
+    check("autocast_enter", unsafe {
+        tf_autocast_enter(
+            device_type,
+            dtype,
+            i32::from(enabled),
+            i32::from(cache_enabled),
+            &mut saved,
+        )
+    })?;
+    Ok(saved)
+}
+
+pub(crate) fn autocast_exit(device_type: i32, saved: &AutocastState) -> Result<()> {
+    check("autocast_exit", unsafe { tf_autocast_exit(device_type, saved) })
+}
+
+pub(crate) fn default_dtype_get() -> Result<i32> {
+    let mut out = 0;
+    check("default_dtype_get", unsafe { tf_default_dtype_get(&mut out) })?;
+    Ok(out)
+}
+
+pub(crate) fn default_dtype_set(dtype: i32) -> Result<()> {
+    check("default_dtype_set", unsafe { tf_default_dtype_set(dtype) })
+}
+
+pub(crate) fn amp_foreach_non_finite_check_and_unscale(
+    grads: &[&Tensor],
+    found_inf: &Tensor,
+    inv_scale: &Tensor,
+) -> Result<()> {
+    let ptrs: Vec<CTensor> = grads.iter().map(|t| ptr(t)).collect();
+    check("_amp_foreach_non_finite_check_and_unscale_", unsafe {
+        tf_amp_foreach_non_finite_check_and_unscale(
+            ptrs.as_ptr(),
+            ptrs.len(),
+            ptr(found_inf),
+            ptr(inv_scale),
+        )
+    })
+}
+
+/// c10's `ScalarType` number of a tch [`tch::Kind`] (tch keeps its own conversion private).
+pub(crate) fn c10_scalar_type(kind: tch::Kind) -> i32 {
+    use tch::Kind::*;
+    match kind {
+        Uint8 => 0,
+        Int8 => 1,
+        Int16 => 2,
+        Int => 3,
+        Int64 => 4,
+        Half => 5,
+        Float => 6,
+        Double => 7,
+        ComplexHalf => 8,
+        ComplexFloat => 9,
+        ComplexDouble => 10,
+        Bool => 11,
+        QInt8 => 12,
+        QUInt8 => 13,
+        QInt32 => 14,
+        BFloat16 => 15,
+        // Kinds the shim never receives (float8 and friends) map to an invalid number, which
+        // the shim rejects with a message instead of misreading.
+        _ => -1,
+    }
+}
+
+/// The tch [`tch::Kind`] of a c10 `ScalarType` number, for the floating types the shim returns.
+pub(crate) fn kind_from_c10(scalar_type: i32) -> Option<tch::Kind> {
+    use tch::Kind::*;
+    Some(match scalar_type {
+        5 => Half,
+        6 => Float,
+        7 => Double,
+        15 => BFloat16,
+        _ => return None,
+    })
+}
+
+/// c10 `DeviceType` numbers used by the shim.
+pub(crate) const DEVICE_TYPE_CPU: i32 = 0;
+/// c10 `DeviceType` number of CUDA.
+pub(crate) const DEVICE_TYPE_CUDA: i32 = 1;
