@@ -83,4 +83,9 @@ fn link_args(lib_dir: &Path) {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
+    // libtorch.so already needs libtorch_cuda.so in the CUDA wheels; naming it too keeps CUDA
+    // registered even with a libtorch whose libtorch.so does not.
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+    }
 }

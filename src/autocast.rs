@@ -153,6 +153,9 @@ impl Autocast {
 /// Bind it to a named variable (`let _guard = ...`): `let _ = ...` drops it at once. Guards
 /// must be dropped in reverse order of creation, which Rust's scoping does by itself. The
 /// state is per thread, so the guard cannot be sent to another thread.
+///
+/// As in PyTorch, the weight-cast cache itself is shared by the whole process: the end of the
+/// outermost scope on any thread clears it for all threads (a cache miss, never a wrong value).
 #[must_use = "the autocast scope ends when the guard is dropped; bind it with `let _guard = ...`"]
 #[derive(Debug)]
 pub struct AutocastGuard {

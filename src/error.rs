@@ -8,7 +8,10 @@ use std::fmt;
 pub enum Error {
     /// A precision value that is not one of Lightning's (the message lists them all, as
     /// Lightning's does, and suggests the closest for a typo).
-    #[error("Precision {value} is invalid. Allowed precision values: {allowed}{}", Suggestion(suggestion))]
+    #[error(
+        "Precision {value} is invalid. Allowed precision values: {allowed}{}",
+        Suggestion(suggestion)
+    )]
     InvalidPrecision {
         /// The value as given, quoted the way Lightning quotes it (`'fp16'`, `128`).
         value: String,

@@ -67,7 +67,9 @@ pub(crate) fn autocast_available(device_type: i32) -> Result<bool> {
 
 pub(crate) fn autocast_get(device_type: i32) -> Result<AutocastState> {
     let mut out = AutocastState::default();
-    check("autocast_get", unsafe { tf_autocast_get(device_type, &mut out) })?;
+    check("autocast_get", unsafe {
+        tf_autocast_get(device_type, &mut out)
+    })?;
     Ok(out)
 }
 
@@ -91,12 +93,16 @@ pub(crate) fn autocast_enter(
 }
 
 pub(crate) fn autocast_exit(device_type: i32, saved: &AutocastState) -> Result<()> {
-    check("autocast_exit", unsafe { tf_autocast_exit(device_type, saved) })
+    check("autocast_exit", unsafe {
+        tf_autocast_exit(device_type, saved)
+    })
 }
 
 pub(crate) fn default_dtype_get() -> Result<i32> {
     let mut out = 0;
-    check("default_dtype_get", unsafe { tf_default_dtype_get(&mut out) })?;
+    check("default_dtype_get", unsafe {
+        tf_default_dtype_get(&mut out)
+    })?;
     Ok(out)
 }
 

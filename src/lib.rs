@@ -34,6 +34,8 @@
 //! - [`autocast`], [`Autocast`], [`AutocastGuard`]: `torch.autocast` for CPU and CUDA, nesting
 //!   and panic-safe.
 //! - [`DefaultDtypeGuard`]: `torch.set_default_dtype` as a scope.
+//! - [`GradScaler`]: `torch.amp.GradScaler` with the same bits, plus opt-in safety
+//!   ([`ScalePolicy`], [`StepOutcome`], skip counters, bfloat16 gradients on CUDA).
 //!
 //! Errors are one enum, [`Error`]; nothing here panics on bad input.
 
@@ -42,8 +44,13 @@ mod default_dtype;
 mod error;
 mod ffi;
 mod precision;
+mod scaler;
 
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
 pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
 pub use error::{Error, Result};
 pub use precision::Precision;
+pub use scaler::{
+    next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,
+    ScalePolicy, ScalerOptimizer, StepOutcome,
+};

@@ -1,0 +1,68 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Reads a JSON file under tests/data.
+pub fn data(name: &str) -> serde_json::Value {
+    let path = repo().join("tests/data").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The Python that has torch 2.13 (the provisioned venv, or TCH_FABRIC_PYTHON).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TCH_FABRIC_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/provision.sh (or set TCH_FABRIC_PYTHON to a python with torch 2.13)",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs a Python snippet with `stdin` as its standard input and returns its standard output.
+pub fn run_python(code: &str, stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .args(["-c", code])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("python ran");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// PyTorch's name of a dtype.
+pub fn dtype_name(kind: tch::Kind) -> &'static str {
+    match kind {
+        tch::Kind::Float => "float32",
+        tch::Kind::Double => "float64",
+        tch::Kind::Half => "float16",
+        tch::Kind::BFloat16 => "bfloat16",
+        tch::Kind::Int64 => "int64",
+        _ => "other",
+    }
+}
