@@ -530,6 +530,8 @@ impl Default for OptimizerRecord {
 /// come from a file with keys missing; [`GradScaler::load_state_dict`] refuses both.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+// Only a JSON object is a state dict: serde's derive alone would also take a bare list.
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
 pub struct GradScalerState {
     /// The current scale.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -550,6 +552,33 @@ pub struct GradScalerState {
         default
     )]
     pub growth_tracker: Option<i64>,
+}
+
+/// The derived field-by-field form, reached only through a JSON object.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    scale: Option<f64>,
+    growth_factor: Option<f64>,
+    backoff_factor: Option<f64>,
+    growth_interval: Option<i64>,
+    #[serde(rename = "_growth_tracker")]
+    growth_tracker: Option<i64>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for GradScalerState {
+    type Error = serde_json::Error;
+
+    fn try_from(map: serde_json::Map<String, serde_json::Value>) -> Result<Self, Self::Error> {
+        let raw: RawState = serde_json::from_value(serde_json::Value::Object(map))?;
+        Ok(GradScalerState {
+            scale: raw.scale,
+            growth_factor: raw.growth_factor,
+            backoff_factor: raw.backoff_factor,
+            growth_interval: raw.growth_interval,
+            growth_tracker: raw.growth_tracker,
+        })
+    }
 }
 
 impl GradScalerState {
@@ -718,7 +747,8 @@ impl GradScaler {
     }
 
     /// `inv_scale = scale.double().reciprocal().float()`: the reciprocal in float64, rounded
-    /// to float32, exactly as PyTorch (a float32 reciprocal is one ulp off for non-powers of 2).
+    /// to float32, exactly as PyTorch (on CPU this equals a correctly rounded float32 reciprocal;
+    /// keeping PyTorch's form keeps every backend on the same value).
     fn inv_scale(&self, what: &str) -> Result<Tensor> {
         let scale = self.require_scale(what)?;
         Ok(scale

@@ -66,3 +66,5 @@ pub fn dtype_name(kind: tch::Kind) -> &'static str {
         _ => "other",
     }
 }
+
+pub mod scaler;
