@@ -13,7 +13,7 @@ fn one() -> Tensor {
 
 fn ready() -> (GradScaler, Probe) {
     let mut scaler = GradScaler::new(GradScalerConfig::default()).unwrap();
-    scaler.scale(&one()).unwrap();
+    let _ = scaler.scale(&one()).unwrap();
     let mut probe = Probe::new();
     probe.set_grad(b'0');
     (scaler, probe)
@@ -86,7 +86,7 @@ fn calls_before_scale_name_the_missing_scale() {
 #[test]
 fn fp16_gradients_are_refused_unless_allowed() {
     let mut scaler = GradScaler::new(GradScalerConfig::default()).unwrap();
-    scaler.scale(&one()).unwrap();
+    let _ = scaler.scale(&one()).unwrap();
     let g = Tensor::ones([4], (Kind::Half, Device::Cpu));
     assert_eq!(
         usage(scaler.unscale_grads(&[g.shallow_clone()]).unwrap_err()),
@@ -95,7 +95,7 @@ fn fp16_gradients_are_refused_unless_allowed() {
     assert_eq!(g.double_value(&[0]), 1.0, "nothing was unscaled");
 
     let mut allowed = GradScaler::new(GradScalerConfig::default().allow_fp16_grads(true)).unwrap();
-    allowed.scale(&one()).unwrap();
+    let _ = allowed.scale(&one()).unwrap();
     allowed.unscale_grads(&[g.shallow_clone()]).unwrap();
     assert_eq!(g.double_value(&[0]), 1.0 / 65536.0);
 }

@@ -124,7 +124,7 @@ fn unscaled_gradient_bits_match_pytorch() {
             .init_scale(scale)
             .allow_fp16_grads(dtype == "float16");
         let mut scaler = GradScaler::new(config).unwrap();
-        scaler
+        let _ = scaler
             .scale(&Tensor::ones([], (Kind::Float, Device::Cpu)))
             .unwrap();
         scaler.unscale_grads(std::slice::from_ref(&grad)).unwrap();
@@ -164,7 +164,8 @@ fn state_written_by_pytorch_loads_and_continues_identically() {
 
     // Loaded into a scaler that already has its tensors.
     let mut live = GradScaler::new(GradScalerConfig::default()).unwrap();
-    live.scale(&Tensor::ones([], (Kind::Float, Device::Cpu)))
+    let _ = live
+        .scale(&Tensor::ones([], (Kind::Float, Device::Cpu)))
         .unwrap();
     live.load_state_dict(&state).unwrap();
     compare(

@@ -40,7 +40,7 @@ impl Probe {
 /// Runs `flags` through step + update; returns (scale bits, tracker, stepped) per step.
 pub fn run(scaler: &mut GradScaler, probe: &mut Probe, flags: &[u8]) -> Vec<(u32, i64, bool)> {
     if scaler.scale_tensor().is_none() {
-        scaler
+        let _ = scaler
             .scale(&Tensor::ones([], (Kind::Float, Device::Cpu)))
             .unwrap();
     }
