@@ -6,6 +6,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/DefaultDtype.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -47,9 +48,10 @@ const at::Tensor &deref(tf_tensor t) {
 
 // Catches everything: c10::Error derives from std::exception, anything else is reported as
 // unknown rather than unwinding into Rust (which would abort the process).
-#define TF_PROTECT(body)                 \
+// Variadic so that bodies may contain commas (template arguments).
+#define TF_PROTECT(...)                  \
   try {                                  \
-    body                                 \
+    __VA_ARGS__                          \
     return nullptr;                      \
   } catch (const std::exception &e) {    \
     return dup_message(e.what());        \
@@ -131,6 +133,41 @@ char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t
     for (size_t i = 0; i < n; ++i) list.push_back(deref(grads[i]));
     at::Tensor found = deref(found_inf);
     at::_amp_foreach_non_finite_check_and_unscale_(list, found, deref(inv_scale));
+  })
+}
+
+char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_tensor *out) {
+  TF_PROTECT({
+    *out = nullptr;
+    if (n == 0) {
+      *out = new at::Tensor(at::zeros({}, at::kFloat));
+      return nullptr;
+    }
+    // Group by (device, dtype) in first-seen order, as _group_tensors_by_device_and_dtype.
+    std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>, std::vector<at::Tensor>>> groups;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor &g = deref(grads[i]);
+      auto key = std::make_pair(g.device(), g.scalar_type());
+      auto it = std::find_if(groups.begin(), groups.end(),
+                             [&](const auto &e) { return e.first == key; });
+      if (it == groups.end()) {
+        groups.push_back({key, {g}});
+      } else {
+        it->second.push_back(g);
+      }
+    }
+    std::vector<at::Tensor> norms;
+    for (auto &group : groups) {
+      if (group.first.first.is_cuda()) {
+        auto r = at::_foreach_norm(group.second, norm_type);
+        norms.insert(norms.end(), r.begin(), r.end());
+      } else {
+        for (auto &g : group.second) norms.push_back(at::linalg_vector_norm(g, norm_type));
+      }
+    }
+    auto first_device = deref(grads[0]).device();
+    for (auto &t : norms) t = t.to(first_device);
+    *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), norm_type));
   })
 }
 

@@ -47,6 +47,11 @@ char *tf_default_dtype_set(int32_t dtype);
 char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t n,
                                                   tf_tensor found_inf, tf_tensor inv_scale);
 
+/* torch.nn.utils.get_total_norm(grads, norm_type): per-tensor norms (torch._foreach_norm on
+ * CUDA, linalg.vector_norm elsewhere, as PyTorch picks), stacked on the first gradient's device,
+ * then their norm. *out receives a new tensor (tch frees it). An empty list gives 0. */
+char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_tensor *out);
+
 #ifdef __cplusplus
 }
 #endif

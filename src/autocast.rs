@@ -1,6 +1,8 @@
 //! Autocast scopes on CPU and CUDA, with PyTorch's enter/exit order.
+use crate::default_dtype::DefaultDtypeGuard;
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::precision::Precision;
 use std::marker::PhantomData;
 use tch::{Device, Kind};
 
@@ -130,8 +132,7 @@ impl Autocast {
             self.cache_enabled,
         )?;
         Ok(AutocastGuard {
-            device_type,
-            saved,
+            scope: Scope::Autocast { device_type, saved },
             _not_send: PhantomData,
         })
     }
@@ -159,19 +160,48 @@ impl Autocast {
 #[must_use = "the autocast scope ends when the guard is dropped; bind it with `let _guard = ...`"]
 #[derive(Debug)]
 pub struct AutocastGuard {
-    device_type: i32,
-    saved: ffi::AutocastState,
+    scope: Scope,
     // Autocast state is thread-local in libtorch: leaving the scope on another thread would
     // corrupt both threads' state.
     _not_send: PhantomData<*const ()>,
+}
+
+/// What a guard undoes. [`crate::Fabric::autocast`] hands out the precision's scope, which is
+/// an autocast only for mixed precisions (as Lightning's `forward_context`).
+#[derive(Debug)]
+enum Scope {
+    Autocast {
+        device_type: i32,
+        saved: ffi::AutocastState,
+    },
+    DefaultDtype(#[allow(dead_code)] DefaultDtypeGuard),
+    Nothing,
+}
+
+impl AutocastGuard {
+    /// The scope Lightning's `precision.forward_context()` opens: autocast for mixed
+    /// precisions, the default dtype switched for `-true` and `64-true`, nothing for `32-true`.
+    pub(crate) fn for_precision(precision: Precision, device: Device) -> Result<Self> {
+        let scope = match (precision, precision.autocast_dtype()) {
+            (_, Some(kind)) => return Autocast::new(device, kind).enter(),
+            (Precision::F32True, None) => Scope::Nothing,
+            (p, None) => Scope::DefaultDtype(DefaultDtypeGuard::new(p.param_dtype())?),
+        };
+        Ok(AutocastGuard {
+            scope,
+            _not_send: PhantomData,
+        })
+    }
 }
 
 impl Drop for AutocastGuard {
     fn drop(&mut self) {
         // The exit only touches thread-local flags and cannot fail for a device type that
         // entered successfully; if libtorch ever disagrees, report it rather than panic in drop.
-        if let Err(e) = ffi::autocast_exit(self.device_type, &self.saved) {
-            log::error!("leaving an autocast scope failed: {e}");
+        if let Scope::Autocast { device_type, saved } = &self.scope {
+            if let Err(e) = ffi::autocast_exit(*device_type, saved) {
+                log::error!("leaving an autocast scope failed: {e}");
+            }
         }
     }
 }

@@ -75,6 +75,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A checkpoint that cannot be written or read (missing, truncated, foreign, or not
+    /// matching the model).
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: String,
+        /// What is wrong and, where possible, how to fix it.
+        reason: String,
+    },
+
     /// JSON that could not be parsed into the expected shape.
     #[error("invalid JSON: {0}")]
     Json(#[from] serde_json::Error),

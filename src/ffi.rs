@@ -36,6 +36,12 @@ extern "C" {
         found_inf: CTensor,
         inv_scale: CTensor,
     ) -> *mut c_char;
+    fn tf_grad_total_norm(
+        grads: *const CTensor,
+        n: usize,
+        norm_type: f64,
+        out: *mut CTensor,
+    ) -> *mut c_char;
 }
 
 /// Turns the shim's return value into a `Result`, freeing the message.
@@ -124,6 +130,16 @@ pub(crate) fn amp_foreach_non_finite_check_and_unscale(
             ptr(inv_scale),
         )
     })
+}
+
+pub(crate) fn grad_total_norm(grads: &[&Tensor], norm_type: f64) -> Result<Tensor> {
+    let ptrs: Vec<CTensor> = grads.iter().map(|t| ptr(t)).collect();
+    let mut out: CTensor = std::ptr::null_mut();
+    check("get_total_norm", unsafe {
+        tf_grad_total_norm(ptrs.as_ptr(), ptrs.len(), norm_type, &mut out)
+    })?;
+    // SAFETY: on success the shim stored a fresh `new at::Tensor`, which tch now owns.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// c10's `ScalarType` number of a tch [`tch::Kind`] (tch keeps its own conversion private).

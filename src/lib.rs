@@ -40,15 +40,25 @@
 //! Errors are one enum, [`Error`]; nothing here panics on bad input.
 
 mod autocast;
+mod checkpoint;
+mod clip;
 mod default_dtype;
 mod error;
+mod fabric;
 mod ffi;
+mod module;
 mod precision;
 mod scaler;
 
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
+pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip};
 pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
 pub use error::{Error, Result};
+pub use fabric::{
+    Fabric, FabricBuilder, FabricOptimizer, IntoPrecision, LrScheduler, PrecisionArg,
+    BACKWARD_MESSAGE,
+};
+pub use module::FabricModule;
 pub use precision::Precision;
 pub use scaler::{
     next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,

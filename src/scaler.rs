@@ -831,6 +831,26 @@ impl GradScaler {
         Ok(())
     }
 
+    /// Unscales unless this iteration already did (for clipping after a user's own `unscale`,
+    /// or clipping twice): the idempotent form PyTorch lacks.
+    pub(crate) fn ensure_unscaled<O: ScalerOptimizer + ?Sized>(
+        &mut self,
+        opt: &mut O,
+    ) -> Result<()> {
+        if !self.config.enabled {
+            return Ok(());
+        }
+        match self.per_optimizer.get(&opt.scaler_id()).map(|r| r.stage) {
+            Some(Stage::Unscaled) => Ok(()),
+            _ => self.unscale(opt),
+        }
+    }
+
+    /// Whether [`GradScaler::update`] has flags to consume.
+    pub(crate) fn has_pending_checks(&self) -> bool {
+        self.all_found_infs().next().is_some()
+    }
+
     fn record(&mut self, id: u64) -> &mut OptimizerRecord {
         self.per_optimizer.entry(id).or_default()
     }

@@ -1,0 +1,95 @@
+//! `LT_*` environment variables, as Lightning reads them. The environment is process-wide, so
+//! everything runs in one test of its own binary.
+use tch_fabric::{Error, Fabric, Precision};
+
+fn clear() {
+    for k in [
+        "LT_PRECISION",
+        "LT_ACCELERATOR",
+        "LT_DEVICES",
+        "LT_CLI_USED",
+    ] {
+        std::env::remove_var(k);
+    }
+}
+
+#[test]
+fn environment_overrides_code_and_cli_conflicts_fail() {
+    clear();
+    // The environment overrides what the code says, even without the CLI.
+    std::env::set_var("LT_PRECISION", "64-true");
+    std::env::set_var("LT_ACCELERATOR", "cpu");
+    let f = Fabric::builder().build().unwrap();
+    assert_eq!(f.precision(), Precision::F64True);
+    assert_eq!(f.device(), tch::Device::Cpu);
+    let f = Fabric::new("bf16-mixed").unwrap();
+    assert_eq!(
+        f.precision(),
+        Precision::F64True,
+        "env wins without LT_CLI_USED"
+    );
+
+    // Through the CLI, an explicit conflicting value is Lightning's error...
+    std::env::set_var("LT_CLI_USED", "1");
+    let e = Fabric::new("bf16-mixed").unwrap_err();
+    assert!(matches!(e, Error::Usage(_)));
+    assert_eq!(
+        e.to_string(),
+        "Your code has `Fabric(precision='bf16-mixed', ...)` but it conflicts with the value \
+         `--precision=64-true` set through the CLI.  Remove it either from the CLI or from the \
+         Lightning Fabric object."
+    );
+    let e = Fabric::new(16).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("Your code has `Fabric(precision=16, ...)`"),
+        "{e}"
+    );
+    // ... an equal value or no value is fine.
+    assert_eq!(
+        Fabric::new("64-true").unwrap().precision(),
+        Precision::F64True
+    );
+    assert_eq!(
+        Fabric::builder().build().unwrap().precision(),
+        Precision::F64True
+    );
+    let e = Fabric::builder().accelerator("auto").build().unwrap_err();
+    assert!(
+        e.to_string().contains("`Fabric(accelerator='auto', ...)`"),
+        "{e}"
+    );
+
+    // Devices from the environment; a bad value names the variable's field.
+    std::env::set_var("LT_DEVICES", "2");
+    let e = Fabric::builder().build().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidConfig {
+                field: "devices",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    std::env::set_var("LT_DEVICES", "many");
+    let e = Fabric::builder().build().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidConfig {
+                field: "devices",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    std::env::set_var("LT_DEVICES", "1");
+    assert!(Fabric::builder().build().is_ok());
+
+    std::env::set_var("LT_PRECISION", "fp16");
+    let e = Fabric::builder().build().unwrap_err();
+    assert!(matches!(e, Error::InvalidPrecision { .. }), "{e}");
+    clear();
+}
