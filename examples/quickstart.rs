@@ -21,6 +21,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // tch-fabric reports Lightning's warnings (CPU fp16 fallback, legacy spellings) via `log`.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     let precision: Precision = args.precision.parse()?;
     let device = Device::Cpu;
