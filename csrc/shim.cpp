@@ -44,6 +44,13 @@ const at::Tensor &deref(tf_tensor t) {
   return *static_cast<at::Tensor *>(t);
 }
 
+std::vector<at::Tensor> to_vector(const tf_tensor *list, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(deref(list[i]));
+  return out;
+}
+
 }  // namespace
 
 // Catches everything: c10::Error derives from std::exception, anything else is reported as
@@ -128,9 +135,7 @@ char *tf_default_dtype_set(int32_t dtype) {
 char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t n,
                                                   tf_tensor found_inf, tf_tensor inv_scale) {
   TF_PROTECT({
-    std::vector<at::Tensor> list;
-    list.reserve(n);
-    for (size_t i = 0; i < n; ++i) list.push_back(deref(grads[i]));
+    std::vector<at::Tensor> list = to_vector(grads, n);
     at::Tensor found = deref(found_inf);
     at::_amp_foreach_non_finite_check_and_unscale_(list, found, deref(inv_scale));
   })
@@ -168,6 +173,38 @@ char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_
     auto first_device = deref(grads[0]).device();
     for (auto &t : norms) t = t.to(first_device);
     *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), norm_type));
+  })
+}
+
+char *tf_fused_adamw(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                     const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
+                     const tf_tensor *state_steps, size_t n, double lr, double beta1,
+                     double beta2, double weight_decay, double eps, int32_t amsgrad,
+                     int32_t maximize, tf_tensor grad_scale, tf_tensor found_inf) {
+  TF_PROTECT({
+    auto p = to_vector(params, n), g = to_vector(grads, n), m = to_vector(exp_avgs, n),
+         v = to_vector(exp_avg_sqs, n), s = to_vector(state_steps, n);
+    std::vector<at::Tensor> vmax = amsgrad ? to_vector(max_exp_avg_sqs, n) : std::vector<at::Tensor>{};
+    std::optional<at::Tensor> scale, inf;
+    if (grad_scale != nullptr) scale = deref(grad_scale);
+    if (found_inf != nullptr) inf = deref(found_inf);
+    at::_fused_adamw_(p, g, m, v, vmax, s, lr, beta1, beta2, weight_decay, eps, amsgrad != 0,
+                      maximize != 0, scale, inf);
+  })
+}
+
+char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value) {
+  TF_PROTECT({
+    auto list = to_vector(tensors, n);
+    at::_foreach_add_(list, value);
+  })
+}
+
+char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other) {
+  TF_PROTECT({
+    auto list = to_vector(tensors, n);
+    const at::Tensor &o = deref(other);
+    for (auto &t : list) t.sub_(o);
   })
 }
 

@@ -52,6 +52,19 @@ char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t
  * then their norm. *out receives a new tensor (tch frees it). An empty list gives 0. */
 char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_tensor *out);
 
+/* torch._fused_adamw_ over n parameters (max_exp_avg_sqs has n entries when amsgrad, else
+ * it is ignored). grad_scale and found_inf may be NULL. */
+char *tf_fused_adamw(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                     const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
+                     const tf_tensor *state_steps, size_t n, double lr, double beta1,
+                     double beta2, double weight_decay, double eps, int32_t amsgrad,
+                     int32_t maximize, tf_tensor grad_scale, tf_tensor found_inf);
+
+/* torch._foreach_add_(tensors, other) and torch._foreach_sub_(tensors, other): the step-count
+ * bookkeeping of fused optimizers, kept on the device. */
+char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value);
+char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other);
+
 #ifdef __cplusplus
 }
 #endif

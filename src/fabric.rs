@@ -4,17 +4,18 @@ use crate::checkpoint;
 use crate::clip::{self, Clip};
 use crate::error::{Error, Result};
 use crate::module::FabricModule;
+use crate::optim::{IntoTrainOptimizer, TrainOptimizer};
 use crate::precision::Precision;
-use crate::scaler::{
-    AmpOptimizer, GradScaler, GradScalerConfig, GradScalerState, ScalerOptimizer, StepOutcome,
-};
+use crate::scaler::{GradScaler, GradScalerConfig, GradScalerState, StepOutcome};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::cell::RefCell;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::rc::Rc;
 use tch::{nn, Device, Tensor};
+
+/// The checkpoint key prefix of optimizer state: `optimizer.<index>.<param>.<what>`.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 /// Lightning's message when a mixed-precision step sees no `fabric.backward` call.
 pub const BACKWARD_MESSAGE: &str = "The current strategy and precision selection requires you to call `fabric.backward(loss)` instead of `loss.backward()`.";
@@ -278,13 +279,15 @@ fn device_for(accelerator: &str) -> Result<Device> {
     }
 }
 
+type SharedOptimizer = Rc<RefCell<Box<dyn TrainOptimizer>>>;
+
 /// State the Fabric shares with the optimizers it set up.
 #[derive(Debug)]
 struct Shared {
     precision: Precision,
     scaler: GradScaler,
-    /// Every optimizer set up, by scaler id.
-    optimizers: Vec<u64>,
+    /// Every optimizer set up, in order (checkpoints key their state by this index).
+    optimizers: Vec<SharedOptimizer>,
     /// Optimizers that stepped since the last scale update.
     stepped: Vec<u64>,
     /// `fabric.backward` calls so far.
@@ -379,17 +382,18 @@ impl Fabric {
 
     /// Prepares a model and its optimizer for the precision: moves the VarStore to the device,
     /// converts the parameters for `-true` / `64-true` (mixed precisions keep float32), and
-    /// wraps both. `optimizer` must have been built from `var_store`, which stays usable.
+    /// wraps both. `optimizer` is a tch `nn::Optimizer` built from `var_store`, or a
+    /// [`crate::FusedAdamW`] (whose state checkpoints save); `var_store` stays usable.
     ///
     /// # Errors
     ///
     /// [`Error::Usage`] when a parameter name was already set up by an earlier call (give the
     /// models distinct VarStore paths: checkpoints key weights by name).
-    pub fn setup<M: nn::ModuleT>(
+    pub fn setup<M: nn::ModuleT, O: IntoTrainOptimizer>(
         &self,
         model: M,
         var_store: &mut nn::VarStore,
-        optimizer: nn::Optimizer,
+        optimizer: O,
     ) -> Result<(FabricModule<M>, FabricOptimizer)> {
         let names: Vec<String> = var_store.variables().into_keys().collect();
         {
@@ -412,14 +416,16 @@ impl Fabric {
             Precision::Bf16True => var_store.bfloat16(),
             _ => {}
         }
-        let opt = AmpOptimizer::new(optimizer, var_store);
+        let opt: SharedOptimizer = Rc::new(RefCell::new(optimizer.into_train_optimizer(var_store)));
         let mut sh = self.shared.borrow_mut();
         let mut vars: Vec<(String, Tensor)> = var_store.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         sh.params.extend(vars);
-        sh.optimizers.push(opt.scaler_id());
+        sh.optimizers.push(Rc::clone(&opt));
         let module = FabricModule::new(model, self.precision, self.device);
+        let id = opt.borrow().scaler_id();
         let fopt = FabricOptimizer {
+            id,
             opt,
             shared: Rc::clone(&self.shared),
             seen_backward: sh.backward_count,
@@ -489,16 +495,12 @@ impl Fabric {
         clip: Clip,
         error_if_nonfinite: bool,
     ) -> Result<f64> {
+        let mut opt = optimizer.opt.borrow_mut();
         self.shared
             .borrow_mut()
             .scaler
-            .ensure_unscaled(&mut optimizer.opt)?;
-        let grads: Vec<Tensor> = optimizer
-            .opt
-            .named_gradients()
-            .into_iter()
-            .map(|(_, g)| g)
-            .collect();
+            .ensure_unscaled(&mut **opt)?;
+        let grads: Vec<Tensor> = opt.named_gradients().into_iter().map(|(_, g)| g).collect();
         clip::apply(clip, &grads, error_if_nonfinite)
     }
 
@@ -521,8 +523,9 @@ impl Fabric {
     /// Python), the precision, the GradScaler state, and `state` (any serde value: step,
     /// epoch, ...). The write is atomic: a crash leaves the previous file intact.
     ///
-    /// The moments of tch's own optimizers (Adam, ...) live in C++ and cannot be exported,
-    /// so resuming with them restarts those moments; this is the limit of exact resume.
+    /// The state of a [`crate::FusedAdamW`] is saved too (as `optimizer.<i>.<param>.exp_avg`,
+    /// ...), so resuming is exact. The moments of tch's own optimizers (Adam, ...) live in C++
+    /// and cannot be exported: resuming with them restarts those moments.
     ///
     /// # Errors
     ///
@@ -535,9 +538,19 @@ impl Fabric {
             sh.flush_update()?;
         }
         let scaler = sh.scaler.is_enabled().then(|| sh.scaler.state_dict());
+        let mut tensors: Vec<(String, Tensor)> = sh
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        for (i, opt) in sh.optimizers.iter().enumerate() {
+            for (name, t) in opt.borrow().state_tensors() {
+                tensors.push((format!("{OPTIMIZER_PREFIX}{i}.{name}"), t));
+            }
+        }
         checkpoint::write(
             path.as_ref(),
-            &sh.params,
+            &tensors,
             self.precision,
             scaler.as_ref(),
             &state_json,
@@ -577,14 +590,31 @@ impl Fabric {
                 )));
             }
         }
-        if let Some(extra) = contents
-            .tensors
-            .keys()
-            .find(|k| !sh.params.iter().any(|(n, _)| n == *k))
-        {
-            return Err(fail(format!(
-                "tensor '{extra}' in the checkpoint matches no parameter of the model"
-            )));
+        let mut opt_states: Vec<Vec<(String, Tensor)>> =
+            sh.optimizers.iter().map(|_| Vec::new()).collect();
+        for (key, t) in &contents.tensors {
+            if sh.params.iter().any(|(n, _)| n == key) {
+                continue;
+            }
+            let slot = key.strip_prefix(OPTIMIZER_PREFIX).and_then(|rest| {
+                let (i, name) = rest.split_once('.')?;
+                Some((i.parse::<usize>().ok()?, name))
+            });
+            match slot {
+                Some((i, name)) if i < opt_states.len() => {
+                    opt_states[i].push((name.to_string(), t.shallow_clone()))
+                }
+                _ => {
+                    return Err(fail(format!(
+                        "tensor '{key}' in the checkpoint matches no parameter or optimizer of this Fabric"
+                    )))
+                }
+            }
+        }
+        for (opt, st) in sh.optimizers.iter().zip(&opt_states) {
+            opt.borrow()
+                .check_state_tensors(st)
+                .map_err(|e| fail(e.to_string()))?;
         }
         let scaler_state = match (&contents.scaler, sh.scaler.is_enabled()) {
             (Some(s), true) => {
@@ -625,6 +655,9 @@ impl Fabric {
             }
             Ok(())
         })?;
+        for (opt, st) in sh.optimizers.iter().zip(&opt_states) {
+            opt.borrow_mut().load_state_tensors(st)?;
+        }
         if let Some(s) = scaler_state {
             sh.scaler.load_state_dict(&s)?;
         }
@@ -637,7 +670,8 @@ impl Fabric {
 /// the loss scale under `16-mixed`, and says what it did.
 #[derive(Debug)]
 pub struct FabricOptimizer {
-    opt: AmpOptimizer,
+    opt: SharedOptimizer,
+    id: u64,
     shared: Rc<RefCell<Shared>>,
     seen_backward: u64,
 }
@@ -657,13 +691,16 @@ impl FabricOptimizer {
         if sh.precision.is_mixed() && sh.backward_count == self.seen_backward {
             return Err(Error::Usage(BACKWARD_MESSAGE.to_string()));
         }
-        let outcome = sh.scaler.step(&mut self.opt)?;
+        let outcome = sh.scaler.step(&mut **self.opt.borrow_mut())?;
         self.seen_backward = sh.backward_count;
-        let id = self.opt.scaler_id();
-        if !sh.stepped.contains(&id) {
-            sh.stepped.push(id);
+        if !sh.stepped.contains(&self.id) {
+            sh.stepped.push(self.id);
         }
-        if sh.optimizers.iter().all(|o| sh.stepped.contains(o)) {
+        let all = sh
+            .optimizers
+            .iter()
+            .all(|o| sh.stepped.contains(&o.borrow().scaler_id()));
+        if all {
             sh.flush_update()?;
         }
         Ok(outcome)
@@ -671,30 +708,26 @@ impl FabricOptimizer {
 
     /// Zeroes the gradients.
     pub fn zero_grad(&mut self) {
-        self.opt.zero_grad();
+        self.opt.borrow_mut().zero_grad();
     }
 
     /// Sets the learning rate of every parameter group.
     ///
     /// # Errors
     ///
-    /// libtorch's error (reported by tch as a panic, caught here).
+    /// The optimizer's error.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        let opt = self.opt.optimizer_mut();
-        catch_unwind(AssertUnwindSafe(|| opt.set_lr(lr))).map_err(|_| Error::Native {
-            op: "set_lr",
-            message: format!("could not set the learning rate to {lr}"),
-        })
+        self.opt.borrow_mut().set_lr(lr)
     }
 
-    /// The wrapped optimizer and its parameters.
-    pub fn inner(&self) -> &AmpOptimizer {
-        &self.opt
+    /// The defined gradients of the parameters this optimizer updates, with their names.
+    pub fn gradients(&self) -> Vec<(String, Tensor)> {
+        self.opt.borrow().named_gradients()
     }
 
-    /// The wrapped optimizer, mutable.
-    pub fn inner_mut(&mut self) -> &mut AmpOptimizer {
-        &mut self.opt
+    /// The optimizer's own state as named tensors (empty for tch's optimizers).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.opt.borrow().state_tensors()
     }
 }
 

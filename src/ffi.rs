@@ -36,6 +36,26 @@ extern "C" {
         found_inf: CTensor,
         inv_scale: CTensor,
     ) -> *mut c_char;
+    fn tf_fused_adamw(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        max_exp_avg_sqs: *const CTensor,
+        state_steps: *const CTensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        amsgrad: i32,
+        maximize: i32,
+        grad_scale: CTensor,
+        found_inf: CTensor,
+    ) -> *mut c_char;
+    fn tf_foreach_add_scalar(tensors: *const CTensor, n: usize, value: f64) -> *mut c_char;
+    fn tf_foreach_sub_tensor(tensors: *const CTensor, n: usize, other: CTensor) -> *mut c_char;
     fn tf_grad_total_norm(
         grads: *const CTensor,
         n: usize,
@@ -140,6 +160,96 @@ pub(crate) fn grad_total_norm(grads: &[&Tensor], norm_type: f64) -> Result<Tenso
     })?;
     // SAFETY: on success the shim stored a fresh `new at::Tensor`, which tch now owns.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+fn ptrs(list: &[&Tensor]) -> Vec<CTensor> {
+    list.iter().map(|t| ptr(t)).collect()
+}
+
+/// The lists of one `_fused_adamw_` call; all of length n (`max_exp_avg_sqs` only read with
+/// amsgrad).
+pub(crate) struct AdamLists<'a> {
+    pub params: Vec<&'a Tensor>,
+    pub grads: Vec<&'a Tensor>,
+    pub exp_avgs: Vec<&'a Tensor>,
+    pub exp_avg_sqs: Vec<&'a Tensor>,
+    pub max_exp_avg_sqs: Vec<&'a Tensor>,
+    pub steps: Vec<&'a Tensor>,
+}
+
+/// Hyper-parameters of one `_fused_adamw_` call.
+#[derive(Debug, Clone)]
+pub(crate) struct AdamHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub amsgrad: bool,
+    pub maximize: bool,
+}
+
+pub(crate) fn fused_adamw(
+    l: &AdamLists<'_>,
+    h: &AdamHyper,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<()> {
+    let n = l.params.len();
+    let lens = [
+        l.grads.len(),
+        l.exp_avgs.len(),
+        l.exp_avg_sqs.len(),
+        l.steps.len(),
+    ];
+    if lens.iter().any(|&k| k != n) || (h.amsgrad && l.max_exp_avg_sqs.len() != n) {
+        return Err(Error::Native {
+            op: "_fused_adamw_",
+            message: "tensor lists of different lengths".into(),
+        });
+    }
+    let (p, g, m, v, vm, s) = (
+        ptrs(&l.params),
+        ptrs(&l.grads),
+        ptrs(&l.exp_avgs),
+        ptrs(&l.exp_avg_sqs),
+        ptrs(&l.max_exp_avg_sqs),
+        ptrs(&l.steps),
+    );
+    check("_fused_adamw_", unsafe {
+        tf_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            vm.as_ptr(),
+            s.as_ptr(),
+            n,
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            i32::from(h.amsgrad),
+            i32::from(h.maximize),
+            grad_scale.map_or(std::ptr::null_mut(), ptr),
+            found_inf.map_or(std::ptr::null_mut(), ptr),
+        )
+    })
+}
+
+pub(crate) fn foreach_add_scalar(tensors: &[&Tensor], value: f64) -> Result<()> {
+    let p = ptrs(tensors);
+    check("_foreach_add_", unsafe {
+        tf_foreach_add_scalar(p.as_ptr(), p.len(), value)
+    })
+}
+
+pub(crate) fn foreach_sub_tensor(tensors: &[&Tensor], other: &Tensor) -> Result<()> {
+    let p = ptrs(tensors);
+    check("_foreach_sub_", unsafe {
+        tf_foreach_sub_tensor(p.as_ptr(), p.len(), ptr(other))
+    })
 }
 
 /// c10's `ScalarType` number of a tch [`tch::Kind`] (tch keeps its own conversion private).

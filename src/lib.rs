@@ -47,6 +47,7 @@ mod error;
 mod fabric;
 mod ffi;
 mod module;
+mod optim;
 mod precision;
 mod scaler;
 
@@ -59,6 +60,7 @@ pub use fabric::{
     BACKWARD_MESSAGE,
 };
 pub use module::FabricModule;
+pub use optim::FusedAdamW;
 pub use precision::Precision;
 pub use scaler::{
     next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,

@@ -397,6 +397,26 @@ pub trait ScalerOptimizer {
     ///
     /// Whatever the optimizer reports.
     fn step_unscaled(&mut self) -> Result<()>;
+
+    /// Whether the optimizer unscales and skips by itself given `grad_scale` and `found_inf`
+    /// (PyTorch's `_step_supports_amp_scaling`, true for fused optimizers): the scaler then
+    /// calls [`ScalerOptimizer::step_scaled`] and never waits for the device.
+    fn supports_amp_scaling(&self) -> bool {
+        false
+    }
+
+    /// A step that divides the gradients by `grad_scale` (when given) and changes nothing
+    /// where `found_inf` is non-zero, entirely on the device.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Usage`] unless [`ScalerOptimizer::supports_amp_scaling`].
+    fn step_scaled(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) -> Result<()> {
+        let _ = (grad_scale, found_inf);
+        Err(Error::Usage(
+            "this optimizer does not support AMP scaling; use step_unscaled".into(),
+        ))
+    }
 }
 
 /// A fresh identity for a [`ScalerOptimizer`].
@@ -876,8 +896,11 @@ impl GradScaler {
                     "step() has already been called since the last update().".into(),
                 ))
             }
-            Stage::Ready => self.unscale(opt)?,
-            Stage::Unscaled => {}
+            Stage::Ready if !opt.supports_amp_scaling() => self.unscale(opt)?,
+            _ => {}
+        }
+        if opt.supports_amp_scaling() {
+            return self.step_fused(opt);
         }
         let rec = self.record(id);
         if rec.found_inf_per_device.is_empty() {
@@ -910,6 +933,57 @@ impl GradScaler {
         };
         self.record(id).stage = Stage::Stepped;
         Ok(outcome)
+    }
+
+    /// PyTorch's fused path: the inf check (a foreach unscale by 1.0, unless the user already
+    /// unscaled), then the optimizer's own step given `grad_scale` and `found_inf`. The step
+    /// needs no host sync; reading the flag afterwards for the [`StepOutcome`] is the only one.
+    fn step_fused<O: ScalerOptimizer + ?Sized>(&mut self, opt: &mut O) -> Result<StepOutcome> {
+        let id = opt.scaler_id();
+        let scale = self.require_scale("step")?.shallow_clone();
+        let unscaled = self.record(id).stage == Stage::Unscaled;
+        if !unscaled {
+            let named = opt.named_gradients();
+            let grads: Vec<&Tensor> = named.iter().map(|(_, g)| g).collect();
+            let one = Tensor::f_ones([], (Kind::Float, scale.device()))?;
+            let found = unscale_grouped(&grads, &one, true, false)?;
+            self.record(id).found_inf_per_device = found;
+        }
+        let rec = self.record(id);
+        if rec.found_inf_per_device.is_empty() {
+            return Err(Error::Usage(
+                "No inf checks were recorded for this optimizer.".into(),
+            ));
+        }
+        let mut found_inf = Tensor::f_zeros([], (Kind::Float, scale.device()))?;
+        for f in &rec.found_inf_per_device {
+            found_inf = found_inf.f_add(&f.f_to_device(scale.device())?)?;
+        }
+        let grad_scale = if unscaled {
+            None
+        } else {
+            Some(scale.f_mul_scalar(1)?)
+        };
+        opt.step_scaled(grad_scale.as_ref(), &found_inf)?;
+        self.record(id).stage = Stage::Stepped;
+        if found_inf.f_double_value(&[])? == 0.0 {
+            self.steps_taken += 1;
+            Ok(StepOutcome::Stepped)
+        } else {
+            self.steps_skipped += 1;
+            let before = self.current_state();
+            let after = next_scale(&self.config, before, true).map_or(before.scale, |s| s.scale);
+            let nonfinite = if self.config.diagnose_skips {
+                nonfinite_names(&opt.named_gradients())?
+            } else {
+                Vec::new()
+            };
+            Ok(StepOutcome::Skipped {
+                scale_before: f64::from(before.scale),
+                scale_after: f64::from(after),
+                nonfinite,
+            })
+        }
     }
 
     fn current_state(&self) -> ScaleState {

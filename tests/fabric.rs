@@ -396,12 +396,7 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
     let (m, mut opt, _vs) = linear_setup(&fabric, "fc");
     fabric.backward(&loss_of(&fabric, &m)).unwrap();
     let norm = fabric.clip_gradients(&mut opt, Clip::norm(1e-3)).unwrap();
-    let grads: Vec<Tensor> = opt
-        .inner()
-        .parameters()
-        .iter()
-        .map(|(_, p)| p.grad())
-        .collect();
+    let grads: Vec<Tensor> = opt.gradients().into_iter().map(|(_, g)| g).collect();
     let after = tch_fabric::total_norm(&grads, 2.0)
         .unwrap()
         .double_value(&[]);

@@ -1,0 +1,409 @@
+//! Optimizers whose state tch-fabric owns, over libtorch's fused kernels: [`FusedAdamW`]
+//! (`torch.optim.AdamW(fused=True)`, one `_fused_adamw_` call per device and dtype). Owning the
+//! state makes checkpoints resume exactly, and the kernel's `grad_scale` / `found_inf`
+//! arguments make the AMP step free of host synchronisation.
+use crate::error::{Error, Result};
+use crate::ffi::{self, AdamHyper, AdamLists};
+use crate::scaler::{next_optimizer_id, AmpOptimizer, ScalerOptimizer};
+use tch::{nn, Device, Kind, Tensor};
+
+/// A parameter with its AdamW state (created at its first step, as PyTorch does).
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    param: Tensor,
+    state: Option<AdamState>,
+}
+
+#[derive(Debug)]
+struct AdamState {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Option<Tensor>,
+    /// 0-dim float32 on the parameter's device, as PyTorch keeps it for fused optimizers.
+    step: Tensor,
+}
+
+/// AdamW with decoupled weight decay, computed by libtorch's `_fused_adamw_` exactly as
+/// `torch.optim.AdamW(params, fused=True)` computes it, on CPU and CUDA.
+///
+/// ```
+/// use tch::{nn, nn::Module, Device, Kind, Tensor};
+/// use tch_fabric::FusedAdamW;
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+/// let mut opt = FusedAdamW::new(&vs, 1e-2).weight_decay(0.0);
+/// let loss = model.forward(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu))).sum(Kind::Float);
+/// loss.backward();
+/// opt.step()?;
+/// assert_eq!(opt.state_tensors().len(), 6); // exp_avg, exp_avg_sq, step for 2 parameters
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct FusedAdamW {
+    slots: Vec<Slot>,
+    hyper: AdamHyper,
+    id: u64,
+}
+
+impl FusedAdamW {
+    /// AdamW over the trainable variables of `vs` with PyTorch's defaults: betas (0.9,
+    /// 0.999), eps 1e-8, weight decay 0.01.
+    pub fn new(vs: &nn::VarStore, lr: f64) -> Self {
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        FusedAdamW {
+            slots: vars
+                .into_iter()
+                .map(|(name, param)| Slot {
+                    name,
+                    param,
+                    state: None,
+                })
+                .collect(),
+            hyper: AdamHyper {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                weight_decay: 1e-2,
+                eps: 1e-8,
+                amsgrad: false,
+                maximize: false,
+            },
+            id: next_optimizer_id(),
+        }
+    }
+
+    /// The coefficients of the running averages.
+    pub fn betas(mut self, beta1: f64, beta2: f64) -> Self {
+        self.hyper.beta1 = beta1;
+        self.hyper.beta2 = beta2;
+        self
+    }
+
+    /// The term added to the denominator.
+    pub fn eps(mut self, eps: f64) -> Self {
+        self.hyper.eps = eps;
+        self
+    }
+
+    /// The decoupled weight decay.
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.hyper.weight_decay = wd;
+        self
+    }
+
+    /// The AMSGrad variant.
+    pub fn amsgrad(mut self, amsgrad: bool) -> Self {
+        self.hyper.amsgrad = amsgrad;
+        self
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.hyper.lr
+    }
+
+    /// Sets the learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.hyper.lr = lr;
+    }
+
+    /// Zeroes the gradients (keeping their tensors).
+    pub fn zero_grad(&mut self) {
+        for s in &self.slots {
+            let mut g = s.param.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// One step on the gradients as they are (no scaler).
+    ///
+    /// # Errors
+    ///
+    /// libtorch's error (e.g. parameters of a dtype the kernel does not take).
+    pub fn step(&mut self) -> Result<()> {
+        self.fused_step(None, None)
+    }
+
+    fn fused_step(
+        &mut self,
+        grad_scale: Option<&Tensor>,
+        found_inf: Option<&Tensor>,
+    ) -> Result<()> {
+        let amsgrad = self.hyper.amsgrad;
+        for slot in &mut self.slots {
+            if slot.state.is_none() && slot.param.grad().defined() {
+                let p = &slot.param;
+                slot.state = Some(AdamState {
+                    exp_avg: p.f_zeros_like()?,
+                    exp_avg_sq: p.f_zeros_like()?,
+                    max_exp_avg_sq: if amsgrad {
+                        Some(p.f_zeros_like()?)
+                    } else {
+                        None
+                    },
+                    step: Tensor::f_zeros([], (Kind::Float, p.device()))?,
+                });
+            }
+        }
+        // Parameters without gradients are left out, grouped per (device, dtype) as PyTorch.
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+        let mut groups: Vec<((Device, Kind), Vec<usize>)> = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if !grads[i].defined() {
+                continue;
+            }
+            let key = (s.param.device(), s.param.kind());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        for ((device, _), idx) in groups {
+            let st = |i: usize| self.slots[i].state.as_ref().expect("created above");
+            let lists = AdamLists {
+                params: idx.iter().map(|&i| &self.slots[i].param).collect(),
+                grads: idx.iter().map(|&i| &grads[i]).collect(),
+                exp_avgs: idx.iter().map(|&i| &st(i).exp_avg).collect(),
+                exp_avg_sqs: idx.iter().map(|&i| &st(i).exp_avg_sq).collect(),
+                max_exp_avg_sqs: idx
+                    .iter()
+                    .filter_map(|&i| st(i).max_exp_avg_sq.as_ref())
+                    .collect(),
+                steps: idx.iter().map(|&i| &st(i).step).collect(),
+            };
+            let scale = grad_scale.map(|t| t.f_to_device(device)).transpose()?;
+            let inf = found_inf.map(|t| t.f_to_device(device)).transpose()?;
+            // PyTorch counts the step first and takes a skipped step back afterwards, on the
+            // device, so a skip never advances the count and nothing waits for the host.
+            ffi::foreach_add_scalar(&lists.steps, 1.0)?;
+            ffi::fused_adamw(&lists, &self.hyper, scale.as_ref(), inf.as_ref())?;
+            if let Some(inf) = &inf {
+                ffi::foreach_sub_tensor(&lists.steps, inf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The optimizer state as named tensors, for checkpoints: `<param>.exp_avg`,
+    /// `<param>.exp_avg_sq`, `<param>.max_exp_avg_sq` (AMSGrad) and `<param>.step`, for every
+    /// parameter that has stepped.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            if let Some(st) = &s.state {
+                out.push((format!("{}.exp_avg", s.name), st.exp_avg.shallow_clone()));
+                out.push((
+                    format!("{}.exp_avg_sq", s.name),
+                    st.exp_avg_sq.shallow_clone(),
+                ));
+                if let Some(m) = &st.max_exp_avg_sq {
+                    out.push((format!("{}.max_exp_avg_sq", s.name), m.shallow_clone()));
+                }
+                out.push((format!("{}.step", s.name), st.step.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores state written by [`FusedAdamW::state_tensors`] (copied, on each parameter's
+    /// device and dtype).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for a missing tensor or a shape mismatch; nothing changes then.
+    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let states = self.prepare_state(tensors)?;
+        for (slot, st) in self.slots.iter_mut().zip(states) {
+            slot.state = st;
+        }
+        Ok(())
+    }
+
+    /// Checks state for [`FusedAdamW::load_state_tensors`] without applying it.
+    ///
+    /// # Errors
+    ///
+    /// As [`FusedAdamW::load_state_tensors`].
+    pub fn check_state_tensors(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        self.prepare_state(tensors).map(|_| ())
+    }
+
+    fn prepare_state(&self, tensors: &[(String, Tensor)]) -> Result<Vec<Option<AdamState>>> {
+        let find = |key: String| tensors.iter().find(|(n, _)| *n == key).map(|(_, t)| t);
+        let mut states = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let Some(step) = find(format!("{}.step", s.name)) else {
+                states.push(None);
+                continue;
+            };
+            let get = |what: &str| -> Result<Tensor> {
+                let t = find(format!("{}.{what}", s.name)).ok_or_else(|| {
+                    Error::InvalidState(format!("optimizer state lacks '{}.{what}'", s.name))
+                })?;
+                if t.size() != s.param.size() {
+                    return Err(Error::InvalidState(format!(
+                        "optimizer state '{}.{what}' has shape {:?}, the parameter {:?}",
+                        s.name,
+                        t.size(),
+                        s.param.size()
+                    )));
+                }
+                Ok(t.f_to_device(s.param.device())?
+                    .f_to_kind(s.param.kind())?
+                    .copy())
+            };
+            if step.numel() != 1 {
+                return Err(Error::InvalidState(format!(
+                    "optimizer state '{}.step' must hold one number",
+                    s.name
+                )));
+            }
+            states.push(Some(AdamState {
+                exp_avg: get("exp_avg")?,
+                exp_avg_sq: get("exp_avg_sq")?,
+                max_exp_avg_sq: if self.hyper.amsgrad {
+                    Some(get("max_exp_avg_sq")?)
+                } else {
+                    None
+                },
+                step: step
+                    .f_to_device(s.param.device())?
+                    .f_to_kind(Kind::Float)?
+                    .f_reshape([])?
+                    .copy(),
+            }));
+        }
+        Ok(states)
+    }
+}
+
+impl ScalerOptimizer for FusedAdamW {
+    fn scaler_id(&self) -> u64 {
+        self.id
+    }
+
+    fn named_gradients(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.clone(), s.param.grad()))
+            .filter(|(_, g)| g.defined())
+            .collect()
+    }
+
+    fn step_unscaled(&mut self) -> Result<()> {
+        self.fused_step(None, None)
+    }
+
+    fn supports_amp_scaling(&self) -> bool {
+        true
+    }
+
+    fn step_scaled(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) -> Result<()> {
+        self.fused_step(grad_scale, Some(found_inf))
+    }
+}
+
+/// An optimizer [`crate::Fabric`] can drive: tch's own (through [`AmpOptimizer`]) or
+/// [`FusedAdamW`]. Implement it to plug in another optimizer.
+pub trait TrainOptimizer: ScalerOptimizer + std::fmt::Debug {
+    /// Zeroes the gradients.
+    fn zero_grad(&mut self);
+
+    /// Sets the learning rate of every parameter group.
+    ///
+    /// # Errors
+    ///
+    /// The optimizer's error.
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// State to save with a checkpoint, as named tensors (none by default).
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Checks state for [`TrainOptimizer::load_state_tensors`] without applying it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for state that does not fit.
+    fn check_state_tensors(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let _ = tensors;
+        Ok(())
+    }
+
+    /// Restores state saved by [`TrainOptimizer::state_tensors`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for state that does not fit; nothing changes then.
+    fn load_state_tensors(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let _ = tensors;
+        Ok(())
+    }
+}
+
+impl TrainOptimizer for AmpOptimizer {
+    fn zero_grad(&mut self) {
+        AmpOptimizer::zero_grad(self);
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let opt = self.optimizer_mut();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| opt.set_lr(lr))).map_err(|_| {
+            Error::Native {
+                op: "set_lr",
+                message: format!("could not set the learning rate to {lr}"),
+            }
+        })
+    }
+}
+
+impl TrainOptimizer for FusedAdamW {
+    fn zero_grad(&mut self) {
+        FusedAdamW::zero_grad(self);
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        FusedAdamW::set_lr(self, lr);
+        Ok(())
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        FusedAdamW::state_tensors(self)
+    }
+
+    fn check_state_tensors(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        FusedAdamW::check_state_tensors(self, tensors)
+    }
+
+    fn load_state_tensors(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        FusedAdamW::load_state_tensors(self, tensors)
+    }
+}
+
+/// What [`crate::Fabric::setup`] accepts as the optimizer: a tch `nn::Optimizer` (built from the
+/// same VarStore) or a [`FusedAdamW`].
+pub trait IntoTrainOptimizer {
+    /// The optimizer, paired with the parameters of `vs` where it needs them.
+    fn into_train_optimizer(self, vs: &nn::VarStore) -> Box<dyn TrainOptimizer>;
+}
+
+impl IntoTrainOptimizer for nn::Optimizer {
+    fn into_train_optimizer(self, vs: &nn::VarStore) -> Box<dyn TrainOptimizer> {
+        Box::new(AmpOptimizer::new(self, vs))
+    }
+}
+
+impl IntoTrainOptimizer for FusedAdamW {
+    fn into_train_optimizer(self, _vs: &nn::VarStore) -> Box<dyn TrainOptimizer> {
+        Box::new(self)
+    }
+}

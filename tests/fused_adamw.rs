@@ -1,0 +1,212 @@
+//! FusedAdamW against `torch.optim.AdamW(fused=True)` (the same libtorch kernel), with and
+//! without 16-mixed + GradScaler + clipping, and exact resume from a Fabric checkpoint.
+//!
+//! The PyTorch side runs live through the provisioned Python (`.venv/bin/python`).
+mod common;
+
+use tch::{nn, Device, Kind, Reduction, Tensor};
+use tch_fabric::{Clip, Fabric, FabricModule, FabricOptimizer, FusedAdamW, GradScalerConfig};
+
+const STEPS: usize = 30;
+
+fn model(vs: &nn::VarStore) -> nn::Sequential {
+    nn::seq()
+        .add(nn::linear(vs.root() / "l1", 8, 16, Default::default()))
+        .add_fn(|x| x.tanh())
+        .add(nn::linear(vs.root() / "l2", 16, 4, Default::default()))
+}
+
+fn fabric(mixed: bool) -> Fabric {
+    let b = Fabric::builder().accelerator("cpu");
+    let b = if mixed {
+        b.precision("16-mixed").cpu_fp16_autocast(true).grad_scaler(
+            GradScalerConfig::default()
+                .init_scale(2f64.powi(24))
+                .growth_interval(4),
+        )
+    } else {
+        b.precision("32-true")
+    };
+    b.build().unwrap()
+}
+
+fn data() -> (Tensor, Tensor) {
+    tch::manual_seed(11);
+    let x = Tensor::randn([32, 8], (Kind::Float, Device::Cpu)) * 4.0;
+    let y = Tensor::randn([32, 4], (Kind::Float, Device::Cpu));
+    (x, y)
+}
+
+fn step(
+    fabric: &Fabric,
+    m: &FabricModule<nn::Sequential>,
+    opt: &mut FabricOptimizer,
+    x: &Tensor,
+    y: &Tensor,
+    clip: bool,
+) -> bool {
+    opt.zero_grad();
+    let out = m.forward(x);
+    let loss = {
+        let _ac = fabric.autocast().unwrap();
+        out.mse_loss(y, Reduction::Mean)
+    };
+    fabric.backward(&loss).unwrap();
+    if clip {
+        fabric.clip_gradients(opt, Clip::norm(0.5)).unwrap();
+    }
+    !opt.step().unwrap().is_skipped()
+}
+
+const PYTHON: &str = r#"
+import json, sys, torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+torch.set_num_threads(1)
+path, out_path, mixed, steps = sys.stdin.read().split()
+mixed, steps = mixed == "1", int(steps)
+t = load_file(path)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+model.load_state_dict({"0.weight": t["l1.weight"], "0.bias": t["l1.bias"], "2.weight": t["l2.weight"], "2.bias": t["l2.bias"]})
+x, y = t["x"], t["y"]
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=4, enabled=mixed)
+stepped = []
+for _ in range(steps):
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16, enabled=mixed):
+        out = model(x.half() if mixed else x)
+    out = out.float()
+    with torch.autocast("cpu", dtype=torch.float16, enabled=mixed):
+        loss = F.mse_loss(out, y)
+    scaler.scale(loss).backward()
+    if mixed:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    before = opt.state[model[0].weight]["step"].item() if opt.state else 0.0
+    scaler.step(opt)
+    scaler.update()
+    stepped.append(opt.state[model[0].weight]["step"].item() > before if opt.state else False)
+sd = model.state_dict()
+save_file({"l1.weight": sd["0.weight"], "l1.bias": sd["0.bias"], "l2.weight": sd["2.weight"], "l2.bias": sd["2.bias"]}, out_path)
+print(json.dumps({"stepped": stepped, "scale": scaler.get_scale()}))
+"#;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tch-fabric-fused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn parity(mixed: bool) {
+    tch::set_num_threads(1);
+    let (x, y) = data();
+    let f = fabric(mixed);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let m = model(&vs);
+    let init = tmp(&format!("init-{mixed}.safetensors"));
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.push(("x".into(), x.shallow_clone()));
+    tensors.push(("y".into(), y.shallow_clone()));
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, &init).unwrap();
+
+    let opt = FusedAdamW::new(&vs, 1e-2);
+    let (m, mut opt) = f.setup(m, &mut vs, opt).unwrap();
+    let stepped: Vec<bool> = (0..STEPS)
+        .map(|_| step(&f, &m, &mut opt, &x, &y, mixed))
+        .collect();
+
+    let out = tmp(&format!("torch-{mixed}.safetensors"));
+    let report = common::run_python(
+        PYTHON,
+        &format!(
+            "{} {} {} {STEPS}",
+            init.display(),
+            out.display(),
+            u8::from(mixed)
+        ),
+    );
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    let torch_stepped: Vec<bool> = report["stepped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_bool().unwrap())
+        .collect();
+    assert_eq!(stepped, torch_stepped, "the same steps are skipped");
+    if mixed {
+        assert!(
+            stepped.iter().any(|s| !s),
+            "2^24 overflows float16 gradients at first"
+        );
+        assert_eq!(f.loss_scale(), report["scale"].as_f64().unwrap());
+    }
+    let torch_w = Tensor::read_safetensors(&out).unwrap();
+    for (name, want) in torch_w {
+        let got = &vs.variables()[&name];
+        let diff = (got - &want).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-6,
+            "{name}: max difference {diff} (mixed={mixed})"
+        );
+    }
+}
+
+#[test]
+fn matches_torch_fused_adamw_in_float32() {
+    parity(false);
+}
+
+#[test]
+fn matches_torch_fused_adamw_with_gradscaler_and_clipping() {
+    parity(true);
+}
+
+fn run(
+    f: &Fabric,
+    vs: &mut nn::VarStore,
+    resume: Option<&std::path::Path>,
+    save_at: Option<(usize, &std::path::Path)>,
+    steps: usize,
+) -> Vec<(String, Tensor)> {
+    let (x, y) = data();
+    let m = model(vs);
+    let opt = FusedAdamW::new(vs, 1e-2);
+    let (m, mut opt) = f.setup(m, vs, opt).unwrap();
+    let mut start = 0;
+    if let Some(p) = resume {
+        start = f.load::<usize>(p).unwrap();
+    }
+    for i in start..steps {
+        if let Some((at, p)) = save_at {
+            if i == at {
+                f.save(p, &i).unwrap();
+            }
+        }
+        step(f, &m, &mut opt, &x, &y, true);
+    }
+    let mut w: Vec<_> = vs.variables().into_iter().collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_exact() {
+    // Same thread count for both runs (other tests in this binary set it too).
+    tch::set_num_threads(1);
+    let ckpt = tmp("resume.safetensors");
+    let f1 = fabric(true);
+    let mut vs1 = nn::VarStore::new(Device::Cpu);
+    tch::manual_seed(3);
+    let full = run(&f1, &mut vs1, None, Some((12, &ckpt)), 25);
+    let f2 = fabric(true);
+    let mut vs2 = nn::VarStore::new(Device::Cpu);
+    tch::manual_seed(99); // different initial weights: the checkpoint must overwrite them
+    let resumed = run(&f2, &mut vs2, Some(&ckpt), None, 25);
+    for ((n, a), (_, b)) in full.iter().zip(&resumed) {
+        assert!(a.equal(b), "{n} differs after resume");
+    }
+    assert_eq!(f1.loss_scale(), f2.loss_scale());
+    assert_eq!(f1.scaler_state(), f2.scaler_state());
+}
