@@ -1,0 +1,498 @@
+//! What each precision buys: trains a small character-level transformer with `Fabric` in one
+//! precision, or in every precision the device supports (each in a fresh child process, so
+//! memory figures are clean), and prints loss, speed, memory and loss-scale figures side by
+//! side, with an SVG chart.
+//!
+//!     cargo run --bin demo                      # compare every precision
+//!     cargo run --bin demo -- --precision bf16-mixed --steps 400
+//!     cargo run --bin demo -- --data my.txt --d-model 128 --layers 4
+//!
+//! Ctrl-C stops cleanly and keeps the last checkpoint; `--resume` continues from it along the
+//! same trajectory (weights, FusedAdamW moments, loss scale and the batch sequence are all
+//! restored).
+mod chart;
+mod corpus;
+mod model;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use corpus::{Corpus, Rng};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{nn, Device, Kind, Reduction, Tensor};
+use tch_fabric::{Fabric, FusedAdamW, Precision, StepOutcome};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "demo",
+    about = "What each precision buys: loss, speed, memory, loss scale"
+)]
+struct Args {
+    /// Train one precision (64-true, 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true).
+    /// Without it, every precision the device supports is compared.
+    #[arg(long)]
+    precision: Option<String>,
+    /// Compare every precision (the default).
+    #[arg(long, conflicts_with = "precision")]
+    compare: bool,
+    /// A UTF-8 text file to train on (default: a generated corpus).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Optimizer steps per precision.
+    #[arg(long, default_value_t = 250)]
+    steps: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: i64,
+    /// Context length in characters.
+    #[arg(long, default_value_t = 96)]
+    block: i64,
+    /// Model width.
+    #[arg(long, default_value_t = 96)]
+    d_model: i64,
+    /// Transformer layers.
+    #[arg(long, default_value_t = 3)]
+    layers: i64,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: i64,
+    /// Learning rate (FusedAdamW).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Adam's epsilon. float16 parameters (16-true) keep Adam's second moment in float16, where
+    /// small values flush to zero; a larger epsilon (1e-4) keeps such runs finite.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Seed for the weights and the batch sequence.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Folder for checkpoints, reports and the chart.
+    #[arg(long, default_value = "target/demo")]
+    out: PathBuf,
+    /// Save a checkpoint every this many steps (and on Ctrl-C).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Continue from the precision's last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Where a child run writes its report (used by --compare).
+    #[arg(long, hide = true)]
+    report: Option<PathBuf>,
+}
+
+/// JSON has no NaN: non-finite numbers travel as `null` and come back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        v.is_finite().then_some(*v).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub mod vec {
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+            let v: Vec<Option<f64>> = v.iter().map(|x| x.is_finite().then_some(*x)).collect();
+            v.serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+            let v = Vec::<Option<f64>>::deserialize(d)?;
+            Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub precision: String,
+    #[serde(with = "nan_as_null::vec")]
+    pub losses: Vec<f64>,
+    #[serde(with = "nan_as_null")]
+    pub train_loss: f64,
+    #[serde(with = "nan_as_null")]
+    pub val_loss: f64,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub peak_mib: f64,
+    pub skipped: u64,
+    pub loss_scale: f64,
+    pub steps: usize,
+}
+
+/// What a checkpoint carries besides weights, optimizer and scaler.
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    step: usize,
+    #[serde(with = "nan_as_null::vec")]
+    losses: Vec<f64>,
+    fingerprint: u64,
+    shape: [i64; 5],
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    if args.batch < 1 || args.block < 2 || args.d_model < 1 || args.layers < 1 || args.heads < 1 {
+        bail!("--batch, --layers, --heads and --d-model must be at least 1, --block at least 2");
+    }
+    if args.d_model % args.heads != 0 {
+        bail!(
+            "--d-model ({}) must be a multiple of --heads ({})",
+            args.d_model,
+            args.heads
+        );
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let corpus = load_corpus(&args)?;
+    match &args.precision {
+        Some(p) => {
+            let precision: Precision = p.parse()?;
+            train(&args, &corpus, precision)
+        }
+        None => compare(&args),
+    }
+}
+
+fn load_corpus(args: &Args) -> Result<Corpus> {
+    // Room for at least a few training batches and a validation split.
+    let min_len = (args.block as usize + 1) * 10;
+    match &args.data {
+        Some(path) => Corpus::load(path, min_len),
+        None => Corpus::from_text(&corpus::generated(200_000), min_len),
+    }
+}
+
+/// Precisions this device can train: all six on CPU (16-mixed as real float16 autocast with a
+/// GradScaler, which PyTorch supports on CPU) and on CUDA.
+fn supported(device: Device) -> Vec<Precision> {
+    let _ = device;
+    Precision::ALL.to_vec()
+}
+
+fn fabric_for(precision: Precision) -> Result<Fabric> {
+    Ok(Fabric::builder()
+        .precision(precision)
+        .cpu_fp16_autocast(true)
+        .build()?)
+}
+
+fn checkpoint_path(args: &Args, precision: Precision) -> PathBuf {
+    args.out.join(format!("{precision}.ckpt.safetensors"))
+}
+
+/// Deterministic batch `step`: the same on a resumed run as on an uninterrupted one.
+fn batch(ids: &Tensor, n_train: i64, args: &Args, step: usize, device: Device) -> (Tensor, Tensor) {
+    let mut rng = Rng::new(args.seed ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let starts: Vec<i64> = (0..args.batch)
+        .map(|_| rng.below((n_train - args.block - 1) as usize) as i64)
+        .collect();
+    let idx = Tensor::from_slice(&starts).unsqueeze(1)
+        + Tensor::arange(args.block, (Kind::Int64, Device::Cpu));
+    let x = ids
+        .index_select(0, &idx.view([-1]))
+        .view([args.batch, args.block]);
+    let y = ids
+        .index_select(0, &(idx + 1).view([-1]))
+        .view([args.batch, args.block]);
+    (x.to_device(device), y.to_device(device))
+}
+
+fn loss_of(
+    fabric: &Fabric,
+    model: &tch_fabric::FabricModule<model::Gpt>,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Tensor> {
+    let logits = model.try_forward(x)?;
+    let v = logits.size()[2];
+    let _ac = fabric.autocast()?;
+    Ok(logits.view([-1, v]).cross_entropy_loss::<Tensor>(
+        &y.view([-1]),
+        None,
+        Reduction::Mean,
+        -100,
+        0.0,
+    ))
+}
+
+fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let fabric = fabric_for(precision)?;
+    let device = fabric.device();
+    tch::manual_seed(args.seed as i64);
+
+    let cfg = model::Config {
+        vocab: corpus.vocab.len() as i64,
+        block: args.block,
+        d_model: args.d_model,
+        layers: args.layers,
+        heads: args.heads,
+    };
+    let shape = [cfg.vocab, cfg.block, cfg.d_model, cfg.layers, cfg.heads];
+    let mut vs = nn::VarStore::new(device);
+    let gpt = model::Gpt::new(&vs.root(), cfg);
+    let opt = FusedAdamW::new(&vs, args.lr).eps(args.eps);
+    let (model, mut opt) = fabric.setup(gpt, &mut vs, opt)?;
+
+    let ids = Tensor::from_slice(&corpus.ids);
+    let n = corpus.ids.len() as i64;
+    let n_train = n * 9 / 10;
+    let ckpt = checkpoint_path(args, precision);
+
+    let mut start = 0;
+    let mut losses = Vec::with_capacity(args.steps);
+    if args.resume {
+        let p: Progress = fabric.load(&ckpt).with_context(|| {
+            format!("resuming {precision} (run without --resume to start over)")
+        })?;
+        if p.fingerprint != corpus.fingerprint || p.shape != shape {
+            bail!(
+                "{} was trained on other data or another model shape; run without --resume",
+                ckpt.display()
+            );
+        }
+        start = p.step;
+        losses = p.losses;
+        eprintln!(
+            "resuming {precision} at step {start} from {}",
+            ckpt.display()
+        );
+    }
+
+    let bar = ProgressBar::new(args.steps as u64).with_position(start as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(precision.to_string());
+    let tokens_per_step = (args.batch * args.block) as f64;
+    let mut timed = Vec::new();
+    let save = |step: usize, losses: &[f64]| -> Result<()> {
+        fabric.save(
+            &ckpt,
+            &Progress {
+                step,
+                losses: losses.to_vec(),
+                fingerprint: corpus.fingerprint,
+                shape,
+            },
+        )?;
+        Ok(())
+    };
+
+    for step in start..args.steps {
+        if stop.load(Ordering::SeqCst) {
+            save(step, &losses)?;
+            bar.abandon_with_message(format!(
+                "stopped; checkpoint {} (continue with --resume)",
+                ckpt.display()
+            ));
+            return Ok(ExitCode::from(130));
+        }
+        let t0 = Instant::now();
+        let (x, y) = batch(&ids, n_train, args, step, device);
+        opt.zero_grad();
+        let loss = loss_of(&fabric, &model, &x, &y)?;
+        fabric.backward(&loss)?;
+        fabric.clip_gradients(&mut opt, tch_fabric::Clip::norm(1.0))?;
+        let outcome = opt.step()?;
+        let l = loss.f_double_value(&[])?;
+        losses.push(l);
+        let dt = t0.elapsed().as_secs_f64();
+        if step >= start + 3 {
+            timed.push(dt);
+        }
+        let skipped = if let StepOutcome::Skipped { .. } = outcome {
+            " (skipped)"
+        } else {
+            ""
+        };
+        bar.set_message(format!(
+            "loss {l:.3} | {:.1}k tok/s | scale {}{skipped}",
+            tokens_per_step / dt / 1e3,
+            fabric.loss_scale()
+        ));
+        bar.inc(1);
+        if (step + 1) % args.checkpoint_every == 0 {
+            save(step + 1, &losses)?;
+        }
+    }
+    bar.finish();
+    save(args.steps, &losses)?;
+
+    // Validation on fixed batches from the held-out tenth.
+    let val_loss = tch::no_grad(|| -> Result<f64> {
+        model.eval();
+        let val_ids = ids.narrow(0, n_train, n - n_train);
+        let count = (n - n_train) as usize;
+        let mut total = 0.0;
+        let evals = 4;
+        for k in 0..evals {
+            let vargs = Args {
+                seed: 0xABCD + k,
+                batch: args.batch.min(((count as i64) - args.block - 2).max(1)),
+                ..args.clone()
+            };
+            let (x, y) = batch(&val_ids, n - n_train, &vargs, 0, device);
+            total += loss_of(&fabric, &model, &x, &y)?.f_double_value(&[])?;
+        }
+        Ok(total / evals as f64)
+    })?;
+
+    timed.sort_by(f64::total_cmp);
+    let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    let report = Report {
+        precision: precision.to_string(),
+        // The mean of the last ten losses; NaN once the run diverged.
+        train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        losses,
+        val_loss,
+        ms_per_step: median * 1e3,
+        tokens_per_s: tokens_per_step / median,
+        peak_mib: peak_rss_mib(),
+        skipped: fabric.skipped_steps(),
+        loss_scale: fabric.loss_scale(),
+        steps: args.steps,
+    };
+    match &args.report {
+        Some(path) => std::fs::write(path, serde_json::to_string(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => print_table(&[report]),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn compare(args: &Args) -> Result<ExitCode> {
+    // The children get Ctrl-C too and save their checkpoints; the parent only stops.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let exe = std::env::current_exe().context("finding the demo's own executable")?;
+    let device = Device::cuda_if_available();
+    let mut reports = Vec::new();
+    for precision in supported(device) {
+        let report_path = args.out.join(format!("{precision}.report.json"));
+        let _ = std::fs::remove_file(&report_path);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--precision").arg(precision.to_string());
+        cmd.arg("--report").arg(&report_path);
+        for (flag, value) in [
+            ("--steps", args.steps.to_string()),
+            ("--batch", args.batch.to_string()),
+            ("--block", args.block.to_string()),
+            ("--d-model", args.d_model.to_string()),
+            ("--layers", args.layers.to_string()),
+            ("--heads", args.heads.to_string()),
+            ("--lr", args.lr.to_string()),
+            ("--eps", args.eps.to_string()),
+            ("--seed", args.seed.to_string()),
+            ("--checkpoint-every", args.checkpoint_every.to_string()),
+        ] {
+            cmd.arg(flag).arg(value);
+        }
+        cmd.arg("--out").arg(&args.out);
+        if let Some(d) = &args.data {
+            cmd.arg("--data").arg(d);
+        }
+        if args.resume {
+            cmd.arg("--resume");
+        }
+        let status = cmd.status().context("starting a child run")?;
+        if status.code() == Some(130) || stop.load(Ordering::SeqCst) {
+            eprintln!("stopped; continue with --resume");
+            return Ok(ExitCode::from(130));
+        }
+        if !status.success() {
+            bail!("the {precision} run failed ({status})");
+        }
+        let text = std::fs::read_to_string(&report_path)
+            .with_context(|| format!("reading {}", report_path.display()))?;
+        reports.push(serde_json::from_str::<Report>(&text)?);
+    }
+    print_table(&reports);
+    let chart = args.out.join("compare.svg");
+    chart::write(&chart, &reports)?;
+    println!("\nchart: {}", chart.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(reports: &[Report]) {
+    let diverged: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.train_loss.is_finite())
+        .map(|r| r.precision.as_str())
+        .collect();
+    println!();
+    println!(
+        "| precision | train loss | val loss | ms/step | tokens/s | peak memory (MiB) | skipped steps | loss scale |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in reports {
+        println!(
+            "| {} | {:.4} | {:.4} | {:.1} | {:.0} | {:.0} | {} | {} |",
+            r.precision,
+            r.train_loss,
+            r.val_loss,
+            r.ms_per_step,
+            r.tokens_per_s,
+            r.peak_mib,
+            r.skipped,
+            r.loss_scale
+        );
+    }
+    if !diverged.is_empty() {
+        println!(
+            "\n{} diverged (NaN loss). Without a loss scaler, float16 gradients and float16 Adam \
+             state underflow; 16-mixed avoids it, or try --eps 1e-4.",
+            diverged.join(", ")
+        );
+    }
+}

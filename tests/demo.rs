@@ -1,0 +1,245 @@
+//! The demo binary: argument errors are one clear line, user text trains, and an interrupted
+//! run resumes along the very same trajectory.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SMALL: &[&str] = &[
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--block",
+    "32",
+    "--batch",
+    "8",
+];
+
+fn demo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_demo"))
+        .args(args)
+        .env_remove("LT_PRECISION")
+        .env_remove("LT_CLI_USED")
+        .output()
+        .expect("run the demo")
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tch-fabric-demo-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    let d = dir("errors");
+    let empty = d.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let short = d.join("short.txt");
+    std::fs::write(&short, "hello").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--precision".into(), "fp16".into()],
+            "Did you mean '16-mixed'?",
+        ),
+        (
+            vec![
+                "--precision".into(),
+                "32-true".into(),
+                "--data".into(),
+                d.join("missing.txt").display().to_string(),
+            ],
+            "cannot read",
+        ),
+        (
+            vec![
+                "--precision".into(),
+                "32-true".into(),
+                "--data".into(),
+                empty.display().to_string(),
+            ],
+            "empty",
+        ),
+        (
+            vec![
+                "--precision".into(),
+                "32-true".into(),
+                "--data".into(),
+                short.display().to_string(),
+            ],
+            "at least",
+        ),
+        (
+            vec![
+                "--d-model".into(),
+                "30".into(),
+                "--heads".into(),
+                "4".into(),
+            ],
+            "multiple of --heads",
+        ),
+        (
+            vec!["--steps".into(), "0".into()],
+            "--steps must be at least 1",
+        ),
+        (
+            vec![
+                "--precision".into(),
+                "32-true".into(),
+                "--resume".into(),
+                "--out".into(),
+                d.join("nothing").display().to_string(),
+            ],
+            "resuming 32-true",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = demo(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+    }
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn trains_on_a_users_text_file() {
+    let d = dir("data");
+    let text = d.join("poem.txt");
+    std::fs::write(
+        &text,
+        "the rain in spain falls mainly on the plain. ".repeat(40),
+    )
+    .unwrap();
+    let rep = d.join("r.json");
+    let mut args = vec!["--precision", "bf16-mixed", "--steps", "15"];
+    args.extend_from_slice(SMALL);
+    let (t, o, r) = (
+        text.display().to_string(),
+        d.display().to_string(),
+        rep.display().to_string(),
+    );
+    args.extend_from_slice(&["--data", &t, "--out", &o, "--report", &r]);
+    let out = demo(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rep = report(&rep);
+    assert_eq!(rep["precision"], "bf16-mixed");
+    let losses = rep["losses"].as_array().unwrap();
+    assert_eq!(losses.len(), 15);
+    let first = losses[0].as_f64().unwrap();
+    let last = losses[14].as_f64().unwrap();
+    assert!(last < first, "the loss falls: {first} -> {last}");
+}
+
+/// An uninterrupted run, and the same run stopped midway (Ctrl-C or a shorter --steps) then
+/// resumed, give the same loss at every step, bit for bit.
+#[test]
+fn resume_continues_the_same_trajectory() {
+    let full_dir = dir("full");
+    let part_dir = dir("part");
+    let run = |out: &Path, steps: &str, resume: bool, rep: &Path| {
+        let (o, r) = (out.display().to_string(), rep.display().to_string());
+        let mut args = vec![
+            "--precision",
+            "16-mixed",
+            "--steps",
+            steps,
+            "--checkpoint-every",
+            "5",
+        ];
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(&["--out", &o, "--report", &r]);
+        if resume {
+            args.push("--resume");
+        }
+        let out = demo(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    run(&full_dir, "30", false, &full_dir.join("r.json"));
+    run(&part_dir, "12", false, &part_dir.join("r.json"));
+    run(&part_dir, "30", true, &part_dir.join("r2.json"));
+    let a = report(&full_dir.join("r.json"));
+    let b = report(&part_dir.join("r2.json"));
+    assert_eq!(
+        a["losses"], b["losses"],
+        "the resumed run follows the same losses"
+    );
+    assert_eq!(a["loss_scale"], b["loss_scale"]);
+    assert_eq!(a["val_loss"], b["val_loss"]);
+}
+
+fn interrupt(child: &std::process::Child) {
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[test]
+fn ctrl_c_keeps_a_checkpoint_to_resume_from() {
+    use std::io::BufRead;
+    let d = dir("sigint");
+    let o = d.display().to_string();
+    let ckpt = d.join("32-true.ckpt.safetensors");
+    let mut args = vec![
+        "--precision",
+        "32-true",
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "5",
+    ];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--out", &o]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_demo"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first periodic checkpoint shows training (and the Ctrl-C handler) is running.
+    let t0 = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let before = std::fs::metadata(&ckpt).unwrap().modified().unwrap();
+    interrupt(&child);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "a clean stop");
+    assert!(std::fs::metadata(&ckpt).unwrap().modified().unwrap() >= before);
+
+    // The resumed run starts where the stopped one ended.
+    let mut args = vec![
+        "--precision",
+        "32-true",
+        "--steps",
+        "100000",
+        "--resume",
+        "--out",
+        &o,
+    ];
+    args.extend_from_slice(SMALL);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_demo"))
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("resuming 32-true at step "), "{first}");
+    interrupt(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+}
