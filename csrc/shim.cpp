@@ -161,9 +161,12 @@ char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_
         it->second.push_back(g);
       }
     }
+    // PyTorch takes the foreach path on CPU and CUDA (_device_has_foreach_support), whose
+    // reductions may sum in another order than linalg.vector_norm: use it too, for the same bits.
     std::vector<at::Tensor> norms;
     for (auto &group : groups) {
-      if (group.first.first.is_cuda()) {
+      auto type = group.first.first.type();
+      if (type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA) {
         auto r = at::_foreach_norm(group.second, norm_type);
         norms.insert(norms.end(), r.begin(), r.end());
       } else {

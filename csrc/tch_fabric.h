@@ -48,8 +48,8 @@ char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t
                                                   tf_tensor found_inf, tf_tensor inv_scale);
 
 /* torch.nn.utils.get_total_norm(grads, norm_type): per-tensor norms (torch._foreach_norm on
- * CUDA, linalg.vector_norm elsewhere, as PyTorch picks), stacked on the first gradient's device,
- * then their norm. *out receives a new tensor (tch frees it). An empty list gives 0. */
+ * CPU and CUDA, linalg.vector_norm elsewhere, as PyTorch picks), stacked on the first gradient's
+ * device, then their norm. *out receives a new tensor (tch frees it). An empty list gives 0. */
 char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_tensor *out);
 
 /* torch._fused_adamw_ over n parameters (max_exp_avg_sqs has n entries when amsgrad, else

@@ -4,7 +4,7 @@
 //! arguments make the AMP step free of host synchronisation.
 use crate::error::{Error, Result};
 use crate::ffi::{self, AdamHyper, AdamLists};
-use crate::scaler::{next_optimizer_id, AmpOptimizer, ScalerOptimizer};
+use crate::scaler::{next_optimizer_id, trainable_in_order, AmpOptimizer, ScalerOptimizer};
 use tch::{nn, Device, Kind, Tensor};
 
 /// A parameter with its AdamW state (created at its first step, as PyTorch does).
@@ -50,14 +50,8 @@ impl FusedAdamW {
     /// AdamW over the trainable variables of `vs` with PyTorch's defaults: betas (0.9,
     /// 0.999), eps 1e-8, weight decay 0.01.
     pub fn new(vs: &nn::VarStore, lr: f64) -> Self {
-        let mut vars: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
         FusedAdamW {
-            slots: vars
+            slots: trainable_in_order(vs)
                 .into_iter()
                 .map(|(name, param)| Slot {
                     name,

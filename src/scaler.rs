@@ -419,6 +419,41 @@ pub trait ScalerOptimizer {
     }
 }
 
+/// The trainable variables of `vs` with their names, in creation order with each module's weight
+/// before its bias: the order PyTorch gives the same module's parameters, which fixes the
+/// summation order of global norms (so clipping rounds as in PyTorch). Names are matched to
+/// tensors by storage; variables without storage (empty tensors) follow, sorted by name.
+pub(crate) fn trainable_in_order(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(named.len());
+    for t in vs.trainable_variables() {
+        let ptr = t.data_ptr();
+        if ptr.is_null() {
+            continue;
+        }
+        if let Some(i) = named.iter().position(|(_, n)| n.data_ptr() == ptr) {
+            out.push(named.remove(i));
+        }
+    }
+    out.extend(named);
+    // tch's `nn::linear` creates `bias` before `weight`; PyTorch registers `weight` first. Put a
+    // module's weight before its bias so the order is PyTorch's.
+    for i in 1..out.len() {
+        let (prev, cur) = (&out[i - 1].0, &out[i].0);
+        if let (Some(p), Some(c)) = (prev.strip_suffix("bias"), cur.strip_suffix("weight")) {
+            if p == c {
+                out.swap(i - 1, i);
+            }
+        }
+    }
+    out
+}
+
 /// A fresh identity for a [`ScalerOptimizer`].
 pub fn next_optimizer_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -436,7 +471,8 @@ pub fn next_optimizer_id() -> u64 {
 /// let vs = nn::VarStore::new(Device::Cpu);
 /// let _layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
 /// let opt = AmpOptimizer::new(nn::Sgd::default().build(&vs, 0.1)?, &vs);
-/// assert_eq!(opt.parameter_names(), vec!["fc.bias", "fc.weight"]);
+/// // PyTorch's order: a module's weight, then its bias.
+/// assert_eq!(opt.parameter_names(), vec!["fc.weight", "fc.bias"]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct AmpOptimizer {
@@ -457,25 +493,19 @@ impl std::fmt::Debug for AmpOptimizer {
 impl AmpOptimizer {
     /// Pairs `optimizer` with the trainable variables of `vs` (the store it was built from).
     pub fn new(optimizer: nn::Optimizer, vs: &nn::VarStore) -> Self {
-        let mut params: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
         AmpOptimizer {
             inner: optimizer,
-            params,
+            params: trainable_in_order(vs),
             id: next_optimizer_id(),
         }
     }
 
-    /// The names of the parameters, sorted.
+    /// The names of the parameters, in creation order.
     pub fn parameter_names(&self) -> Vec<&str> {
         self.params.iter().map(|(n, _)| n.as_str()).collect()
     }
 
-    /// The parameters (shallow handles sharing storage with the VarStore's), sorted by name.
+    /// The parameters (shallow handles sharing storage with the VarStore's), in creation order.
     pub fn parameters(&self) -> &[(String, Tensor)] {
         &self.params
     }

@@ -115,7 +115,7 @@ with safe_open(path, "pt") as f:
 scaler = torch.amp.GradScaler("cpu")
 scaler.load_state_dict(json.loads(meta["tch_fabric.grad_scaler"]))
 print(json.dumps({
-    "sums": {k: float(v.double().sum()) for k, v in tensors.items()},
+    "values": {k: v.flatten().tolist() for k, v in tensors.items()},
     "dtypes": sorted({str(v.dtype) for v in tensors.values()}),
     "precision": meta["tch_fabric.precision"],
     "state": json.loads(meta["tch_fabric.state"]),
@@ -125,12 +125,21 @@ print(json.dumps({
     let out = common::run_python(code, &format!("{}\n", path.display()));
     let out: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for (name, t) in weights(&vs) {
-        let py = out["sums"][&name].as_f64().unwrap();
-        assert_eq!(
-            py,
-            t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]),
-            "{name}"
-        );
+        let py: Vec<f64> = out["values"][&name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let ours: Vec<f64> = Vec::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+        assert_eq!(py.len(), ours.len(), "{name}");
+        for (i, (a, b)) in py.iter().zip(&ours).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{name}[{i}]: Python reads {a}, saved {b}"
+            );
+        }
     }
     assert_eq!(out["dtypes"], serde_json::json!(["torch.float32"]));
     assert_eq!(out["precision"], "16-mixed");

@@ -1,0 +1,207 @@
+//! One training-step benchmark run, for scripts/bench.py (which runs it next to Lightning
+//! Fabric and plain PyTorch and prints the table). Prints one JSON line.
+//!
+//!     cargo run --release --example bench -- --model mlp --precision bf16-mixed --mode fabric
+//!
+//! `--mode fabric` is the Fabric facade; `--mode raw` is the same step written by hand with
+//! tch-fabric's building blocks (autocast guard, GradScaler, FusedAdamW) and no facade.
+use anyhow::{bail, Result};
+use clap::Parser;
+use std::time::Instant;
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::{autocast, Fabric, FusedAdamW, GradScaler, GradScalerConfig, Precision};
+
+#[path = "../src/bin/demo/model.rs"]
+mod model;
+
+#[derive(Parser)]
+struct Args {
+    /// mlp (3 layers, 64 wide, batch 32), transformer (the demo's model), or mlp50m (about
+    /// 50 M parameters, for memory).
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    precision: String,
+    /// fabric or raw.
+    #[arg(long)]
+    mode: String,
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+}
+
+fn rss_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn build(name: &str, vs: &nn::VarStore) -> Result<(Box<dyn Module>, Tensor, Tensor)> {
+    let p = vs.root();
+    let f = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+    Ok(match name {
+        "mlp" => {
+            let m = nn::seq()
+                .add(nn::linear(&p / "l1", 64, 64, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(nn::linear(&p / "l2", 64, 64, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(nn::linear(&p / "l3", 64, 64, Default::default()));
+            (Box::new(m), f(&[32, 64]), f(&[32, 64]))
+        }
+        "mlp50m" => {
+            let m = nn::seq()
+                .add(nn::linear(&p / "l1", 4096, 4096, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(nn::linear(&p / "l2", 4096, 4096, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(nn::linear(&p / "l3", 4096, 4096, Default::default()));
+            (Box::new(m), f(&[32, 4096]), f(&[32, 4096]))
+        }
+        "transformer" => {
+            let cfg = model::Config {
+                vocab: 64,
+                block: 96,
+                d_model: 96,
+                layers: 3,
+                heads: 4,
+            };
+            let x = Tensor::randint(64, [16, 96], (Kind::Int64, Device::Cpu));
+            let y = Tensor::randint(64, [16, 96], (Kind::Int64, Device::Cpu));
+            (Box::new(model::Gpt::new(&p, cfg)), x, y)
+        }
+        other => bail!("unknown model {other}"),
+    })
+}
+
+fn loss_fn(name: &str, out: &Tensor, y: &Tensor) -> Tensor {
+    if name == "transformer" {
+        let v = out.size()[2];
+        out.view([-1, v]).cross_entropy_loss::<Tensor>(
+            &y.view([-1]),
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )
+    } else {
+        out.mse_loss(y, Reduction::Mean)
+    }
+}
+
+struct Boxed(Box<dyn Module>);
+
+impl std::fmt::Debug for Boxed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("model")
+    }
+}
+
+impl Module for Boxed {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.0.forward(xs)
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tch::manual_seed(0);
+    let base = rss_mib("VmRSS:");
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let (net, x, y) = build(&args.model, &vs)?;
+    let mut times = Vec::with_capacity(args.steps);
+    match args.mode.as_str() {
+        "fabric" => {
+            let fabric = Fabric::builder()
+                .precision(args.precision.as_str())
+                .accelerator("cpu")
+                .build()?;
+            let opt = FusedAdamW::new(&vs, 1e-3);
+            let (net, mut opt) = fabric.setup(Boxed(net), &mut vs, opt)?;
+            for i in 0..args.warmup + args.steps {
+                let t0 = Instant::now();
+                opt.zero_grad();
+                let out = net.forward(&x);
+                let loss = {
+                    let _ac = fabric.autocast()?;
+                    loss_fn(&args.model, &out, &y)
+                };
+                fabric.backward(&loss)?;
+                opt.step()?;
+                if i >= args.warmup {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        "raw" => {
+            // The same step by hand: what Fabric does, without the facade. On a CPU, 16-mixed
+            // means bf16-mixed (Lightning's rule, which Fabric follows by default).
+            let mut precision: Precision = args.precision.parse()?;
+            if precision == Precision::F16Mixed {
+                precision = Precision::Bf16Mixed;
+            }
+            match precision {
+                Precision::F64True => vs.double(),
+                Precision::F16True => vs.half(),
+                Precision::Bf16True => vs.bfloat16(),
+                _ => {}
+            }
+            let mut opt = FusedAdamW::new(&vs, 1e-3);
+            let mut scaler = GradScaler::new(
+                GradScalerConfig::default().enabled(precision.needs_grad_scaler()),
+            )?;
+            let x = if precision != Precision::F32True && x.is_floating_point() {
+                x.to_kind(precision.input_dtype())
+            } else {
+                x.shallow_clone()
+            };
+            for i in 0..args.warmup + args.steps {
+                let t0 = Instant::now();
+                opt.zero_grad();
+                let loss = {
+                    let _ac = precision
+                        .autocast_dtype()
+                        .map(|k| autocast(Device::Cpu, k))
+                        .transpose()?;
+                    let _dt = match precision {
+                        Precision::F64True | Precision::F16True | Precision::Bf16True => {
+                            Some(tch_fabric::DefaultDtypeGuard::new(precision.param_dtype())?)
+                        }
+                        _ => None,
+                    };
+                    let out = net.forward(&x);
+                    let out = if precision != Precision::F32True {
+                        out.to_kind(Kind::Float)
+                    } else {
+                        out
+                    };
+                    loss_fn(&args.model, &out, &y)
+                };
+                scaler.scale(&loss)?.backward();
+                scaler.step(&mut opt)?;
+                scaler.update()?;
+                if i >= args.warmup {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        other => bail!("unknown mode {other}"),
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({
+            "median_ms": median * 1e3,
+            "peak_rss_mib": rss_mib("VmHWM:"),
+            "base_rss_mib": base,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,203 @@
+"""Training-step benchmark: tch-fabric, a raw tch loop, Lightning Fabric and plain PyTorch,
+side by side on this machine, for a dispatch-bound MLP and the demo's transformer, in every
+precision; plus peak memory of a ~50 M-parameter MLP with AdamW.
+
+    scripts/bench.sh            # builds the Rust side in release mode, then runs this
+
+Every configuration runs in a fresh process; each reports the median step time after a
+warm-up. The table gives the medians and the ratios (the machine is shared and noisy: compare
+ratios, and rerun when in doubt). All four use AdamW with PyTorch's fused kernel
+(`torch.optim.AdamW(fused=True)` in Python, `FusedAdamW` in Rust), so the differences are the
+frameworks' own overhead.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+PRECISIONS = ["64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+STEPS = {"mlp": (300, 30), "transformer": (30, 5), "mlp50m": (3, 1)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUST_BENCH = os.path.join(ROOT, "target", "release", "examples", "bench")
+
+
+def build_python(model_name, torch):
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    if model_name in ("mlp", "mlp50m"):
+        w = 64 if model_name == "mlp" else 4096
+        model = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w))
+        x, y = torch.randn(32, w), torch.randn(32, w)
+        return model, x, y, lambda out, y: F.mse_loss(out, y)
+
+    class Block(nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+            self.heads = heads
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+            q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
+            return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+
+    class Gpt(nn.Module):
+        def __init__(self, vocab=64, block=96, d=96, layers=3, heads=4):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(block, d)
+            self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+            self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+        def forward(self, ids):
+            h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+            for blk in self.blocks:
+                h = blk(h)
+            return self.head(self.ln_f(h))
+
+    x = torch.randint(64, (16, 96))
+    y = torch.randint(64, (16, 96))
+    return Gpt(), x, y, lambda out, y: F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def rss_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(kind, model_name, precision):
+    """One configuration in this (fresh) process; prints one JSON line."""
+    import torch
+
+    for k in ("LT_PRECISION", "LT_ACCELERATOR", "LT_DEVICES", "LT_CLI_USED"):
+        os.environ.pop(k, None)
+    base = rss_mib("VmRSS:")
+    model, x, y, loss_fn = build_python(model_name, torch)
+    steps, warmup = STEPS[model_name]
+    times = []
+    if kind == "lightning":
+        import warnings
+        from lightning.fabric import Fabric
+
+        warnings.filterwarnings("ignore")
+        fabric = Fabric(accelerator="cpu", devices=1, precision=precision)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        model, opt = fabric.setup(model, opt)
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            out = model(x)
+            with fabric.autocast():
+                loss = loss_fn(out, y)
+            fabric.backward(loss)
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    else:
+        # A plain PyTorch AMP loop. On a CPU, 16-mixed runs as bf16-mixed, as in Lightning.
+        eff = "bf16-mixed" if precision == "16-mixed" else precision
+        dtype = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}.get(eff)
+        if dtype is not None:
+            model = model.to(dtype)
+            if x.is_floating_point():
+                x = x.to(dtype)
+        mixed = eff.endswith("-mixed")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+                out = model(x)
+                loss = loss_fn(out.float(), y)
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    print(json.dumps({"median_ms": times[len(times) // 2] * 1e3, "peak_rss_mib": rss_mib("VmHWM:"),
+                      "base_rss_mib": base}))
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rust(model_name, precision, mode):
+    steps, warmup = STEPS[model_name]
+    return run_json([RUST_BENCH, "--model", model_name, "--precision", precision, "--mode", mode,
+                     "--steps", str(steps), "--warmup", str(warmup)])
+
+
+def python(kind, model_name, precision):
+    return run_json([sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", model_name,
+                     "--precision", precision])
+
+
+def machine():
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()} {platform.release()}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker")
+    ap.add_argument("--model")
+    ap.add_argument("--precision")
+    ap.add_argument("--models", default="mlp,transformer")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.model, a.precision)
+    if not os.path.exists(RUST_BENCH):
+        raise SystemExit(f"{RUST_BENCH} is missing: run scripts/bench.sh (it builds it)")
+
+    print(f"Machine: {machine()}\n")
+    print("| model | precision | tch-fabric ms | raw tch ms | Lightning ms | PyTorch ms | fabric / raw | fabric / Lightning |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model_name in a.models.split(","):
+        for p in PRECISIONS:
+            fab = rust(model_name, p, "fabric")["median_ms"]
+            raw = rust(model_name, p, "raw")["median_ms"]
+            lig = python("lightning", model_name, p)["median_ms"]
+            pt = python("torch", model_name, p)["median_ms"]
+            print(f"| {model_name} | {p} | {fab:.3f} | {raw:.3f} | {lig:.3f} | {pt:.3f} | {fab / raw:.2f} | "
+                  f"{fab / lig:.2f} |", flush=True)
+
+    print("\nPeak memory of training a 50 M-parameter MLP (3 x 4096^2) with AdamW, tch-fabric, "
+          "above the process's RSS before the model was built:\n")
+    print("| precision | MiB | vs 32-true |")
+    print("|---|---|---|")
+    mem = {}
+    for p in ["32-true", "bf16-mixed", "16-true", "bf16-true"]:
+        r = rust("mlp50m", p, "fabric")
+        mem[p] = r["peak_rss_mib"] - r["base_rss_mib"]
+    for p, m in mem.items():
+        print(f"| {p} | {m:.0f} | {m / mem['32-true']:.2f} |")
+    print("\nReproduce: scripts/bench.sh")
+
+
+if __name__ == "__main__":
+    main()
