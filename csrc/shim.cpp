@@ -211,4 +211,13 @@ char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other)
   })
 }
 
+char *tf_grads_set_to_none(const tf_tensor *params, size_t n) {
+  TF_PROTECT({
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor p = deref(params[i]);
+      p.mutable_grad().reset();
+    }
+  })
+}
+
 }  // extern "C"

@@ -65,6 +65,10 @@ char *tf_fused_adamw(const tf_tensor *params, const tf_tensor *grads, const tf_t
 char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value);
 char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other);
 
+/* Optimizer.zero_grad(set_to_none=True): every gradient becomes undefined (its memory is freed
+ * until the next backward allocates it again). */
+char *tf_grads_set_to_none(const tf_tensor *params, size_t n);
+
 #ifdef __cplusplus
 }
 #endif

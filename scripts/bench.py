@@ -3,9 +3,10 @@ side by side on this machine, for a dispatch-bound MLP and the demo's transforme
 precision; plus peak memory of a ~50 M-parameter MLP with AdamW.
 
     scripts/bench.sh            # builds the Rust side in release mode, then runs this
+    scripts/bench.sh --models mlp   # only the MLP (about 5 minutes)
 
-Every configuration runs in a fresh process; each reports the median step time after a
-warm-up. The table gives the medians and the ratios (the machine is shared and noisy: compare
+Every configuration runs in a fresh process, three times, interleaved with the others; each
+run reports the median step time after a warm-up, and the table shows the median of the three. The table gives the medians and the ratios (the machine is shared and noisy: compare
 ratios, and rerun when in doubt). All four use AdamW with PyTorch's fused kernel
 (`torch.optim.AdamW(fused=True)` in Python, `FusedAdamW` in Rust), so the differences are the
 frameworks' own overhead.
@@ -19,7 +20,10 @@ import sys
 import time
 
 PRECISIONS = ["64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
-STEPS = {"mlp": (300, 30), "transformer": (30, 5), "mlp50m": (3, 1)}
+STEPS = {"mlp": (500, 50), "transformer": (30, 5), "mlp50m": (3, 1)}
+# Each configuration runs this many times, the four implementations interleaved, and the table
+# shows the median of the runs' medians (this machine is shared and noisy).
+REPEATS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUST_BENCH = os.path.join(ROOT, "target", "release", "examples", "bench")
 
@@ -179,10 +183,13 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for model_name in a.models.split(","):
         for p in PRECISIONS:
-            fab = rust(model_name, p, "fabric")["median_ms"]
-            raw = rust(model_name, p, "raw")["median_ms"]
-            lig = python("lightning", model_name, p)["median_ms"]
-            pt = python("torch", model_name, p)["median_ms"]
+            runs = {"fabric": [], "raw": [], "lightning": [], "torch": []}
+            for _ in range(REPEATS):
+                runs["fabric"].append(rust(model_name, p, "fabric")["median_ms"])
+                runs["raw"].append(rust(model_name, p, "raw")["median_ms"])
+                runs["lightning"].append(python("lightning", model_name, p)["median_ms"])
+                runs["torch"].append(python("torch", model_name, p)["median_ms"])
+            fab, raw, lig, pt = (sorted(v)[len(v) // 2] for v in runs.values())
             print(f"| {model_name} | {p} | {fab:.3f} | {raw:.3f} | {lig:.3f} | {pt:.3f} | {fab / raw:.2f} | "
                   f"{fab / lig:.2f} |", flush=True)
 

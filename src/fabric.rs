@@ -504,6 +504,15 @@ impl Fabric {
         clip::apply(clip, &grads, error_if_nonfinite)
     }
 
+    /// Current and peak memory of the Fabric's device (on CPU: the process's resident set).
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::memory_stats`].
+    pub fn memory_stats(&self) -> Result<crate::MemoryStats> {
+        crate::memory_stats(self.device)
+    }
+
     /// The current loss scale (1.0 without a scaler).
     pub fn loss_scale(&self) -> f64 {
         self.shared.borrow().scaler.get_scale()

@@ -56,6 +56,7 @@ extern "C" {
     ) -> *mut c_char;
     fn tf_foreach_add_scalar(tensors: *const CTensor, n: usize, value: f64) -> *mut c_char;
     fn tf_foreach_sub_tensor(tensors: *const CTensor, n: usize, other: CTensor) -> *mut c_char;
+    fn tf_grads_set_to_none(params: *const CTensor, n: usize) -> *mut c_char;
     fn tf_grad_total_norm(
         grads: *const CTensor,
         n: usize,
@@ -235,6 +236,13 @@ pub(crate) fn fused_adamw(
             grad_scale.map_or(std::ptr::null_mut(), ptr),
             found_inf.map_or(std::ptr::null_mut(), ptr),
         )
+    })
+}
+
+pub(crate) fn grads_set_to_none(params: &[&Tensor]) -> Result<()> {
+    let p = ptrs(params);
+    check("zero_grad", unsafe {
+        tf_grads_set_to_none(p.as_ptr(), p.len())
     })
 }
 

@@ -6,36 +6,54 @@
 //!
 //! ## Quick start
 //!
-//! Pick a [`Precision`] with Lightning's spelling, and run the forward under its autocast scope:
+//! The Lightning Fabric loop, line for line: pick a precision with Lightning's spelling, set up
+//! the model and optimizer, and train.
 //!
 //! ```
-//! use tch::{nn, nn::Module, Device, Kind, Tensor};
-//! use tch_fabric::{autocast, Precision};
+//! use tch::{nn, Device, Kind, Reduction, Tensor};
+//! use tch_fabric::{Clip, Fabric, FusedAdamW};
 //!
-//! let precision: Precision = "bf16-mixed".parse()?;
-//! let device = Device::Cpu;
-//! let vs = nn::VarStore::new(device);
-//! let model = nn::linear(vs.root(), 8, 4, Default::default());
-//! let x = Tensor::randn([16, 8], (Kind::Float, device));
+//! let fabric = Fabric::builder().precision("bf16-mixed").accelerator("cpu").build()?;
+//! let mut vs = nn::VarStore::new(fabric.device());
+//! let model = nn::linear(vs.root() / "fc", 8, 4, Default::default());
+//! let optimizer = FusedAdamW::new(&vs, 1e-3);               // torch.optim.AdamW(fused=True)
+//! let (model, mut optimizer) = fabric.setup(model, &mut vs, optimizer)?;
 //!
-//! let y = {
-//!     let _guard = autocast(device, precision.autocast_dtype().unwrap())?;
-//!     model.forward(&x) // the matmul runs in bfloat16, as under torch.autocast("cpu")
-//! };
-//! assert_eq!(y.kind(), Kind::BFloat16);
-//! assert_eq!(model.forward(&x).kind(), Kind::Float); // the scope has ended
+//! let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+//! let y = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
+//! for _ in 0..3 {
+//!     optimizer.zero_grad();
+//!     let out = model.forward(&x);                  // bfloat16 compute, float32 output
+//!     let loss = {
+//!         let _autocast = fabric.autocast()?;       // with fabric.autocast():
+//!         out.mse_loss(&y, Reduction::Mean)
+//!     };
+//!     fabric.backward(&loss)?;
+//!     fabric.clip_gradients(&mut optimizer, Clip::norm(1.0))?;
+//!     let outcome = optimizer.step()?;              // Stepped, or Skipped { .. } under 16-mixed
+//!     assert!(!outcome.is_skipped());
+//! }
+//! fabric.save(std::env::temp_dir().join("quickstart.safetensors"), &3u32)?;
 //! # Ok::<(), tch_fabric::Error>(())
 //! ```
+//!
+//! The building blocks work on their own: [`autocast`] is `torch.autocast` (CPU and CUDA),
+//! [`GradScaler`] is `torch.amp.GradScaler`, bit for bit.
 //!
 //! ## What is here
 //!
 //! - [`Precision`]: `"64-true"`, `"32-true"`, `"16-mixed"`, `"bf16-mixed"`, `"16-true"`,
 //!   `"bf16-true"` and Lightning's legacy spellings, with the dtypes each implies.
+//! - [`Fabric`], [`FabricModule`], [`FabricOptimizer`]: Lightning Fabric's facade (setup,
+//!   forward conversions, `autocast`, `backward`, `clip_gradients`, checkpoints).
 //! - [`autocast`], [`Autocast`], [`AutocastGuard`]: `torch.autocast` for CPU and CUDA, nesting
 //!   and panic-safe.
 //! - [`DefaultDtypeGuard`]: `torch.set_default_dtype` as a scope.
 //! - [`GradScaler`]: `torch.amp.GradScaler` with the same bits, plus opt-in safety
 //!   ([`ScalePolicy`], [`StepOutcome`], skip counters, bfloat16 gradients on CUDA).
+//! - [`FusedAdamW`]: `torch.optim.AdamW(fused=True)`, AMP-aware, state saved in checkpoints.
+//! - [`clip_grad_norm`], [`clip_grad_value`]: PyTorch's clipping with PyTorch's rounding.
+//! - [`LrScheduler`]: a schedule that does not advance on skipped steps.
 //!
 //! Errors are one enum, [`Error`]; nothing here panics on bad input.
 
@@ -46,6 +64,7 @@ mod default_dtype;
 mod error;
 mod fabric;
 mod ffi;
+mod memory;
 mod module;
 mod optim;
 mod precision;
@@ -59,8 +78,9 @@ pub use fabric::{
     Fabric, FabricBuilder, FabricOptimizer, IntoPrecision, LrScheduler, PrecisionArg,
     BACKWARD_MESSAGE,
 };
+pub use memory::{memory_stats, MemorySource, MemoryStats};
 pub use module::FabricModule;
-pub use optim::FusedAdamW;
+pub use optim::{FusedAdamW, IntoTrainOptimizer, TrainOptimizer};
 pub use precision::Precision;
 pub use scaler::{
     next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,

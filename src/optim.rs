@@ -107,13 +107,13 @@ impl FusedAdamW {
         self.hyper.lr = lr;
     }
 
-    /// Zeroes the gradients (keeping their tensors).
+    /// Drops the gradients, as PyTorch's `zero_grad()` (`set_to_none=True`): their memory is
+    /// free until the next backward, which lowers peak memory.
     pub fn zero_grad(&mut self) {
-        for s in &self.slots {
-            let mut g = s.param.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
+        let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
+        // Resetting a gradient handle cannot fail for a parameter tensor.
+        if let Err(e) = ffi::grads_set_to_none(&params) {
+            log::error!("zero_grad: {e}");
         }
     }
 

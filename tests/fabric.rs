@@ -457,3 +457,15 @@ fn setting_up_the_same_names_twice_is_refused() {
     let e = fabric.setup(model, &mut vs, opt).unwrap_err();
     assert!(e.to_string().contains("already set up"), "{e}");
 }
+
+#[test]
+fn memory_stats_on_cpu() {
+    let fabric = cpu("32-true");
+    let m = fabric.memory_stats().unwrap();
+    assert!(
+        m.current_bytes > 0 && m.peak_bytes >= m.current_bytes,
+        "{m:?}"
+    );
+    assert_eq!(m.source, tch_fabric::MemorySource::ProcessRss);
+    assert!(tch_fabric::memory_stats(Device::Cuda(0)).is_err());
+}
