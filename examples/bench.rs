@@ -31,15 +31,12 @@ struct Args {
     warmup: usize,
 }
 
-fn rss_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+/// (current, peak) resident memory of this process, in MiB.
+fn rss_mib() -> (f64, f64) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    tch_fabric::memory_stats(Device::Cpu).map_or((f64::NAN, f64::NAN), |m| {
+        (m.current_bytes as f64 / MIB, m.peak_bytes as f64 / MIB)
+    })
 }
 
 fn build(name: &str, vs: &nn::VarStore) -> Result<(Box<dyn Module>, Tensor, Tensor)> {
@@ -112,7 +109,7 @@ impl Module for Boxed {
 fn main() -> Result<()> {
     let args = Args::parse();
     tch::manual_seed(0);
-    let base = rss_mib("VmRSS:");
+    let base = rss_mib().0;
     let mut vs = nn::VarStore::new(Device::Cpu);
     let (net, x, y) = build(&args.model, &vs)?;
     let mut times = Vec::with_capacity(args.steps);
@@ -199,7 +196,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "median_ms": median * 1e3,
-            "peak_rss_mib": rss_mib("VmHWM:"),
+            "peak_rss_mib": rss_mib().1,
             "base_rss_mib": base,
         })
     );

@@ -237,15 +237,19 @@ fn loss_of(
     ))
 }
 
-fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode> {
+/// Creates the output folder and turns Ctrl-C into a flag the training loop polls.
+fn prepare(args: &Args) -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    Ok(stop)
+}
+
+fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode> {
+    let stop = prepare(args)?;
     let fabric = fabric_for(precision)?;
     let device = fabric.device();
     tch::manual_seed(args.seed as i64);
@@ -380,7 +384,8 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         val_loss,
         ms_per_step: median * 1e3,
         tokens_per_s: tokens_per_step / median,
-        peak_mib: peak_rss_mib(),
+        peak_mib: tch_fabric::memory_stats(Device::Cpu)
+            .map_or(f64::NAN, |m| m.peak_bytes as f64 / (1024.0 * 1024.0)),
         skipped: fabric.skipped_steps(),
         loss_scale: fabric.loss_scale(),
         steps: args.steps,
@@ -393,28 +398,9 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
 fn compare(args: &Args) -> Result<ExitCode> {
     // The children get Ctrl-C too and save their checkpoints; the parent only stops.
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stop = prepare(args)?;
     let exe = std::env::current_exe().context("finding the demo's own executable")?;
     let device = Device::cuda_if_available();
     let mut reports = Vec::new();
