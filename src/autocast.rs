@@ -34,6 +34,14 @@ pub fn autocast(device: Device, kind: Kind) -> Result<AutocastGuard> {
 
 /// The current thread's autocast state for a device.
 ///
+/// ```
+/// use tch::{Device, Kind};
+/// let _g = tch_fabric::autocast(Device::Cpu, Kind::Half)?;
+/// let s = tch_fabric::autocast_state(Device::Cpu)?;
+/// assert!(s.enabled && s.dtype == Some(Kind::Half));
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+///
 /// # Errors
 ///
 /// [`Error::UnsupportedAutocast`] for a device other than CPU / CUDA.

@@ -4,6 +4,13 @@ use crate::ffi;
 use tch::Tensor;
 
 /// How [`crate::Fabric::clip_gradients`] clips.
+///
+/// ```
+/// use tch_fabric::Clip;
+/// assert_eq!(Clip::norm(1.0), Clip::Norm { max_norm: 1.0, norm_type: 2.0 });
+/// let by_value = Clip::Value(0.5); // clamp every gradient element into [-0.5, 0.5]
+/// # let _ = by_value;
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Clip {
     /// Scale all gradients together so that their global norm of order `norm_type` is at
@@ -78,6 +85,16 @@ pub fn total_norm(grads: &[Tensor], norm_type: f64) -> Result<Tensor> {
 ///
 /// The coefficient is computed exactly as PyTorch does, `(total + 1e-6).reciprocal() *
 /// max_norm` clamped at 1, so the clipped gradients have PyTorch's bits.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// let grads = vec![Tensor::full([4], 3.0, (Kind::Float, Device::Cpu))]; // norm 6
+/// let total = tch_fabric::clip_grad_norm(&grads, 1.0, 2.0, false)?;
+/// assert_eq!(total.double_value(&[]), 6.0);
+/// let after = tch_fabric::total_norm(&grads, 2.0)?.double_value(&[]);
+/// assert!((after - 1.0).abs() < 1e-5);
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
 ///
 /// # Errors
 ///

@@ -23,6 +23,12 @@ pub struct MemoryStats {
 
 /// Memory figures for `device`.
 ///
+/// ```
+/// let m = tch_fabric::memory_stats(tch::Device::Cpu)?;
+/// assert!(m.peak_bytes >= m.current_bytes);
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+///
 /// # Errors
 ///
 /// [`Error::Usage`] on CUDA (libtorch's caching-allocator statistics are not wired up yet) and

@@ -18,6 +18,19 @@ use tch::{nn::ModuleT, Device, Kind, Tensor};
 /// autocast loop, where the first layer sees float32 inputs: the inputs are rounded to the low
 /// dtype first. [`FabricModule::convert_inputs`] turns that off.
 ///
+/// ```
+/// use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+/// let fabric = tch_fabric::Fabric::builder().precision("bf16-true").accelerator("cpu").build()?;
+/// let mut vs = nn::VarStore::new(Device::Cpu);
+/// let model = nn::linear(vs.root() / "fc", 3, 2, Default::default());
+/// let opt = nn::Sgd::default().build(&vs, 0.1)?;
+/// let (model, _opt) = fabric.setup(model, &mut vs, opt)?;
+/// let y = model.forward(&Tensor::ones([1, 3], (Kind::Float, Device::Cpu)));
+/// assert_eq!(vs.variables()["fc.weight"].kind(), Kind::BFloat16); // parameters converted
+/// assert_eq!(y.kind(), Kind::Float);                            // outputs back to float32
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// Like a PyTorch module it has a training mode ([`FabricModule::train`] /
 /// [`FabricModule::eval`], training by default) that `forward` passes to the model's
 /// `forward_t`.

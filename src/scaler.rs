@@ -360,6 +360,17 @@ fn next_scale(cfg: &GradScalerConfig, s: ScaleState, found_inf: bool) -> Result<
 }
 
 /// What [`GradScaler::step`] did.
+///
+/// ```
+/// # use tch_fabric::StepOutcome;
+/// # let outcome = StepOutcome::Skipped { scale_before: 65536.0, scale_after: 32768.0, nonfinite: vec![] };
+/// match outcome {
+///     StepOutcome::Stepped => {}
+///     StepOutcome::Skipped { scale_before, scale_after, .. } => {
+///         println!("overflow: skipped, scale {scale_before} -> {scale_after}")
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
     /// The optimizer stepped.
@@ -573,6 +584,18 @@ impl Default for OptimizerRecord {
 }
 
 /// The scaler's state with PyTorch's keys, for checkpoints.
+///
+/// ```
+/// use tch_fabric::{GradScaler, GradScalerConfig, GradScalerState};
+/// // A state written by Python: json.dumps(torch.amp.GradScaler().state_dict())
+/// let json = r#"{"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+///                "growth_interval": 2000, "_growth_tracker": 17}"#;
+/// let mut scaler = GradScaler::new(GradScalerConfig::default())?;
+/// scaler.load_state_dict(&GradScalerState::from_json(json)?)?;
+/// assert_eq!((scaler.get_scale(), scaler.growth_tracker()), (32768.0, 17));
+/// assert!(scaler.state_dict().to_json().contains("\"_growth_tracker\":17"));
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
 ///
 /// Serialised to JSON it is exactly what `torch.amp.GradScaler().state_dict()` holds, so
 /// `scaler.load_state_dict(json.load(f))` in Python accepts it, and a state written by Python
