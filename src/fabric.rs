@@ -532,6 +532,22 @@ impl Fabric {
     /// Python), the precision, the GradScaler state, and `state` (any serde value: step,
     /// epoch, ...). The write is atomic: a crash leaves the previous file intact.
     ///
+    /// ```
+    /// use tch::{nn, Device};
+    /// use tch_fabric::{Fabric, FusedAdamW};
+    /// let path = std::env::temp_dir().join(format!("doc-ckpt-{}.safetensors", std::process::id()));
+    /// let fabric = Fabric::builder().accelerator("cpu").build()?;
+    /// let mut vs = nn::VarStore::new(Device::Cpu);
+    /// let model = nn::linear(vs.root() / "fc", 2, 2, Default::default());
+    /// let opt = FusedAdamW::new(&vs, 1e-3);
+    /// let (_model, _opt) = fabric.setup(model, &mut vs, opt)?;
+    /// fabric.save(&path, &("epoch", 3))?;
+    /// let (_, epoch): (String, u32) = fabric.load(&path)?;
+    /// assert_eq!(epoch, 3);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), tch_fabric::Error>(())
+    /// ```
+    ///
     /// The state of a [`crate::FusedAdamW`] is saved too (as `optimizer.<i>.<param>.exp_avg`,
     /// ...), so resuming is exact. The moments of tch's own optimizers (Adam, ...) live in C++
     /// and cannot be exported: resuming with them restarts those moments.

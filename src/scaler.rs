@@ -834,6 +834,20 @@ impl GradScaler {
     /// [`GradScaler::update`]. No optimizer is needed: this is the tensor-level form, for
     /// custom update rules. Read the result with [`GradScaler::found_inf`].
     ///
+    /// ```
+    /// use tch::{Device, Kind, Tensor};
+    /// use tch_fabric::{GradScaler, GradScalerConfig};
+    /// let mut scaler = GradScaler::new(GradScalerConfig::default().init_scale(4.0))?;
+    /// let _ = scaler.scale(&Tensor::ones([], (Kind::Float, Device::Cpu)))?;
+    /// let grads = [Tensor::full([3], 2.0, (Kind::Float, Device::Cpu))];
+    /// scaler.unscale_grads(&grads)?;                 // one native call for the whole list
+    /// assert_eq!(grads[0].double_value(&[0]), 0.5);
+    /// assert!(!scaler.found_inf()?);
+    /// scaler.update()?;                              // a clean step: the tracker counts it
+    /// assert_eq!(scaler.growth_tracker(), 1);
+    /// # Ok::<(), tch_fabric::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// PyTorch's error when `scale` was never called; "Attempting to unscale FP16 gradients."
