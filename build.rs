@@ -45,10 +45,48 @@ fn main() -> Result<()> {
         .file("csrc/shim.cpp")
         .compile("tch_fabric_shim");
 
+    let ops = build_ops_library(&includes, &lib_dir)?;
+    println!("cargo:rustc-env=TCH_FABRIC_OPS_LIB={}", ops.display());
+
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
-        link_args(&lib_dir);
+        link_args(&lib_dir, ops.parent().expect("in OUT_DIR"));
     }
     Ok(())
+}
+
+/// Builds `csrc/ops.cpp` (the `tch_fabric` custom ops) as a shared library: the crate's own
+/// binaries link it (loading it registers the ops with libtorch's dispatcher), and Python
+/// tests load the very same file with `torch.ops.load_library`.
+fn build_ops_library(includes: &[PathBuf], lib_dir: &Path) -> Result<PathBuf> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+    let out = out_dir.join("libtch_fabric_ops.so");
+    let mut cmd = cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .includes(includes)
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi()?.as_str())
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        // The kernel is the hot path of the AMP step: optimise it even in debug builds.
+        .opt_level(3)
+        .debug(false)
+        .warnings(false)
+        .get_compiler()
+        .to_command();
+    cmd.arg("-shared")
+        .arg("-o")
+        .arg(&out)
+        .arg("csrc/ops.cpp")
+        .arg(format!("-L{}", lib_dir.display()))
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .args(["-ltorch_cpu", "-lc10"]);
+    let status = cmd
+        .status()
+        .context("running the C++ compiler for csrc/ops.cpp")?;
+    if !status.success() {
+        bail!("compiling csrc/ops.cpp failed ({status})");
+    }
+    Ok(out)
 }
 
 /// The C++ ABI libtorch was built with, found the way torch-sys finds it.
@@ -79,10 +117,14 @@ fn cxx11_abi() -> Result<String> {
 
 /// `rustc-link-arg` reaches only this package's binaries, tests and examples; downstream crates
 /// add the same three lines to their own build.rs (see the README).
-fn link_args(lib_dir: &Path) {
+fn link_args(lib_dir: &Path, ops_dir: &Path) {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", ops_dir.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
+    // Loading the ops library is what registers the `tch_fabric::` ops.
+    println!("cargo:rustc-link-arg=-L{}", ops_dir.display());
+    println!("cargo:rustc-link-arg=-ltch_fabric_ops");
     // libtorch.so already needs libtorch_cuda.so in the CUDA wheels; naming it too keeps CUDA
     // registered even with a libtorch whose libtorch.so does not.
     if lib_dir.join("libtorch_cuda.so").exists() {

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DefaultDtype.h>
 
 #include <algorithm>
@@ -217,6 +218,31 @@ char *tf_grads_set_to_none(const tf_tensor *params, size_t n) {
       at::Tensor p = deref(params[i]);
       p.mutable_grad().reset();
     }
+  })
+}
+
+char *tf_unscale_sumsq(const tf_tensor *grads, size_t n, tf_tensor found_inf, tf_tensor inv_scale,
+                       int32_t unscale, tf_tensor *out) {
+  TF_PROTECT({
+    *out = nullptr;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tch_fabric::unscale_sumsq_", "")
+                         .typed<at::Tensor(at::TensorList, at::Tensor &, const at::Tensor &, bool)>();
+    auto list = to_vector(grads, n);
+    at::Tensor found = deref(found_inf);
+    *out = new at::Tensor(op.call(list, found, deref(inv_scale), unscale != 0));
+  })
+}
+
+char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
+                      tf_tensor *out) {
+  TF_PROTECT({
+    *out = nullptr;
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("tch_fabric::clip_divisor", "")
+            .typed<at::Tensor(const at::Tensor &, const at::Tensor &, const at::Tensor &, double)>();
+    *out = new at::Tensor(op.call(deref(found_inf), deref(sumsq), deref(scale), max_norm));
   })
 }
 

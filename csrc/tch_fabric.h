@@ -69,6 +69,14 @@ char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other)
  * until the next backward allocates it again). */
 char *tf_grads_set_to_none(const tf_tensor *params, size_t n);
 
+/* tch_fabric::unscale_sumsq_ through the dispatcher (see csrc/ops.cpp): *out receives the sum
+ * of squares. Fails with a clear message when the ops library is not loaded. */
+char *tf_unscale_sumsq(const tf_tensor *grads, size_t n, tf_tensor found_inf, tf_tensor inv_scale,
+                       int32_t unscale, tf_tensor *out);
+/* tch_fabric::clip_divisor through the dispatcher. */
+char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
+                      tf_tensor *out);
+
 #ifdef __cplusplus
 }
 #endif

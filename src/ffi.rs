@@ -57,6 +57,21 @@ extern "C" {
     fn tf_foreach_add_scalar(tensors: *const CTensor, n: usize, value: f64) -> *mut c_char;
     fn tf_foreach_sub_tensor(tensors: *const CTensor, n: usize, other: CTensor) -> *mut c_char;
     fn tf_grads_set_to_none(params: *const CTensor, n: usize) -> *mut c_char;
+    fn tf_unscale_sumsq(
+        grads: *const CTensor,
+        n: usize,
+        found_inf: CTensor,
+        inv_scale: CTensor,
+        unscale: i32,
+        out: *mut CTensor,
+    ) -> *mut c_char;
+    fn tf_clip_divisor(
+        found_inf: CTensor,
+        sumsq: CTensor,
+        scale: CTensor,
+        max_norm: f64,
+        out: *mut CTensor,
+    ) -> *mut c_char;
     fn tf_grad_total_norm(
         grads: *const CTensor,
         n: usize,
@@ -237,6 +252,42 @@ pub(crate) fn fused_adamw(
             found_inf.map_or(std::ptr::null_mut(), ptr),
         )
     })
+}
+
+pub(crate) fn unscale_sumsq(
+    grads: &[&Tensor],
+    found_inf: &Tensor,
+    inv_scale: &Tensor,
+    unscale: bool,
+) -> Result<Tensor> {
+    let p = ptrs(grads);
+    let mut out: CTensor = std::ptr::null_mut();
+    check("tch_fabric::unscale_sumsq_", unsafe {
+        tf_unscale_sumsq(
+            p.as_ptr(),
+            p.len(),
+            ptr(found_inf),
+            ptr(inv_scale),
+            i32::from(unscale),
+            &mut out,
+        )
+    })?;
+    // SAFETY: on success the shim stored a fresh `new at::Tensor`, which tch now owns.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+pub(crate) fn clip_divisor(
+    found_inf: &Tensor,
+    sumsq: &Tensor,
+    scale: &Tensor,
+    max_norm: f64,
+) -> Result<Tensor> {
+    let mut out: CTensor = std::ptr::null_mut();
+    check("tch_fabric::clip_divisor", unsafe {
+        tf_clip_divisor(ptr(found_inf), ptr(sumsq), ptr(scale), max_norm, &mut out)
+    })?;
+    // SAFETY: as above.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 pub(crate) fn grads_set_to_none(params: &[&Tensor]) -> Result<()> {

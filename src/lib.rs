@@ -66,6 +66,7 @@ mod fabric;
 mod ffi;
 mod memory;
 mod module;
+pub mod ops;
 mod optim;
 mod precision;
 mod scaler;

@@ -1,0 +1,167 @@
+//! The `tch_fabric::unscale_sumsq_` op against PyTorch's own kernels, from Rust and from Python
+//! (which loads the very same compiled library with `torch.ops.load_library`).
+mod common;
+
+use tch::{Device, Kind, Tensor};
+use tch_fabric::ops::{clip_divisor, unscale_sumsq, OPS_LIBRARY};
+use tch_fabric::{GradScaler, GradScalerConfig};
+
+fn grads() -> Vec<Tensor> {
+    tch::manual_seed(21);
+    let mut v = vec![
+        Tensor::randn([1000, 37], (Kind::Float, Device::Cpu)) * 1e3,
+        Tensor::randn([70_001], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16),
+        (Tensor::randn([513], (Kind::Float, Device::Cpu)) * 1e-3).to_kind(Kind::Half),
+        Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+    ];
+    // Values at the edges: +-0, subnormals, near the maxima.
+    v.push(Tensor::from_slice(&[
+        0.0f32, -0.0, 1e-45, -1e-40, 3.3e38, -3.3e38, 1.0,
+    ]));
+    v
+}
+
+fn bits(t: &Tensor) -> Tensor {
+    match t.kind() {
+        Kind::Float => t.view_dtype(Kind::Int),
+        _ => t.view_dtype(Kind::Int16),
+    }
+}
+
+fn inv(scale: f64) -> Tensor {
+    Tensor::full([], scale, (Kind::Float, Device::Cpu))
+        .to_kind(Kind::Double)
+        .reciprocal()
+        .to_kind(Kind::Float)
+}
+
+#[test]
+fn unscale_matches_the_native_kernel_bit_for_bit() {
+    for scale in [65536.0, 1000.0, 3.0, 1.0] {
+        let ours = grads();
+        let native = grads();
+        let found = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let sumsq = unscale_sumsq(&ours, &found, &inv(scale), true).unwrap();
+        let mut scaler = GradScaler::new(
+            GradScalerConfig::default()
+                .init_scale(scale)
+                .allow_fp16_grads(true),
+        )
+        .unwrap();
+        let _ = scaler
+            .scale(&Tensor::ones([], (Kind::Float, Device::Cpu)))
+            .unwrap();
+        scaler.unscale_grads(&native).unwrap();
+        for (a, b) in ours.iter().zip(&native) {
+            assert!(bits(a).equal(&bits(b)), "scale {scale}: {:?}", a.kind());
+        }
+        assert_eq!(found.double_value(&[]), 0.0);
+        assert!(!scaler.found_inf().unwrap());
+        // Squares of values near float32's maximum overflow a float32 sum, as in PyTorch's norm.
+        assert!(sumsq.double_value(&[]).is_infinite());
+        // Without them, the sum of squares agrees with a float64 reference to float32 rounding.
+        let finite = &ours[..ours.len() - 1];
+        let sumsq = unscale_sumsq(finite, &found, &inv(1.0), false).unwrap();
+        let want: f64 = finite
+            .iter()
+            .map(|g| {
+                g.to_kind(Kind::Double)
+                    .pow_tensor_scalar(2)
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum();
+        let got = sumsq.double_value(&[]);
+        assert!(
+            ((got - want) / want).abs() < 1e-5,
+            "scale {scale}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn sum_is_deterministic_and_overflow_is_found() {
+    let a = unscale_sumsq(
+        &grads(),
+        &Tensor::zeros([], (Kind::Float, Device::Cpu)),
+        &inv(1.0),
+        false,
+    )
+    .unwrap();
+    for threads in [1, 2] {
+        tch::set_num_threads(threads);
+        let b = unscale_sumsq(
+            &grads(),
+            &Tensor::zeros([], (Kind::Float, Device::Cpu)),
+            &inv(1.0),
+            false,
+        )
+        .unwrap();
+        assert!(
+            bits(&a).equal(&bits(&b)),
+            "same bits with {threads} threads"
+        );
+    }
+    let mut g = grads();
+    g.push(Tensor::from_slice(&[1.0f32, f32::NAN]).to_kind(Kind::BFloat16));
+    let found = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    let before = bits(&g[0]).copy();
+    let _ = unscale_sumsq(&g, &found, &inv(4.0), false).unwrap();
+    assert_eq!(found.double_value(&[]), 1.0);
+    assert!(
+        bits(&g[0]).equal(&before),
+        "unscale=false leaves the gradients alone"
+    );
+    // Empty list: nothing found, zero sum.
+    let found = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    let s = unscale_sumsq(&[], &found, &inv(2.0), true).unwrap();
+    assert_eq!((s.double_value(&[]), found.double_value(&[])), (0.0, 0.0));
+    // Bad arguments are errors, not crashes.
+    let bad = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+    assert!(unscale_sumsq(&grads(), &bad, &inv(2.0), true).is_err());
+}
+
+#[test]
+fn clip_divisor_folds_pytorchs_clip_coefficient_into_the_scale() {
+    let sumsq = Tensor::full([], 36.0, (Kind::Float, Device::Cpu)); // norm 6
+    let scale = Tensor::full([], 1024.0, (Kind::Float, Device::Cpu));
+    let found = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    let d = clip_divisor(&found, &sumsq, &scale, 1.0).unwrap();
+    let coef = (Tensor::full([], 6.0, (Kind::Float, Device::Cpu)) + 1e-6).reciprocal() * 1.0;
+    let want = &scale / coef;
+    assert!(
+        d.equal(&want),
+        "{} vs {}",
+        d.double_value(&[]),
+        want.double_value(&[])
+    );
+    // No clipping needed: the divisor is the scale itself.
+    let d = clip_divisor(&found, &sumsq, &scale, 100.0).unwrap();
+    assert_eq!(d.double_value(&[]), 1024.0);
+}
+
+/// Python loads the same library and checks the op against torch's kernels.
+#[test]
+fn python_loads_the_same_op() {
+    let out = common::run_python(
+        r#"
+import sys, torch
+torch.ops.load_library(sys.stdin.read().strip())
+torch.manual_seed(0)
+g = [torch.randn(4096) * 100, torch.randn(333).bfloat16(), torch.randn(77).half()]
+ref = [t.clone() for t in g]
+found, ref_found = torch.zeros(()), torch.zeros(())
+inv = torch.full((), 1000.0).double().reciprocal().float()
+s = torch.ops.tch_fabric.unscale_sumsq_(g, found, inv, True)
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    group = [t for t in ref if t.dtype == dt]
+    torch._amp_foreach_non_finite_check_and_unscale_(group, ref_found, inv)
+same = all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32), b.view(torch.int16 if b.element_size() == 2 else torch.int32)) for a, b in zip(g, ref))
+want = sum(float((t.double() ** 2).sum()) for t in ref)
+s2 = torch.ops.tch_fabric.unscale_sumsq_([t.clone() for t in g], torch.zeros(()), torch.ones(()), False)
+print(same, found.item() == ref_found.item(), abs(s.item() - want) / want < 1e-5, torch.equal(s, s2))
+"#,
+        OPS_LIBRARY,
+    );
+    assert_eq!(out.trim(), "True True True True", "{out}");
+}
