@@ -169,6 +169,7 @@ impl FabricBuilder {
         let precision_arg = from_env(
             "precision",
             self.precision.as_ref().map(|p| (p.as_str(), p.repr())),
+            None,
             cli,
         )?
         .map(PrecisionArg::Str)
@@ -179,6 +180,7 @@ impl FabricBuilder {
             self.accelerator
                 .as_ref()
                 .map(|a| (a.clone(), format!("'{a}'"))),
+            Some("auto"),
             cli,
         )?
         .or(self.accelerator)
@@ -186,6 +188,7 @@ impl FabricBuilder {
         let devices = match from_env(
             "devices",
             self.devices.map(|d| (d.to_string(), d.to_string())),
+            Some("auto"),
             cli,
         )? {
             Some(v) if v == "auto" => 1,
@@ -240,13 +243,19 @@ impl FabricBuilder {
 }
 
 /// Lightning's `_argument_from_env`: the environment's value, refusing a conflicting explicit
-/// value when the CLI set it.
-fn from_env(name: &str, given: Option<(String, String)>, cli: bool) -> Result<Option<String>> {
+/// value when the CLI set it. Passing Lightning's own default (`default`, e.g. `"auto"`) is
+/// never a conflict.
+fn from_env(
+    name: &str,
+    given: Option<(String, String)>,
+    default: Option<&str>,
+    cli: bool,
+) -> Result<Option<String>> {
     let Ok(env) = std::env::var(format!("LT_{}", name.to_uppercase())) else {
         return Ok(None);
     };
     if let Some((as_str, repr)) = given {
-        if cli && env != as_str {
+        if cli && env != as_str && Some(as_str.as_str()) != default {
             return Err(Error::Usage(format!(
                 "Your code has `Fabric({name}={repr}, ...)` but it conflicts with the value `--{name}={env}` \
                  set through the CLI.  Remove it either from the CLI or from the Lightning Fabric object."
