@@ -4,7 +4,9 @@
 //! arguments make the AMP step free of host synchronisation.
 use crate::error::{Error, Result};
 use crate::ffi::{self, AdamHyper, AdamLists};
-use crate::scaler::{next_optimizer_id, trainable_in_order, AmpOptimizer, ScalerOptimizer};
+use crate::scaler::{
+    defined_gradients, next_optimizer_id, trainable_in_order, AmpOptimizer, ScalerOptimizer,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 /// A parameter with its AdamW state (created at its first step, as PyTorch does).
@@ -285,11 +287,7 @@ impl ScalerOptimizer for FusedAdamW {
     }
 
     fn named_gradients(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .map(|s| (s.name.clone(), s.param.grad()))
-            .filter(|(_, g)| g.defined())
-            .collect()
+        defined_gradients(self.slots.iter().map(|s| (s.name.as_str(), &s.param)))
     }
 
     fn step_unscaled(&mut self) -> Result<()> {

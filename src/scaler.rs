@@ -465,6 +465,17 @@ pub(crate) fn trainable_in_order(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     out
 }
 
+/// The defined gradients of named parameters (parameters that took no part in the last
+/// backward have none).
+pub(crate) fn defined_gradients<'a>(
+    params: impl Iterator<Item = (&'a str, &'a Tensor)>,
+) -> Vec<(String, Tensor)> {
+    params
+        .map(|(n, p)| (n.to_string(), p.grad()))
+        .filter(|(_, g)| g.defined())
+        .collect()
+}
+
 /// A fresh identity for a [`ScalerOptimizer`].
 pub fn next_optimizer_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -538,11 +549,7 @@ impl ScalerOptimizer for AmpOptimizer {
     }
 
     fn named_gradients(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .map(|(n, p)| (n.clone(), p.grad()))
-            .filter(|(_, g)| g.defined())
-            .collect()
+        defined_gradients(self.params.iter().map(|(n, p)| (n.as_str(), p)))
     }
 
     fn step_unscaled(&mut self) -> Result<()> {
