@@ -1127,7 +1127,9 @@ impl GradScaler {
         if stage == Stage::Ready {
             let named = opt.named_gradients();
             let grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();
-            let found = match op_device(&grads, self.config.allow_fp16_grads)? {
+            // PyTorch's inf check for fused optimizers accepts float16 gradients (the
+            // optimizer unscales them itself, in float32).
+            let found = match op_device(&grads, true)? {
                 Some(device) => {
                     let found = Tensor::f_zeros([], (Kind::Float, device))?;
                     let one = Tensor::f_ones([], (Kind::Float, device))?;
