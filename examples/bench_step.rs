@@ -85,7 +85,7 @@ fn iteration(s: &mut Setup) -> Result<f64> {
     let vars = s.vs.trainable_variables();
     let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for (p, g) in vars.iter().zip(&s.targets) {
-        loss = loss + (p * g).sum(Kind::Float);
+        loss += (p * g).sum(Kind::Float);
     }
     s.fabric.backward(&loss)?;
     let t0 = Instant::now();

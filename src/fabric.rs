@@ -481,7 +481,9 @@ impl Fabric {
     ///
     /// [`Error::InvalidConfig`] for a bad clip value; the scaler's unscale errors.
     pub fn clip_gradients(&self, optimizer: &mut FabricOptimizer, clip: Clip) -> Result<f64> {
-        Ok(self.clip_impl(optimizer, clip, false)?.f_double_value(&[])?)
+        Ok(self
+            .clip_impl(optimizer, clip, false)?
+            .f_double_value(&[])?)
     }
 
     /// [`Fabric::clip_gradients`] without reading the norm: it comes back as a 0-dim tensor on

@@ -426,7 +426,10 @@ impl FusedSgd {
         if h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0) {
             return Err(Error::InvalidConfig {
                 field: "nesterov",
-                value: format!("true with momentum {} and dampening {}", h.momentum, h.dampening),
+                value: format!(
+                    "true with momentum {} and dampening {}",
+                    h.momentum, h.dampening
+                ),
                 allowed: "Nesterov momentum requires a momentum and zero dampening",
             });
         }
