@@ -12,6 +12,12 @@ use tch_fabric::{
 
 const STEPS: usize = 30;
 
+/// The scale starts low enough for the first step to be taken and grows every 2 steps until
+/// float16 overflows: later steps are skipped. (A skipped FIRST step would leave PyTorch's
+/// momentum buffers uninitialised, `torch.empty_like`, and its run would depend on whatever
+/// memory it got; see `a_skipped_first_step_leaves_clean_momentum`.)
+const INIT_SCALE: f64 = 4096.0;
+
 /// SGD options as (momentum, dampening, weight_decay, nesterov).
 const OPTIONS: [(f64, f64, f64, bool); 4] = [
     (0.0, 0.0, 0.0, false),
@@ -32,8 +38,8 @@ fn fabric(mixed: bool, sync_free: bool) -> Fabric {
     let b = if mixed {
         b.precision("16-mixed").cpu_fp16_autocast(true).grad_scaler(
             GradScalerConfig::default()
-                .init_scale(2f64.powi(24))
-                .growth_interval(4)
+                .init_scale(INIT_SCALE)
+                .growth_interval(2)
                 .sync_free(sync_free),
         )
     } else {
@@ -91,7 +97,7 @@ model.load_state_dict({"0.weight": t["l1.weight"], "0.bias": t["l1.bias"], "2.we
 x, y = t["x"], t["y"]
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=float(momentum), dampening=float(dampening),
                       weight_decay=float(wd), nesterov=nesterov, fused=True)
-scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=4, enabled=mixed)
+scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2, enabled=mixed)
 stepped = []
 for _ in range(steps):
     opt.zero_grad()
@@ -300,4 +306,39 @@ fn bad_hyper_parameters_are_errors_that_change_nothing() {
     )];
     assert!(ok.load_state_tensors(&bad).is_err());
     assert!(ok.state_tensors().is_empty());
+}
+
+/// PyTorch creates SGD momentum buffers with `torch.empty_like` and fills them in the first
+/// step; a first step skipped by the GradScaler leaves them uninitialised. FusedSgd's buffers
+/// start at zero and the next taken step starts them from the gradient.
+#[test]
+fn a_skipped_first_step_leaves_clean_momentum() {
+    use tch_fabric::ScalerOptimizer;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = model(&vs);
+    let mut opt = FusedSgd::new(&vs, 0.1).momentum(0.9);
+    let loss = m
+        .forward(&Tensor::ones([2, 8], (Kind::Float, Device::Cpu)))
+        .sum(Kind::Float);
+    loss.backward();
+    let before: Vec<Tensor> = vs.trainable_variables().iter().map(|t| t.copy()).collect();
+    let inf = Tensor::ones([], (Kind::Float, Device::Cpu));
+    opt.step_scaled(None, &inf).unwrap();
+    for (a, b) in vs.trainable_variables().iter().zip(&before) {
+        assert!(a.equal(b), "a skipped step changes no weight");
+    }
+    for (name, buf) in opt.state_tensors() {
+        assert_eq!(buf.abs().sum(Kind::Float).double_value(&[]), 0.0, "{name}");
+    }
+    let no_inf = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    opt.step_scaled(None, &no_inf).unwrap();
+    let grads = opt.named_gradients();
+    for (name, buf) in opt.state_tensors() {
+        let param = name.trim_end_matches(".momentum_buffer");
+        let g = &grads.iter().find(|(n, _)| n == param).unwrap().1;
+        assert!(
+            buf.equal(g),
+            "{name}: the first taken step starts from the gradient"
+        );
+    }
 }
