@@ -20,6 +20,9 @@
 //   a fused multiply-add) reduced by a fixed tree, and the chunks are added in order in double.
 //   The scalar, AVX2 and AVX-512 paths give the same bits, so the sum does not depend on the
 //   x86 CPU either. TCH_FABRIC_OPS_ISA=scalar|avx2|avx512 forces a path (for tests).
+//   The SIMD paths (raw intrinsics in functions compiled for their target, picked at run time)
+//   mostly check for inf/NaN through the chunk sums: see pick(). at::parallel_for needs the
+//   file compiled with -fopenmp (build.rs), else it runs on one thread.
 //
 // tch_fabric::clip_divisor(found_inf, sumsq, scale, max_norm) -> divisor
 //   PyTorch's clip coefficient from the norm, folded with the loss scale into one divisor that
@@ -159,6 +162,19 @@ ChunkResult chunk_f64(void *data, int64_t n, float inv) {
   return {reduce_lanes(lanes), bad};
 }
 
+// Whether any of n elements is inf/NaN. The SIMD paths skip the per-element check where they can
+// (see pick) and call this only for a chunk whose sum of squares is not finite, which it must be
+// when an element is inf/NaN: with a finite inv_scale, an inf/NaN element gives an inf/NaN
+// value squared into the sum.
+template <Dtype D>
+bool scan_bad(const void *data, int64_t n) {
+  using S = Scalar<D>;
+  const auto *p = static_cast<const typename S::T *>(data);
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= S::bad(p[i]);
+  return bad;
+}
+
 #ifdef TCH_FABRIC_X86
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C: 32 elements per step in four 8-lane accumulators (elements 0-7, 8-15,
@@ -181,17 +197,17 @@ AVX2_INLINE float avx2_reduce(const Avx2State &s) {
   return _mm_cvtss_f32(x);
 }
 
-// bfloat16 round to nearest even of 8 floats, as 32-bit integers holding the 16 bits.
+// bfloat16 round to nearest even of 8 floats: the 16 bits are the high half of each 32-bit
+// result (the low half is garbage). NaN becomes 0xFFFF.
 AVX2_INLINE __m256i avx2_bf16_round(__m256 u) {
   const __m256i b = _mm256_castps_si256(u);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  const __m256i r =
-      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
   const __m256 nan = _mm256_cmp_ps(u, u, _CMP_UNORD_Q);
-  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(nan));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(-1), _mm256_castps_si256(nan));
 }
 
-template <Dtype D, bool Store, bool Mul>
+template <Dtype D, bool Store, bool Mul, bool Track>
 AVX2_INLINE void avx2_step(void *q, Avx2State &s, __m256 vinv) {
   __m256 u[4];
   if constexpr (D == Dtype::F32) {
@@ -199,7 +215,7 @@ AVX2_INLINE void avx2_step(void *q, Avx2State &s, __m256 vinv) {
     const __m256i abs = _mm256_set1_epi32(0x7FFFFFFF);
     for (int k = 0; k < 4; ++k) {
       const __m256 v = _mm256_loadu_ps(p + 8 * k);
-      s.mx = _mm256_max_epu32(s.mx, _mm256_and_si256(_mm256_castps_si256(v), abs));
+      if (Track) s.mx = _mm256_max_epu32(s.mx, _mm256_and_si256(_mm256_castps_si256(v), abs));
       u[k] = Mul ? _mm256_mul_ps(v, vinv) : v;
       if (Store) _mm256_storeu_ps(p + 8 * k, u[k]);
     }
@@ -209,7 +225,7 @@ AVX2_INLINE void avx2_step(void *q, Avx2State &s, __m256 vinv) {
     const __m256i raw[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)),
                             _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p + 16))};
     for (int k = 0; k < 2; ++k) {
-      s.mx = _mm256_max_epu16(s.mx, _mm256_and_si256(raw[k], abs));
+      if (Track) s.mx = _mm256_max_epu16(s.mx, _mm256_and_si256(raw[k], abs));
       const __m128i h[2] = {_mm256_castsi256_si128(raw[k]), _mm256_extracti128_si256(raw[k], 1)};
       for (int j = 0; j < 2; ++j) {
         __m256 v;
@@ -223,9 +239,11 @@ AVX2_INLINE void avx2_step(void *q, Avx2State &s, __m256 vinv) {
         if constexpr (D == Dtype::BF16) {
           const __m256i r0 = avx2_bf16_round(u[2 * k]);
           const __m256i r1 = avx2_bf16_round(u[2 * k + 1]);
-          u[2 * k] = _mm256_castsi256_ps(_mm256_slli_epi32(r0, 16));
-          u[2 * k + 1] = _mm256_castsi256_ps(_mm256_slli_epi32(r1, 16));
-          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8);
+          const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+          u[2 * k] = _mm256_castsi256_ps(_mm256_and_si256(r0, hi));
+          u[2 * k + 1] = _mm256_castsi256_ps(_mm256_and_si256(r1, hi));
+          const __m256i packed = _mm256_permute4x64_epi64(
+              _mm256_packus_epi32(_mm256_srli_epi32(r0, 16), _mm256_srli_epi32(r1, 16)), 0xD8);
           _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * k), packed);
         } else {
           const __m128i o0 = _mm256_cvtps_ph(u[2 * k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -241,7 +259,7 @@ AVX2_INLINE void avx2_step(void *q, Avx2State &s, __m256 vinv) {
   for (int k = 0; k < 4; ++k) s.acc[k] = _mm256_fmadd_ps(u[k], u[k], s.acc[k]);
 }
 
-template <Dtype D, bool Store, bool Mul>
+template <Dtype D, bool Store, bool Mul, bool Track>
 AVX2_TARGET ChunkResult chunk_avx2(void *data, int64_t n, float inv) {
   constexpr int64_t esz = D == Dtype::F32 ? 4 : 2;
   char *p = static_cast<char *>(data);
@@ -250,13 +268,15 @@ AVX2_TARGET ChunkResult chunk_avx2(void *data, int64_t n, float inv) {
   s.mx = _mm256_setzero_si256();
   const __m256 vinv = _mm256_set1_ps(inv);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) avx2_step<D, Store, Mul>(p + i * esz, s, vinv);
+  for (; i + kLanes <= n; i += kLanes) avx2_step<D, Store, Mul, Track>(p + i * esz, s, vinv);
   if (i < n) {  // the tail, zero-padded: zeros add nothing to the lanes
     alignas(32) char buf[kLanes * 4] = {};
     std::memcpy(buf, p + i * esz, (n - i) * esz);
-    avx2_step<D, Store, Mul>(buf, s, vinv);
+    avx2_step<D, Store, Mul, Track>(buf, s, vinv);
     if (Store) std::memcpy(p + i * esz, buf, (n - i) * esz);
   }
+  const float sum = avx2_reduce(s);
+  if (!Track) return {sum, std::isfinite(sum) ? false : scan_bad<D>(data, n)};
   bool bad;
   if constexpr (D == Dtype::F32) {
     // max < 0x7F800000 <=> max(max, 0x7F7FFFFF) == 0x7F7FFFFF
@@ -266,7 +286,7 @@ AVX2_TARGET ChunkResult chunk_avx2(void *data, int64_t n, float inv) {
     const __m256i lim = _mm256_set1_epi16(D == Dtype::BF16 ? 0x7F7F : 0x7BFF);
     bad = _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(s.mx, lim), lim)) != -1;
   }
-  return {avx2_reduce(s), bad};
+  return {sum, bad};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -290,16 +310,16 @@ AVX512_INLINE float avx512_reduce(const Avx512State &s) {
   return _mm_cvtss_f32(x);
 }
 
+// As avx2_bf16_round: the bfloat16 bits in the high half of each 32-bit lane.
 AVX512_INLINE __m512i avx512_bf16_round(__m512 u) {
   const __m512i b = _mm512_castps_si512(u);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i r =
-      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
   const __mmask16 nan = _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
+  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(-1));
 }
 
-template <Dtype D, bool Store, bool Mul>
+template <Dtype D, bool Store, bool Mul, bool Track>
 AVX512_INLINE void avx512_step(void *q, Avx512State &s, __m512 vinv) {
   __m512 u[2];
   if constexpr (D == Dtype::F32) {
@@ -307,15 +327,22 @@ AVX512_INLINE void avx512_step(void *q, Avx512State &s, __m512 vinv) {
     const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF);
     for (int k = 0; k < 2; ++k) {
       const __m512 v = _mm512_loadu_ps(p + 16 * k);
-      s.mx = _mm512_max_epu32(s.mx, _mm512_and_si512(_mm512_castps_si512(v), abs));
+      if (Track) s.mx = _mm512_max_epu32(s.mx, _mm512_and_si512(_mm512_castps_si512(v), abs));
       u[k] = Mul ? _mm512_mul_ps(v, vinv) : v;
       if (Store) _mm512_storeu_ps(p + 16 * k, u[k]);
     }
   } else {
     uint16_t *p = static_cast<uint16_t *>(q);
-    const __m512i raw = _mm512_loadu_si512(p);
-    s.mx = _mm512_max_epu16(s.mx, _mm512_and_si512(raw, _mm512_set1_epi16(0x7FFF)));
-    const __m256i h[2] = {_mm512_castsi512_si256(raw), _mm512_extracti64x4_epi64(raw, 1)};
+    __m256i h[2];
+    if (Track) {
+      const __m512i raw = _mm512_loadu_si512(p);
+      s.mx = _mm512_max_epu16(s.mx, _mm512_and_si512(raw, _mm512_set1_epi16(0x7FFF)));
+      h[0] = _mm512_castsi512_si256(raw);
+      h[1] = _mm512_extracti64x4_epi64(raw, 1);
+    } else {
+      h[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+      h[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p + 16));
+    }
     for (int k = 0; k < 2; ++k) {
       __m512 v;
       if constexpr (D == Dtype::BF16)
@@ -325,24 +352,28 @@ AVX512_INLINE void avx512_step(void *q, Avx512State &s, __m512 vinv) {
       u[k] = Mul ? _mm512_mul_ps(v, vinv) : v;
     }
     if (Store) {
-      __m256i o[2];
-      for (int k = 0; k < 2; ++k) {
-        if constexpr (D == Dtype::BF16) {
-          const __m512i r = avx512_bf16_round(u[k]);
-          u[k] = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
-          o[k] = _mm512_cvtepi32_epi16(r);
-        } else {
-          o[k] = _mm512_cvtps_ph(u[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          u[k] = _mm512_cvtph_ps(o[k]);
+      if constexpr (D == Dtype::BF16) {
+        const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+        const __m512i r0 = avx512_bf16_round(u[0]), r1 = avx512_bf16_round(u[1]);
+        u[0] = _mm512_castsi512_ps(_mm512_and_si512(r0, hi));
+        u[1] = _mm512_castsi512_ps(_mm512_and_si512(r1, hi));
+        // The high 16 bits of the 32 lanes of r0 then r1: words 1, 3, ..., 63.
+        const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                             31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        _mm512_storeu_si512(p, _mm512_permutex2var_epi16(r0, odd, r1));
+      } else {
+        for (int k = 0; k < 2; ++k) {
+          const __m256i o = _mm512_cvtps_ph(u[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          u[k] = _mm512_cvtph_ps(o);
+          _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * k), o);
         }
       }
-      _mm512_storeu_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(o[0]), o[1], 1));
     }
   }
   for (int k = 0; k < 2; ++k) s.acc[k] = _mm512_fmadd_ps(u[k], u[k], s.acc[k]);
 }
 
-template <Dtype D, bool Store, bool Mul>
+template <Dtype D, bool Store, bool Mul, bool Track>
 AVX512_TARGET ChunkResult chunk_avx512(void *data, int64_t n, float inv) {
   constexpr int64_t esz = D == Dtype::F32 ? 4 : 2;
   char *p = static_cast<char *>(data);
@@ -351,19 +382,21 @@ AVX512_TARGET ChunkResult chunk_avx512(void *data, int64_t n, float inv) {
   s.mx = _mm512_setzero_si512();
   const __m512 vinv = _mm512_set1_ps(inv);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) avx512_step<D, Store, Mul>(p + i * esz, s, vinv);
+  for (; i + kLanes <= n; i += kLanes) avx512_step<D, Store, Mul, Track>(p + i * esz, s, vinv);
   if (i < n) {
     alignas(64) char buf[kLanes * 4] = {};
     std::memcpy(buf, p + i * esz, (n - i) * esz);
-    avx512_step<D, Store, Mul>(buf, s, vinv);
+    avx512_step<D, Store, Mul, Track>(buf, s, vinv);
     if (Store) std::memcpy(p + i * esz, buf, (n - i) * esz);
   }
+  const float sum = avx512_reduce(s);
+  if (!Track) return {sum, std::isfinite(sum) ? false : scan_bad<D>(data, n)};
   bool bad;
   if constexpr (D == Dtype::F32)
     bad = _mm512_cmpge_epu32_mask(s.mx, _mm512_set1_epi32(0x7F800000)) != 0;
   else
     bad = _mm512_cmpge_epu16_mask(s.mx, _mm512_set1_epi16(D == Dtype::BF16 ? 0x7F80 : 0x7C00)) != 0;
-  return {avx512_reduce(s), bad};
+  return {sum, bad};
 }
 #endif  // TCH_FABRIC_X86
 
@@ -407,30 +440,42 @@ Isa chosen_isa() {
 }
 
 template <Dtype D, bool Store, bool Mul>
-ChunkFn pick3(Isa isa) {
+ChunkFn pick3(Isa isa, bool track) {
   if constexpr (D == Dtype::F64) {
     return &chunk_f64<Store, Mul>;
   } else {
 #ifdef TCH_FABRIC_X86
-    if (isa == Isa::Avx512) return &chunk_avx512<D, Store, Mul>;
-    if (isa == Isa::Avx2) return &chunk_avx2<D, Store, Mul>;
+    if (isa == Isa::Avx512)
+      return track ? &chunk_avx512<D, Store, Mul, true> : &chunk_avx512<D, Store, Mul, false>;
+    if (isa == Isa::Avx2)
+      return track ? &chunk_avx2<D, Store, Mul, true> : &chunk_avx2<D, Store, Mul, false>;
 #endif
     return &chunk_scalar<D, Store, Mul>;
   }
 }
 
 template <Dtype D>
-ChunkFn pick2(Isa isa, bool store, bool mul) {
-  if (store) return mul ? pick3<D, true, true>(isa) : pick3<D, true, false>(isa);
-  return mul ? pick3<D, false, true>(isa) : pick3<D, false, false>(isa);
+ChunkFn pick2(Isa isa, bool store, bool mul, bool track) {
+  if (store) return mul ? pick3<D, true, true>(isa, track) : pick3<D, true, false>(isa, track);
+  return mul ? pick3<D, false, true>(isa, track) : pick3<D, false, false>(isa, track);
 }
 
-ChunkFn pick(Dtype d, Isa isa, bool store, bool mul) {
+ChunkFn pick(Dtype d, Isa isa, bool store, float inv) {
+  // A non-finite inv_scale (a degenerate input) takes the scalar path: the SIMD bfloat16
+  // rounding relies on NaNs coming from NaN/inf elements only.
+  if (!std::isfinite(inv)) isa = Isa::Scalar;
+  const bool mul = inv != 1.f;
+  // The SIMD paths check for inf/NaN elements per element only where they must ("track"):
+  // elsewhere a finite chunk sum proves there are none, and a chunk with a non-finite sum is
+  // scanned again (scan_bad). That scan reads the values as stored, which are inf/NaN exactly
+  // when the original ones were as long as |inv_scale| <= 1 (nothing finite overflows); with
+  // |inv_scale| > 1 an in-place unscale tracks them as it goes.
+  const bool track = store && !(std::fabs(inv) <= 1.f);
   switch (d) {
-    case Dtype::F32: return pick2<Dtype::F32>(isa, store, mul);
-    case Dtype::BF16: return pick2<Dtype::BF16>(isa, store, mul);
-    case Dtype::F16: return pick2<Dtype::F16>(isa, store, mul);
-    case Dtype::F64: return pick2<Dtype::F64>(isa, store, mul);
+    case Dtype::F32: return pick2<Dtype::F32>(isa, store, mul, track);
+    case Dtype::BF16: return pick2<Dtype::BF16>(isa, store, mul, track);
+    case Dtype::F16: return pick2<Dtype::F16>(isa, store, mul, track);
+    case Dtype::F64: return pick2<Dtype::F64>(isa, store, mul, track);
   }
   return nullptr;
 }
@@ -450,7 +495,6 @@ at::Tensor unscale_sumsq_cpu(at::TensorList grads, at::Tensor &found_inf, const 
   TORCH_CHECK(inv_scale.numel() == 1 && inv_scale.scalar_type() == at::kFloat,
               "inv_scale must be a 1-element float32 tensor");
   const float inv = inv_scale.item<float>();
-  const bool mul = inv != 1.f;
   const Isa isa = chosen_isa();
 
   // Contiguous working tensors (copies of the non-contiguous gradients, written back after).
@@ -471,7 +515,7 @@ at::Tensor unscale_sumsq_cpu(at::TensorList grads, at::Tensor &found_inf, const 
     work.push_back(g0.is_contiguous() ? g0 : g0.contiguous());
     const at::Tensor &g = work.back();
     jobs.push_back({static_cast<char *>(g.data_ptr()), g.numel(), static_cast<int64_t>(g.element_size()),
-                    pick(d, isa, unscale, mul), chunks});
+                    pick(d, isa, unscale, inv), chunks});
     chunks += (g.numel() + kChunk - 1) / kChunk;
   }
 

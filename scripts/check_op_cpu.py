@@ -17,7 +17,7 @@ Exits non-zero (and says what) on any failure. Checked:
 - the sum: over the stored values with unscale=true, over float32 float(v) * inv (unrounded)
   with unscale=false, against a float64 reference to 1e-5 relative; unscale=false leaves the
   gradients' bits alone;
-- determinism: the same sum bits run to run, with 1 and 2 threads, and on every SIMD path;
+- determinism: the same sum bits run to run, with 1, 2 and 3 threads, and on every SIMD path;
 - an empty list, empty tensors, bad arguments.
 """
 import math
@@ -163,6 +163,9 @@ def main():
     g = torch.Generator().manual_seed(1)
     invs = [1.0, 0.5, 2.0, 1 / 1024, 1 / 65536, 65536.0, 2.0 ** -24, 2.0 ** -126, 1 / 3, 3.0, 0.9999999, 1e-4, 1e-38]
     invs += [float(10 ** (torch.rand((), generator=g) * 12 - 8)) for _ in range(20)]
+    # Negative, zero and non-finite inv_scale values too (degenerate, but the native kernel
+    # defines them); |inv_scale| > 1 takes the paths that track inf/NaN per element.
+    invs += [-1.0, -1 / 1024, 0.0, math.inf, -math.inf]
     invs = [float(torch.tensor(i, dtype=torch.float32)) for i in invs]
 
     for isa in isas:
@@ -219,11 +222,13 @@ def main():
                                 f = torch.zeros(())
                                 op([b3], f, torch.tensor(0.5), False)
                                 check(f.item() == 1.0, f"{tag} {dt} n={n}: {bad} at {pos} not found (unscale=false)")
-                                f = torch.zeros(())
-                                op([b3], f, torch.tensor(0.5), True)
-                                check(f.item() == 1.0, f"{tag} {dt} n={n}: {bad} at {pos} not found")
-                                check(bool(b3[pos].isnan()) if math.isnan(bad) else b3[pos].item() == bad,
-                                      f"{tag} {dt} n={n}: {bad} at {pos} not kept")
+                                for inv in (0.5, 2.0):  # |inv| > 1 tracks per element
+                                    b4 = b3.clone()
+                                    f = torch.zeros(())
+                                    op([b4], f, torch.tensor(inv), True)
+                                    check(f.item() == 1.0, f"{tag} {dt} n={n}: {bad} at {pos} not found (inv {inv})")
+                                    check(bool(b4[pos].isnan()) if math.isnan(bad) else b4[pos].item() == bad,
+                                          f"{tag} {dt} n={n}: {bad} at {pos} not kept")
 
         section(f"{tag} non-contiguous")
         # Non-contiguous gradients.
@@ -266,7 +271,7 @@ def main():
     results = {}
     for isa in isas:
         os.environ["TCH_FABRIC_OPS_ISA"] = isa
-        for threads in (1, 2, 1, 2):
+        for threads in (1, 2, 3, 1, 2):
             torch.set_num_threads(threads)
             for unscale in (True, False):
                 for inv in (1.0, 1 / 1024):
