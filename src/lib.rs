@@ -61,6 +61,7 @@ mod autocast;
 mod checkpoint;
 mod clip;
 mod default_dtype;
+mod dist;
 mod error;
 mod fabric;
 mod ffi;
@@ -74,6 +75,10 @@ mod scaler;
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
 pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip};
 pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
+pub use dist::{
+    DistEnv, DistributedSampler, ProcessGroup, ProcessGroupOptions, ReduceOp, BUCKET_BYTES,
+    DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT,
+};
 pub use error::{Error, Result};
 pub use fabric::{
     Fabric, FabricBuilder, FabricOptimizer, IntoPrecision, LrScheduler, PrecisionArg,

@@ -724,6 +724,18 @@ pub struct GradScaler {
     tensor_found_infs: Vec<Tensor>,
     steps_taken: u64,
     steps_skipped: u64,
+    found_inf_sync: Option<FoundInfSync>,
+}
+
+/// Combines a freshly computed found_inf flag across processes in place (an all-reduce with
+/// max), so that every rank of a data-parallel run skips the same steps.
+#[derive(Clone)]
+pub(crate) struct FoundInfSync(pub(crate) std::rc::Rc<dyn Fn(&Tensor) -> Result<()>>);
+
+impl std::fmt::Debug for FoundInfSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FoundInfSync")
+    }
 }
 
 const NO_SCALE: &str = "but _scale is None.  This may indicate your script did not use \
@@ -748,7 +760,22 @@ impl GradScaler {
             tensor_found_infs: Vec::new(),
             steps_taken: 0,
             steps_skipped: 0,
+            found_inf_sync: None,
         })
+    }
+
+    /// Every found_inf flag this scaler computes goes through `sync` before anything reads it.
+    pub(crate) fn set_found_inf_sync(&mut self, sync: FoundInfSync) {
+        self.found_inf_sync = Some(sync);
+    }
+
+    fn sync_found(&self, found: &[Tensor]) -> Result<()> {
+        if let Some(sync) = &self.found_inf_sync {
+            for f in found {
+                (sync.0)(f)?;
+            }
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -866,6 +893,7 @@ impl GradScaler {
         let inv_scale = self.inv_scale("unscale_grads")?;
         let refs: Vec<&Tensor> = grads.iter().collect();
         let found = unscale_grouped(&refs, &inv_scale, self.config.allow_fp16_grads, false)?;
+        self.sync_found(&found)?;
         self.tensor_found_infs.extend(found);
         Ok(())
     }
@@ -919,6 +947,7 @@ impl GradScaler {
         let named = opt.named_gradients();
         let grads: Vec<&Tensor> = named.iter().map(|(_, g)| g).collect();
         let found = unscale_grouped(&grads, &inv_scale, self.config.allow_fp16_grads, false)?;
+        self.sync_found(&found)?;
         let rec = self.record(opt.scaler_id());
         rec.found_inf_per_device = found;
         rec.stage = Stage::Unscaled;
@@ -1021,6 +1050,7 @@ impl GradScaler {
             let grads: Vec<&Tensor> = named.iter().map(|(_, g)| g).collect();
             let one = Tensor::f_ones([], (Kind::Float, scale.device()))?;
             let found = unscale_grouped(&grads, &one, true, false)?;
+            self.sync_found(&found)?;
             self.record(id).found_inf_per_device = found;
         }
         let rec = self.record(id);
