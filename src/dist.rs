@@ -555,6 +555,63 @@ mod tests {
     }
 
     #[test]
+    fn buckets_group_by_dtype_and_cap_their_size() {
+        let small = |k: Kind| Tensor::ones([4], (k, tch::Device::Cpu));
+        let big = Tensor::zeros([BUCKET_BYTES as i64 / 4], (Kind::Float, tch::Device::Cpu));
+        let tensors = vec![
+            small(Kind::Float),
+            small(Kind::Double),
+            small(Kind::Float),
+            big,
+            small(Kind::Float),
+        ];
+        let mut sizes = Vec::new();
+        for_each_bucket(&tensors, |flat| {
+            sizes.push((flat.kind(), flat.numel()));
+            let _ = flat.shallow_clone().f_add_scalar_(1.0)?;
+            Ok(())
+        })
+        .unwrap();
+        // float32: the two small ones, then the 25 MB one alone, then the last small one.
+        let cap = BUCKET_BYTES / 4;
+        assert_eq!(
+            sizes,
+            vec![
+                (Kind::Float, 8),
+                (Kind::Float, cap),
+                (Kind::Float, 4),
+                (Kind::Double, 4)
+            ]
+        );
+        // Results are copied back into every tensor.
+        assert_eq!(tensors[1].double_value(&[0]), 2.0);
+        assert_eq!(tensors[3].double_value(&[7]), 1.0);
+    }
+
+    #[test]
+    fn nccl_is_a_clear_error_without_cuda() {
+        let env = DistEnv {
+            rank: 0,
+            local_rank: 0,
+            world_size: 2,
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+        };
+        let options = ProcessGroupOptions {
+            backend: "nccl".into(),
+            ..Default::default()
+        };
+        let err = ProcessGroup::init(&env, &options).unwrap_err().to_string();
+        assert!(err.contains("NCCL backend is not available"), "{err}");
+        let options = ProcessGroupOptions {
+            backend: "mpi".into(),
+            ..Default::default()
+        };
+        let err = ProcessGroup::init(&env, &options).unwrap_err().to_string();
+        assert!(err.contains("'gloo' or 'nccl'"), "{err}");
+    }
+
+    #[test]
     fn single_process_collectives_are_no_ops() {
         let pg = ProcessGroup::single();
         let t = Tensor::from_slice(&[1.0f32, 2.0]);

@@ -24,6 +24,9 @@ struct Config {
     /// Steps whose loss is multiplied by inf on `inject_rank` only.
     inject_inf_steps: Vec<usize>,
     inject_rank: usize,
+    /// Inject into `inject_rank`'s gradients after `backward` (after the gradient all-reduce)
+    /// instead of into the loss: only the found_inf all-reduce can then keep ranks together.
+    inject_after_backward: bool,
     crash: Option<(usize, usize)>,
     ckpt_every: usize,
     devices: Option<usize>,
@@ -39,6 +42,7 @@ impl Config {
             out: out.to_path_buf(),
             inject_inf_steps: vec![],
             inject_rank: 0,
+            inject_after_backward: false,
             crash: None,
             ckpt_every: 0,
             devices: None,
@@ -54,6 +58,8 @@ struct RankReport {
     weights: Vec<f32>,
     skipped: Vec<usize>,
     scales: Vec<f64>,
+    /// The step stored in the last checkpoint, as every rank loaded it at the end.
+    loaded_step: Option<usize>,
 }
 
 fn mlp(vs: &nn::Path) -> impl Module {
@@ -120,10 +126,15 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
             let _ac = fabric.autocast()?;
             out.mse_loss(&y, tch::Reduction::Mean)
         };
-        if rank == cfg.inject_rank && cfg.inject_inf_steps.contains(&step) {
-            loss = loss * f64::INFINITY;
+        let inject = rank == cfg.inject_rank && cfg.inject_inf_steps.contains(&step);
+        if inject && !cfg.inject_after_backward {
+            loss *= f64::INFINITY;
         }
         fabric.backward(&loss)?;
+        if inject && cfg.inject_after_backward {
+            let (_, g) = &opt.gradients()[0];
+            let _ = g.shallow_clone().fill_(f64::INFINITY);
+        }
         fabric.clip_gradients(&mut opt, Clip::norm(0.5))?;
         if opt.step()?.is_skipped() {
             skipped.push(step);
@@ -139,12 +150,19 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     for (_, t) in named {
         weights.extend(Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1))?);
     }
+    // Rank 0 wrote the checkpoint; every rank reads it back.
+    let loaded_step = if cfg.ckpt_every > 0 {
+        Some(fabric.load::<usize>(cfg.out.join("ckpt.safetensors"))?)
+    } else {
+        None
+    };
     let report = RankReport {
         rank,
         world_size: world,
         weights,
         skipped,
         scales,
+        loaded_step,
     };
     std::fs::write(
         cfg.out.join(format!("rank{rank}.json")),
@@ -297,15 +315,25 @@ fn fp16_overflow_on_one_rank_skips_the_same_steps_everywhere() {
     let mut cfg = Config::new("16-mixed", &dir);
     cfg.inject_inf_steps = vec![3, 9, 10];
     cfg.inject_rank = 1;
-    let (out, _) = launch(&cfg, 2, &[]);
-    assert_ok(&out, "16-mixed with overflows");
-    let (r0, r1) = (report(&dir, 0), report(&dir, 1));
-    assert_eq!(r0.skipped, vec![3, 9, 10]);
-    assert_eq!(r1.skipped, r0.skipped);
-    assert_eq!(r1.scales, r0.scales, "loss scales diverged");
-    assert_eq!(r1.weights, r0.weights);
-    // Backed off three times (1024 -> 128) and grew every 4 clean steps.
-    assert!(r0.scales.iter().any(|s| *s < 1024.0), "{:?}", r0.scales);
+    cfg.ckpt_every = 5;
+    for after_backward in [false, true] {
+        cfg.inject_after_backward = after_backward;
+        let (out, _) = launch(&cfg, 2, &[]);
+        assert_ok(&out, "16-mixed with overflows");
+        let (r0, r1) = (report(&dir, 0), report(&dir, 1));
+        assert_eq!(
+            r0.skipped,
+            vec![3, 9, 10],
+            "after backward: {after_backward}"
+        );
+        assert_eq!(r1.skipped, r0.skipped);
+        assert_eq!(r1.scales, r0.scales, "loss scales diverged");
+        assert_eq!(r1.weights, r0.weights);
+        // Backed off at each overflow and grew after every 4 clean steps.
+        assert_eq!(r0.scales[3], 512.0, "{:?}", r0.scales);
+        // The checkpoint of step 20, written by rank 0, loads on both ranks.
+        assert_eq!((r0.loaded_step, r1.loaded_step), (Some(20), Some(20)));
+    }
 }
 
 fn alive(pid: &str) -> bool {
