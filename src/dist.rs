@@ -3,6 +3,8 @@
 //! DDP needs, coalesced gradient buckets, and a [`DistributedSampler`].
 use crate::error::{Error, Result};
 use crate::ffi::{PgConfig, RawProcessGroup, RawReduceOp};
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
@@ -319,6 +321,44 @@ impl ProcessGroup {
         }
         for_each_bucket(tensors, |flat| self.broadcast(flat, root))
     }
+}
+
+thread_local! {
+    /// The group this process joined, with the rendezvous it joined by (`torch.distributed`'s
+    /// default group): joining twice would serve the rendezvous port twice.
+    static DEFAULT_GROUP: RefCell<Option<(DistEnv, Rc<ProcessGroup>)>> = const { RefCell::new(None) };
+}
+
+/// The process's default group: joined by the first call, shared by every later call with the
+/// same rendezvous (a second `Fabric` in the same process), as `torch.distributed` keeps one
+/// default group per process.
+pub(crate) fn default_group(
+    env: &DistEnv,
+    options: &ProcessGroupOptions,
+) -> Result<Rc<ProcessGroup>> {
+    DEFAULT_GROUP.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if let Some((joined, group)) = slot.as_ref() {
+            if joined == env {
+                return Ok(Rc::clone(group));
+            }
+            return Err(Error::Distributed(format!(
+                "this process already joined a process group as rank {} of {} at {}:{}; it cannot \
+                 join another as rank {} of {} at {}:{}",
+                joined.rank,
+                joined.world_size,
+                joined.master_addr,
+                joined.master_port,
+                env.rank,
+                env.world_size,
+                env.master_addr,
+                env.master_port
+            )));
+        }
+        let group = Rc::new(ProcessGroup::init(env, options)?);
+        *slot = Some((env.clone(), Rc::clone(&group)));
+        Ok(group)
+    })
 }
 
 /// Packs `tensors` into buckets (same dtype and device, at most [`BUCKET_BYTES`] unless one

@@ -280,8 +280,8 @@ impl FabricBuilder {
             .unwrap_or_default()
             .enabled(precision.needs_grad_scaler());
         let mut scaler = GradScaler::new(config)?;
-        let group = Rc::new(match &dist_env {
-            Some(env) => ProcessGroup::init(
+        let group = match &dist_env {
+            Some(env) => crate::dist::default_group(
                 env,
                 &ProcessGroupOptions {
                     backend: "gloo".into(),
@@ -291,8 +291,8 @@ impl FabricBuilder {
                     timeout: self.timeout.unwrap_or(crate::dist::DEFAULT_TIMEOUT),
                 },
             )?,
-            None => ProcessGroup::single(),
-        });
+            None => Rc::new(ProcessGroup::single()),
+        };
         if group.world_size() > 1 {
             let g = Rc::clone(&group);
             scaler.set_found_inf_sync(FoundInfSync(Rc::new(move |found: &Tensor| {
@@ -391,20 +391,27 @@ fn resolve_world(
 }
 
 fn device_for(accelerator: &str, local_rank: usize) -> Result<Device> {
+    // Under DDP rank LOCAL_RANK of this machine drives cuda:LOCAL_RANK.
+    let cuda = || {
+        let count = tch::Cuda::device_count().max(0) as usize;
+        if local_rank < count {
+            Ok(Device::Cuda(local_rank))
+        } else {
+            Err(Error::Distributed(format!(
+                "LOCAL_RANK={local_rank} needs CUDA device {local_rank}, but this machine has \
+                 {count}: start at most {count} processes per machine"
+            )))
+        }
+    };
     match accelerator {
         "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => {
-            if tch::Cuda::is_available() {
-                Ok(Device::Cuda(local_rank))
-            } else {
-                Err(Error::InvalidConfig {
-                    field: "accelerator",
-                    value: accelerator.to_string(),
-                    allowed: "'cpu' or 'auto' on this machine: no CUDA device is available",
-                })
-            }
-        }
-        "auto" if tch::Cuda::is_available() => Ok(Device::Cuda(local_rank)),
+        "cuda" | "gpu" if tch::Cuda::is_available() => cuda(),
+        "cuda" | "gpu" => Err(Error::InvalidConfig {
+            field: "accelerator",
+            value: accelerator.to_string(),
+            allowed: "'cpu' or 'auto' on this machine: no CUDA device is available",
+        }),
+        "auto" if tch::Cuda::is_available() => cuda(),
         "auto" => Ok(Device::Cpu),
         other => Err(Error::InvalidConfig {
             field: "accelerator",

@@ -92,8 +92,12 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     if let Some(d) = cfg.devices {
         builder = builder.devices(d);
     }
-    let fabric = builder.build()?;
+    let fabric = builder.clone().build()?;
     let (rank, world) = (fabric.global_rank(), fabric.world_size());
+    // A second Fabric in the same process shares the group instead of joining again.
+    let again = builder.build()?;
+    assert_eq!((again.global_rank(), again.world_size()), (rank, world));
+    drop(again);
     std::fs::write(
         cfg.out.join(format!("pid{rank}")),
         std::process::id().to_string(),
