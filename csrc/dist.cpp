@@ -47,11 +47,19 @@ class ProcessGroupGloo : public Backend {
   ~ProcessGroupGloo() override;
 
  private:
-  // The real object is larger than Backend (Gloo contexts, work queue, threads, ...): reserve
-  // far more than the 2.13 class needs, since `new` here allocates with this declaration's size.
+  // `new` here allocates with this declaration's size, and the real object is larger than
+  // Backend (Gloo contexts, work queue, threads, ...): libtorch 2.13 allocates 488 bytes for it
+  // (operator new in ProcessGroupGloo::split). Reserve far more, so a patch release that grows
+  // the class still fits.
   alignas(64) char storage_[16384];
 };
 }  // namespace c10d
+
+// libtorch 2.13 allocates 184 bytes for Options (operator new in Options::create_default); the
+// fields written here must sit where the library reads them.
+static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 184,
+              "c10d's Backend::Options changed: check the Options redeclaration against "
+              "torch/csrc/distributed/c10d/ProcessGroupGloo.hpp of this libtorch");
 
 namespace {
 

@@ -54,6 +54,10 @@
 //! - [`FusedAdamW`]: `torch.optim.AdamW(fused=True)`, AMP-aware, state saved in checkpoints.
 //! - [`clip_grad_norm`], [`clip_grad_value`]: PyTorch's clipping with PyTorch's rounding.
 //! - [`LrScheduler`]: a schedule that does not advance on skipped steps.
+//! - Data-parallel training on several processes (DDP) over libtorch's c10d: `fabric run
+//!   --devices N` starts the ranks, [`Fabric`] joins their [`ProcessGroup`] (Gloo), broadcasts
+//!   the weights, averages gradients in coalesced buckets and keeps every rank's loss scale
+//!   equal; [`DistributedSampler`] splits the data.
 //!
 //! Errors are one enum, [`Error`]; nothing here panics on bad input.
 
