@@ -128,3 +128,50 @@ fn a_failing_rank_stops_the_others_and_is_named() {
     // Rank 0 (and the sleep it started, in its process group) was stopped, not waited for.
     assert!(t0.elapsed() < std::time::Duration::from_secs(60));
 }
+
+#[test]
+fn ctrl_c_is_passed_once_to_every_rank() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("tch-fabric-cli-int-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each rank counts the SIGINTs it receives and exits 7 on the first one, after a moment.
+    let script = format!(
+        "trap 'echo int >> {d}/rank$RANK; sleep 1; exit 7' INT; touch {d}/ready$RANK; \
+         while true; do sleep 0.1; done",
+        d = dir.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["run", "--devices", "2", "--", "sh", "-c", &script])
+        .env_remove("MASTER_PORT")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !(dir.join("ready0").exists() && dir.join("ready1").exists()) {
+        assert!(t0.elapsed().as_secs() < 30, "the ranks did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(7), "the ranks' own exit code: {stderr}");
+    for r in 0..2 {
+        let got = std::fs::read_to_string(dir.join(format!("rank{r}"))).unwrap();
+        assert_eq!(got, "int\n", "rank {r} got the signal exactly once");
+    }
+    assert!(
+        !stderr.contains("failed"),
+        "an interrupt is not a failure: {stderr}"
+    );
+}
