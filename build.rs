@@ -43,6 +43,7 @@ fn main() -> Result<()> {
         // libtorch's own headers are not warning-clean; our code is kept clean by review.
         .warnings(false)
         .file("csrc/shim.cpp")
+        .file("csrc/dist.cpp")
         .compile("tch_fabric_shim");
 
     let ops = build_ops_library(&includes, &lib_dir)?;

@@ -84,6 +84,24 @@ char *tf_unscale_sumsq(const tf_tensor *grads, size_t n, tf_tensor found_inf, tf
 char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
                       tf_tensor *out);
 
+/* A c10d process group (csrc/dist.cpp): a TCPStore rendezvous plus a Gloo backend. */
+typedef void *tf_process_group;
+
+/* Joins the group: rank 0 serves the TCPStore at master_addr:master_port and waits for
+ * world_size ranks; the others connect. backend is "gloo" ("nccl" is a clear error in this
+ * build). Rendezvous (store and Gloo connections) fails after rendezvous_timeout_ms;
+ * collectives after timeout_ms. *out receives the group (free with tf_pg_free). */
+char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_port, int32_t rank,
+                int32_t world_size, int64_t rendezvous_timeout_ms, int64_t timeout_ms,
+                tf_process_group *out);
+void tf_pg_free(tf_process_group pg);
+/* In-place all-reduce of one tensor across the group; op 0 = sum, 1 = max. Blocks until done. */
+char *tf_pg_all_reduce(tf_process_group pg, tf_tensor tensor, int32_t op);
+/* In-place broadcast of one tensor from rank root. Blocks until done. */
+char *tf_pg_broadcast(tf_process_group pg, tf_tensor tensor, int32_t root);
+/* Blocks until every rank reached the barrier. */
+char *tf_pg_barrier(tf_process_group pg);
+
 #ifdef __cplusplus
 }
 #endif

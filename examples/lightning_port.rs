@@ -3,6 +3,7 @@
 //!
 //!     cargo run --example lightning_port
 //!     cargo run --bin fabric -- run --precision=bf16 -- target/debug/examples/lightning_port
+//!     cargo run --bin fabric -- run --devices 2 -- target/debug/examples/lightning_port  # DDP
 //!     (another --precision conflicts with the code and is refused, as in Lightning; a Fabric
 //!     built without a precision takes the CLI's)
 use anyhow::Result;
@@ -55,7 +56,8 @@ fn main() -> Result<()> {
         fabric.backward(&loss)?;
         // optimizer.step()  (tch-fabric also says whether the step was taken)
         let outcome = optimizer.step()?;
-        if step % 5 == 0 {
+        // (Under DDP every rank trains; rank 0 reports, as Lightning's `fabric.print`.)
+        if step % 5 == 0 && fabric.is_global_zero() {
             println!(
                 "[{}] step {step:2}  loss {:.4}  {outcome:?}",
                 fabric.precision(),

@@ -85,6 +85,12 @@ pub enum Error {
         reason: String,
     },
 
+    /// A multi-process run that cannot start or continue: a malformed or inconsistent
+    /// rendezvous environment (`RANK`, `WORLD_SIZE`, `MASTER_PORT`, ...), or devices asked for
+    /// without a launcher.
+    #[error("distributed training: {0}")]
+    Distributed(String),
+
     /// JSON that could not be parsed into the expected shape.
     #[error("invalid JSON: {0}")]
     Json(#[from] serde_json::Error),

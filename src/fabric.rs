@@ -2,16 +2,18 @@
 use crate::autocast::AutocastGuard;
 use crate::checkpoint;
 use crate::clip::{self, Clip};
+use crate::dist::{DistEnv, ProcessGroup, ProcessGroupOptions, ReduceOp};
 use crate::error::{Error, Result};
 use crate::module::FabricModule;
 use crate::optim::{IntoTrainOptimizer, TrainOptimizer};
 use crate::precision::Precision;
-use crate::scaler::{GradScaler, GradScalerConfig, GradScalerState, StepOutcome};
+use crate::scaler::{FoundInfSync, GradScaler, GradScalerConfig, GradScalerState, StepOutcome};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
+use std::time::Duration;
 use tch::{nn, Device, Tensor};
 
 /// The checkpoint key prefix of optimizer state: `optimizer.<index>.<param>.<what>`.
@@ -95,10 +97,14 @@ impl IntoPrecision for i32 {
 
 /// Options for a [`Fabric`], as the keyword arguments of Lightning's `Fabric(...)`.
 ///
-/// The `LT_PRECISION`, `LT_ACCELERATOR` and `LT_DEVICES` environment variables (set by
-/// `fabric run`) override the values given here, as in Lightning; when `LT_CLI_USED=1` and the
-/// code passes a different value explicitly, [`FabricBuilder::build`] fails with Lightning's
-/// message.
+/// The `LT_PRECISION`, `LT_ACCELERATOR`, `LT_DEVICES`, `LT_STRATEGY` and `LT_NUM_NODES`
+/// environment variables (set by `fabric run`) override the values given here, as in
+/// Lightning; when `LT_CLI_USED=1` and the code passes a different value explicitly,
+/// [`FabricBuilder::build`] fails with Lightning's message.
+///
+/// Several devices mean one process per device (DDP): `fabric run --devices N -- PROGRAM`
+/// starts them with the rendezvous variables (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+/// `MASTER_PORT`, `LOCAL_RANK`), which `build` reads to join the process group.
 ///
 /// ```
 /// use tch_fabric::Fabric;
@@ -111,9 +117,13 @@ pub struct FabricBuilder {
     precision: Option<PrecisionArg>,
     accelerator: Option<String>,
     devices: Option<usize>,
+    strategy: Option<String>,
+    num_nodes: Option<usize>,
     seed: Option<u64>,
     cpu_fp16: bool,
     scaler: Option<GradScalerConfig>,
+    rendezvous_timeout: Option<Duration>,
+    timeout: Option<Duration>,
 }
 
 impl FabricBuilder {
@@ -129,9 +139,38 @@ impl FabricBuilder {
         self
     }
 
-    /// The number of devices; only 1 is supported by a single process.
+    /// The number of devices (processes) per machine. More than one needs one process per
+    /// device, started by `fabric run --devices N` (or torchrun).
     pub fn devices(mut self, devices: usize) -> Self {
         self.devices = Some(devices);
+        self
+    }
+
+    /// `"auto"` (the default: DDP when launched as several processes), `"ddp"` or
+    /// `"single_device"`.
+    pub fn strategy(mut self, strategy: &str) -> Self {
+        self.strategy = Some(strategy.to_string());
+        self
+    }
+
+    /// The number of machines (default 1); the world size is `devices * num_nodes`.
+    pub fn num_nodes(mut self, num_nodes: usize) -> Self {
+        self.num_nodes = Some(num_nodes);
+        self
+    }
+
+    /// How long the processes wait for each other to join (default
+    /// [`crate::DEFAULT_RENDEZVOUS_TIMEOUT`]); a missing rank or a taken port is an error after
+    /// at most this long.
+    pub fn rendezvous_timeout(mut self, timeout: Duration) -> Self {
+        self.rendezvous_timeout = Some(timeout);
+        self
+    }
+
+    /// How long one collective (gradient all-reduce, barrier, ...) may wait for the other
+    /// processes (default [`crate::DEFAULT_TIMEOUT`], PyTorch's 30 minutes).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -159,7 +198,10 @@ impl FabricBuilder {
     /// # Errors
     ///
     /// Lightning's errors for a bad precision or a CLI conflict; [`Error::InvalidConfig`] for
-    /// an unknown accelerator, CUDA without a device, or more than one device.
+    /// an unknown accelerator or strategy, or CUDA without a device; [`Error::Distributed`]
+    /// for several devices without a launcher, or a world size that does not match `devices`;
+    /// [`Error::Native`] when the process group cannot form (taken port, missing rank; after
+    /// at most the rendezvous timeout).
     pub fn build(self) -> Result<Fabric> {
         let cli = std::env::var("LT_CLI_USED")
             .ok()
@@ -191,27 +233,41 @@ impl FabricBuilder {
             Some("auto"),
             cli,
         )? {
-            Some(v) if v == "auto" => 1,
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| Error::InvalidConfig {
-                    field: "devices",
-                    value: v.clone(),
-                    allowed: "a positive integer or 'auto'",
-                })?,
-            None => self.devices.unwrap_or(1),
+            Some(v) if v == "auto" => None,
+            Some(v) => Some(positive("devices", &v)?),
+            None => self.devices,
         };
-
-        let mut precision = precision_arg.parse()?;
-        let device = device_for(&accelerator)?;
-        if devices != 1 {
+        let strategy = from_env(
+            "strategy",
+            self.strategy
+                .as_ref()
+                .map(|s| (s.clone(), format!("'{s}'"))),
+            Some("auto"),
+            cli,
+        )?
+        .or(self.strategy)
+        .unwrap_or_else(|| "auto".to_string());
+        if !matches!(strategy.as_str(), "auto" | "ddp" | "single_device") {
             return Err(Error::InvalidConfig {
-                field: "devices",
-                value: devices.to_string(),
-                allowed: "1 (several devices need multi-process training, which tch-fabric does not support yet)",
+                field: "strategy",
+                value: format!("'{strategy}'"),
+                allowed: "one of 'auto', 'ddp', 'single_device'",
             });
         }
+        let num_nodes = match from_env(
+            "num_nodes",
+            self.num_nodes.map(|n| (n.to_string(), n.to_string())),
+            Some("1"),
+            cli,
+        )? {
+            Some(v) => positive("num_nodes", &v)?,
+            None => self.num_nodes.unwrap_or(1),
+        };
+        let dist_env = resolve_world(devices, num_nodes, &strategy, DistEnv::from_env()?)?;
+
+        let mut precision = precision_arg.parse()?;
+        let local_rank = dist_env.as_ref().map_or(0, |e| e.local_rank);
+        let device = device_for(&accelerator, local_rank)?;
         if precision == Precision::F16Mixed && device == Device::Cpu && !self.cpu_fp16 {
             log::warn!(
                 "You passed `Fabric(accelerator='cpu', precision='16-mixed')` but AMP with fp16 is not supported on CPU. \
@@ -223,13 +279,33 @@ impl FabricBuilder {
             .scaler
             .unwrap_or_default()
             .enabled(precision.needs_grad_scaler());
-        let scaler = GradScaler::new(config)?;
+        let mut scaler = GradScaler::new(config)?;
+        let group = match &dist_env {
+            Some(env) => crate::dist::default_group(
+                env,
+                &ProcessGroupOptions {
+                    backend: "gloo".into(),
+                    rendezvous_timeout: self
+                        .rendezvous_timeout
+                        .unwrap_or(crate::dist::DEFAULT_RENDEZVOUS_TIMEOUT),
+                    timeout: self.timeout.unwrap_or(crate::dist::DEFAULT_TIMEOUT),
+                },
+            )?,
+            None => Rc::new(ProcessGroup::single()),
+        };
+        if group.world_size() > 1 {
+            let g = Rc::clone(&group);
+            scaler.set_found_inf_sync(FoundInfSync(Rc::new(move |found: &Tensor| {
+                g.all_reduce(found, ReduceOp::Max)
+            })));
+        }
         if let Some(seed) = self.seed {
             tch::manual_seed(seed as i64);
         }
         Ok(Fabric {
             precision,
             device,
+            group,
             shared: Rc::new(RefCell::new(Shared {
                 precision,
                 scaler,
@@ -265,21 +341,78 @@ fn from_env(
     Ok(Some(env))
 }
 
-fn device_for(accelerator: &str) -> Result<Device> {
+fn positive(field: &'static str, v: &str) -> Result<usize> {
+    v.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::InvalidConfig {
+            field,
+            value: v.to_string(),
+            allowed: "a positive integer or 'auto'",
+        })
+}
+
+/// Decides whether this process is one rank of a group, and checks that the group the
+/// launcher made is the one the program asked for.
+fn resolve_world(
+    devices: Option<usize>,
+    num_nodes: usize,
+    strategy: &str,
+    env: Option<DistEnv>,
+) -> Result<Option<DistEnv>> {
+    if strategy == "single_device" {
+        if let Some(d) = devices.filter(|d| *d > 1) {
+            return Err(Error::Distributed(format!(
+                "strategy 'single_device' runs one process on one device, but devices={d}"
+            )));
+        }
+        return Ok(None);
+    }
+    let expected = devices.map(|d| d * num_nodes);
+    match (env, expected) {
+        (None, Some(n)) if n > 1 => Err(Error::Distributed(format!(
+            "devices={} x num_nodes={num_nodes} needs {n} processes, one per device, but this one \
+             was started alone (no WORLD_SIZE/RANK): launch it with \
+             `fabric run --devices {} -- PROGRAM`",
+            devices.unwrap_or(1),
+            devices.unwrap_or(1)
+        ))),
+        (None, _) => Ok(None),
+        (Some(env), Some(n)) if env.world_size != n => Err(Error::Distributed(format!(
+            "world size mismatch: WORLD_SIZE={} processes were launched, but devices={} x \
+             num_nodes={num_nodes} = {n}",
+            env.world_size,
+            devices.unwrap_or(1)
+        ))),
+        (Some(env), _) if env.world_size == 1 && strategy != "ddp" => Ok(None),
+        (Some(env), _) => Ok(Some(env)),
+    }
+}
+
+fn device_for(accelerator: &str, local_rank: usize) -> Result<Device> {
+    // Under DDP rank LOCAL_RANK of this machine drives cuda:LOCAL_RANK.
+    let cuda = || {
+        let count = tch::Cuda::device_count().max(0) as usize;
+        if local_rank < count {
+            Ok(Device::Cuda(local_rank))
+        } else {
+            Err(Error::Distributed(format!(
+                "LOCAL_RANK={local_rank} needs CUDA device {local_rank}, but this machine has \
+                 {count}: start at most {count} processes per machine"
+            )))
+        }
+    };
     match accelerator {
         "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => {
-            if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
-            } else {
-                Err(Error::InvalidConfig {
-                    field: "accelerator",
-                    value: accelerator.to_string(),
-                    allowed: "'cpu' or 'auto' on this machine: no CUDA device is available",
-                })
-            }
-        }
-        "auto" => Ok(Device::cuda_if_available()),
+        "cuda" | "gpu" if tch::Cuda::is_available() => cuda(),
+        "cuda" | "gpu" => Err(Error::InvalidConfig {
+            field: "accelerator",
+            value: accelerator.to_string(),
+            allowed: "'cpu' or 'auto' on this machine: no CUDA device is available",
+        }),
+        "auto" if tch::Cuda::is_available() => cuda(),
+        "auto" => Ok(Device::Cpu),
         other => Err(Error::InvalidConfig {
             field: "accelerator",
             value: format!("'{other}'"),
@@ -350,6 +483,7 @@ impl Shared {
 pub struct Fabric {
     precision: Precision,
     device: Device,
+    group: Rc<ProcessGroup>,
     shared: Rc<RefCell<Shared>>,
 }
 
@@ -371,6 +505,64 @@ impl Fabric {
     /// The device training runs on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// This process's rank among all processes (0 without DDP).
+    pub fn global_rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    /// This process's rank on its machine (0 without DDP).
+    pub fn local_rank(&self) -> usize {
+        self.group.local_rank()
+    }
+
+    /// The number of processes training together (1 without DDP).
+    pub fn world_size(&self) -> usize {
+        self.group.world_size()
+    }
+
+    /// Whether this is rank 0, the process that writes checkpoints and logs.
+    pub fn is_global_zero(&self) -> bool {
+        self.group.rank() == 0
+    }
+
+    /// The process group (a group of one without DDP).
+    pub fn process_group(&self) -> &ProcessGroup {
+        &self.group
+    }
+
+    /// `tensor` reduced across all processes (`fabric.all_reduce(data, reduce_op=...)`): a new
+    /// tensor, `tensor` is left as it is. Every process must call it.
+    ///
+    /// # Errors
+    ///
+    /// c10d's error ([`Error::Native`]) when a process is gone or the timeout passed.
+    pub fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let out = tensor.f_detach_copy()?.f_contiguous()?;
+        self.group.all_reduce(&out, op)?;
+        Ok(out)
+    }
+
+    /// Rank `src`'s `tensor` on every process (`fabric.broadcast(obj, src)`), as a new tensor.
+    /// Every process must call it with a tensor of the same shape and dtype.
+    ///
+    /// # Errors
+    ///
+    /// As [`Fabric::all_reduce`]; [`Error::InvalidConfig`] for a `src` outside the group.
+    pub fn broadcast(&self, tensor: &Tensor, src: usize) -> Result<Tensor> {
+        let out = tensor.f_detach_copy()?.f_contiguous()?;
+        self.group.broadcast(&out, src)?;
+        Ok(out)
+    }
+
+    /// Waits until every process reached this point (`fabric.barrier()`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Fabric::all_reduce`].
+    pub fn barrier(&self) -> Result<()> {
+        self.group.barrier()
     }
 
     /// The precision in effect (after the CPU `16-mixed` fallback, if it applied).
@@ -429,6 +621,9 @@ impl Fabric {
         let mut sh = self.shared.borrow_mut();
         let mut vars: Vec<(String, Tensor)> = var_store.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        // DDP: every rank starts from rank 0's weights, whatever its own initialisation.
+        let tensors: Vec<Tensor> = vars.iter().map(|(_, t)| t.shallow_clone()).collect();
+        self.group.broadcast_coalesced(&tensors, 0)?;
         sh.params.extend(vars);
         sh.optimizers.push(Rc::clone(&opt));
         let module = FabricModule::new(model, self.precision, self.device);
@@ -455,9 +650,15 @@ impl Fabric {
 
     /// `loss.backward()`, scaled under `16-mixed` (`scaler.scale(loss).backward()`).
     ///
+    /// Under DDP the gradients of every parameter set up are then averaged across processes,
+    /// in coalesced buckets (one all-reduce per [`crate::BUCKET_BYTES`] of same-dtype
+    /// gradients), so every rank steps on the same gradient. Every rank must call it, and
+    /// gradients must be defined for the same parameters on every rank.
+    ///
     /// # Errors
     ///
-    /// libtorch's error if `loss` does not require gradients, or the scaler's update error.
+    /// libtorch's error if `loss` does not require gradients, the scaler's update error, or
+    /// c10d's error when a process is gone.
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
         let mut sh = self.shared.borrow_mut();
         if !sh.stepped.is_empty() {
@@ -466,6 +667,15 @@ impl Fabric {
         let scaled = sh.scaler.scale(loss)?;
         scaled.f_backward()?;
         sh.backward_count += 1;
+        if self.group.world_size() > 1 {
+            let grads: Vec<Tensor> = sh
+                .params
+                .iter()
+                .map(|(_, p)| p.grad())
+                .filter(|g| g.defined())
+                .collect();
+            self.group.all_reduce_coalesced(&grads, ReduceOp::Mean)?;
+        }
         Ok(())
     }
 
@@ -476,6 +686,9 @@ impl Fabric {
     /// this is called). On an overflow step the norm is inf/NaN: it is returned, not raised
     /// (Lightning raises by default), and the step that follows is skipped. Use
     /// [`Fabric::clip_gradients_strict`] for Lightning's error.
+    ///
+    /// Under DDP the gradients were averaged by [`Fabric::backward`], so the norm is that of
+    /// the global gradient and identical on every rank: every rank clips alike.
     ///
     /// # Errors
     ///
@@ -589,6 +802,10 @@ impl Fabric {
     /// Python), the precision, the GradScaler state, and `state` (any serde value: step,
     /// epoch, ...). The write is atomic: a crash leaves the previous file intact.
     ///
+    /// Under DDP only rank 0 writes, and every rank waits for the write to finish (a barrier),
+    /// so a [`Fabric::load`] right after sees the new file on every rank. Every rank must call
+    /// it.
+    ///
     /// ```
     /// use tch::{nn, Device};
     /// use tch_fabric::{Fabric, FusedAdamW};
@@ -630,13 +847,21 @@ impl Fabric {
                 tensors.push((format!("{OPTIMIZER_PREFIX}{i}.{name}"), t));
             }
         }
-        checkpoint::write(
-            path.as_ref(),
-            &tensors,
-            self.precision,
-            scaler.as_ref(),
-            &state_json,
-        )
+        drop(sh);
+        let written = if self.is_global_zero() {
+            checkpoint::write(
+                path.as_ref(),
+                &tensors,
+                self.precision,
+                scaler.as_ref(),
+                &state_json,
+            )
+        } else {
+            Ok(())
+        };
+        // Reached even when rank 0 failed to write, so the others do not wait for it forever.
+        self.group.barrier()?;
+        written
     }
 
     /// Loads a checkpoint written by [`Fabric::save`]: restores the weights (converted to the

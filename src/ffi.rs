@@ -1,7 +1,7 @@
 //! The only place with `extern "C"`: declarations of the C++ shim in `csrc/tch_fabric.h`, and
 //! the helper that turns its error strings into [`Error::Native`].
 use crate::error::{Error, Result};
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr, CString};
 use tch::Tensor;
 
 /// The `at::Tensor*` that a tch [`Tensor`] wraps.
@@ -93,6 +93,20 @@ extern "C" {
         norm_type: f64,
         out: *mut CTensor,
     ) -> *mut c_char;
+    fn tf_pg_new(
+        backend: *const c_char,
+        master_addr: *const c_char,
+        master_port: i32,
+        rank: i32,
+        world_size: i32,
+        rendezvous_timeout_ms: i64,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn tf_pg_free(pg: *mut c_void);
+    fn tf_pg_all_reduce(pg: *mut c_void, tensor: CTensor, op: i32) -> *mut c_char;
+    fn tf_pg_broadcast(pg: *mut c_void, tensor: CTensor, root: i32) -> *mut c_char;
+    fn tf_pg_barrier(pg: *mut c_void) -> *mut c_char;
 }
 
 /// Turns the shim's return value into a `Result`, freeing the message.
@@ -416,3 +430,94 @@ pub(crate) fn kind_from_c10(scalar_type: i32) -> Option<tch::Kind> {
 pub(crate) const DEVICE_TYPE_CPU: i32 = 0;
 /// c10 `DeviceType` number of CUDA.
 pub(crate) const DEVICE_TYPE_CUDA: i32 = 1;
+
+/// How the shim's all-reduce combines values (`tf_pg_all_reduce`'s `op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawReduceOp {
+    Sum = 0,
+    Max = 1,
+}
+
+/// The rendezvous and timeouts of one [`RawProcessGroup::new`].
+#[derive(Debug, Clone)]
+pub(crate) struct PgConfig<'a> {
+    pub backend: &'a str,
+    pub master_addr: &'a str,
+    pub master_port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    pub rendezvous_timeout_ms: i64,
+    pub timeout_ms: i64,
+}
+
+/// An owned c10d process group from the shim (`tf_process_group`), freed on drop.
+#[derive(Debug)]
+pub(crate) struct RawProcessGroup(*mut c_void);
+
+impl RawProcessGroup {
+    pub(crate) fn new(c: &PgConfig<'_>) -> Result<Self> {
+        let cstr = |what: &str, v: &str| {
+            CString::new(v).map_err(|_| Error::InvalidConfig {
+                field: if what == "backend" {
+                    "backend"
+                } else {
+                    "MASTER_ADDR"
+                },
+                value: v.escape_debug().to_string(),
+                allowed: "a string without NUL bytes",
+            })
+        };
+        let backend = cstr("backend", c.backend)?;
+        let addr = cstr("addr", c.master_addr)?;
+        let int = |field: &'static str, v: usize| {
+            i32::try_from(v).map_err(|_| Error::InvalidConfig {
+                field,
+                value: v.to_string(),
+                allowed: "at most 2147483647",
+            })
+        };
+        let mut out: *mut c_void = std::ptr::null_mut();
+        check("c10d process group", unsafe {
+            tf_pg_new(
+                backend.as_ptr(),
+                addr.as_ptr(),
+                i32::from(c.master_port),
+                int("RANK", c.rank)?,
+                int("WORLD_SIZE", c.world_size)?,
+                c.rendezvous_timeout_ms,
+                c.timeout_ms,
+                &mut out,
+            )
+        })?;
+        Ok(RawProcessGroup(out))
+    }
+
+    pub(crate) fn all_reduce(&self, t: &Tensor, op: RawReduceOp) -> Result<()> {
+        check("all_reduce", unsafe {
+            tf_pg_all_reduce(self.0, ptr(t), op as i32)
+        })
+    }
+
+    pub(crate) fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        let root = i32::try_from(root).map_err(|_| Error::InvalidConfig {
+            field: "broadcast root",
+            value: root.to_string(),
+            allowed: "a rank of the group",
+        })?;
+        check("broadcast", unsafe {
+            tf_pg_broadcast(self.0, ptr(t), root)
+        })
+    }
+
+    pub(crate) fn barrier(&self) -> Result<()> {
+        check("barrier", unsafe { tf_pg_barrier(self.0) })
+    }
+}
+
+impl Drop for RawProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from tf_pg_new and is freed exactly once; the shim swallows
+        // any exception thrown while closing sockets.
+        unsafe { tf_pg_free(self.0) }
+    }
+}

@@ -55,6 +55,10 @@
 //! - [`FusedSgd`]: `torch.optim.SGD(fused=True)`, likewise.
 //! - [`clip_grad_norm`], [`clip_grad_value`]: PyTorch's clipping with PyTorch's rounding.
 //! - [`LrScheduler`]: a schedule that does not advance on skipped steps.
+//! - Data-parallel training on several processes (DDP) over libtorch's c10d: `fabric run
+//!   --devices N` starts the ranks, [`Fabric`] joins their [`ProcessGroup`] (Gloo), broadcasts
+//!   the weights, averages gradients in coalesced buckets and keeps every rank's loss scale
+//!   equal; [`DistributedSampler`] splits the data.
 //!
 //! Errors are one enum, [`Error`]; nothing here panics on bad input.
 
@@ -62,6 +66,7 @@ mod autocast;
 mod checkpoint;
 mod clip;
 mod default_dtype;
+mod dist;
 mod error;
 mod fabric;
 mod ffi;
@@ -75,6 +80,10 @@ mod scaler;
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
 pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip};
 pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
+pub use dist::{
+    DistEnv, DistributedSampler, ProcessGroup, ProcessGroupOptions, ReduceOp, BUCKET_BYTES,
+    DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT,
+};
 pub use error::{Error, Result};
 pub use fabric::{
     Fabric, FabricBuilder, FabricOptimizer, IntoPrecision, LrScheduler, PrecisionArg,

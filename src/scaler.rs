@@ -763,6 +763,20 @@ pub struct GradScaler {
     /// count on the device, read only when asked for).
     steps_queued: u64,
     skipped_on_device: Option<Tensor>,
+    found_inf_sync: Option<FoundInfSync>,
+}
+
+/// Combines a freshly computed found_inf flag across processes in place (an all-reduce with
+/// max), so that every rank of a data-parallel run skips the same steps.
+#[derive(Clone)]
+pub(crate) struct FoundInfSync(pub(crate) std::rc::Rc<SyncFn>);
+
+type SyncFn = dyn Fn(&Tensor) -> Result<()>;
+
+impl std::fmt::Debug for FoundInfSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FoundInfSync")
+    }
 }
 
 const NO_SCALE: &str = "but _scale is None.  This may indicate your script did not use \
@@ -789,7 +803,22 @@ impl GradScaler {
             steps_skipped: 0,
             steps_queued: 0,
             skipped_on_device: None,
+            found_inf_sync: None,
         })
+    }
+
+    /// Every found_inf flag this scaler computes goes through `sync` before anything reads it.
+    pub(crate) fn set_found_inf_sync(&mut self, sync: FoundInfSync) {
+        self.found_inf_sync = Some(sync);
+    }
+
+    fn sync_found(&self, found: &[Tensor]) -> Result<()> {
+        if let Some(sync) = &self.found_inf_sync {
+            for f in found {
+                (sync.0)(f)?;
+            }
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -918,6 +947,7 @@ impl GradScaler {
         let inv_scale = self.inv_scale("unscale_grads")?;
         let refs: Vec<&Tensor> = grads.iter().collect();
         let found = unscale_grouped(&refs, &inv_scale, self.config.allow_fp16_grads, false)?;
+        self.sync_found(&found)?;
         self.tensor_found_infs.extend(found);
         Ok(())
     }
@@ -971,6 +1001,7 @@ impl GradScaler {
         let named = opt.named_gradients();
         let grads: Vec<&Tensor> = named.iter().map(|(_, g)| g).collect();
         let found = unscale_grouped(&grads, &inv_scale, self.config.allow_fp16_grads, false)?;
+        self.sync_found(&found)?;
         let rec = self.record(opt.scaler_id());
         rec.found_inf_per_device = found;
         rec.stage = Stage::Unscaled;
@@ -1023,6 +1054,7 @@ impl GradScaler {
         let scale = self.require_scale("unscale_")?.f_to_device(device)?;
         let found = Tensor::f_zeros([], (Kind::Float, device))?;
         let sumsq = ops::unscale_sumsq(&grads, &found, &inv_scale, false)?;
+        self.sync_found(std::slice::from_ref(&found))?;
         let divisor = ops::clip_divisor(&found, &sumsq, &scale, max_norm)?;
         let norm = sumsq.f_sqrt()?;
         let rec = self.record(opt.scaler_id());
@@ -1142,6 +1174,7 @@ impl GradScaler {
                     unscale_grouped(&refs, &one, true, false)?
                 }
             };
+            self.sync_found(&found)?;
             self.record(id).found_inf_per_device = found;
         }
         let rec = self.record(id);

@@ -8,6 +8,8 @@ fn fabric(args: &[&str]) -> std::process::Output {
         .env_remove("LT_ACCELERATOR")
         .env_remove("LT_DEVICES")
         .env_remove("LT_CLI_USED")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
         .output()
         .expect("run fabric")
 }
@@ -79,4 +81,97 @@ fn help_documents_the_precisions() {
     ] {
         assert!(help.contains(p), "{p} missing from --help");
     }
+}
+
+#[test]
+fn devices_start_one_process_per_rank_with_torchrun_variables() {
+    let out = fabric(&[
+        "run",
+        "--devices",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        "echo $RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $LT_DEVICES $LT_STRATEGY $MASTER_PORT",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let port = lines[0].rsplit(' ').next().unwrap();
+    assert!(port.parse::<u16>().unwrap() > 0);
+    for (rank, line) in lines.iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("{rank} {rank} 3 127.0.0.1 3 ddp {port}"),
+            "every rank gets the same rendezvous"
+        );
+    }
+}
+
+#[test]
+fn a_failing_rank_stops_the_others_and_is_named() {
+    let t0 = std::time::Instant::now();
+    let out = fabric(&[
+        "run",
+        "--devices",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "if [ $RANK = 1 ]; then sleep 1; exit 5; fi; sleep 120",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("rank 1 exited with code 5"), "{stderr}");
+    // Rank 0 (and the sleep it started, in its process group) was stopped, not waited for.
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn ctrl_c_is_passed_once_to_every_rank() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("tch-fabric-cli-int-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each rank counts the SIGINTs it receives and exits 7 on the first one, after a moment.
+    let script = format!(
+        "trap 'echo int >> {d}/rank$RANK; sleep 1; exit 7' INT; touch {d}/ready$RANK; \
+         while true; do sleep 0.1; done",
+        d = dir.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["run", "--devices", "2", "--", "sh", "-c", &script])
+        .env_remove("MASTER_PORT")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !(dir.join("ready0").exists() && dir.join("ready1").exists()) {
+        assert!(t0.elapsed().as_secs() < 30, "the ranks did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(7), "the ranks' own exit code: {stderr}");
+    for r in 0..2 {
+        let got = std::fs::read_to_string(dir.join(format!("rank{r}"))).unwrap();
+        assert_eq!(got, "int\n", "rank {r} got the signal exactly once");
+    }
+    assert!(
+        !stderr.contains("failed"),
+        "an interrupt is not a failure: {stderr}"
+    );
 }

@@ -243,3 +243,47 @@ fn ctrl_c_keeps_a_checkpoint_to_resume_from() {
     interrupt(&child);
     assert_eq!(child.wait().unwrap().code(), Some(130));
 }
+
+/// `--devices 2`: two processes, each on half of every batch, follow the one-process run
+/// (float32 tolerance: averaging two half-batch gradients rounds differently from one sum).
+#[test]
+fn two_processes_train_like_one() {
+    let d = dir("ddp");
+    let o = d.display().to_string();
+    let run = |devices: &str, rep: &Path| {
+        let r = rep.display().to_string();
+        let mut args = vec![
+            "--precision",
+            "32-true",
+            "--steps",
+            "8",
+            "--devices",
+            devices,
+        ];
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(&["--out", &o, "--report", &r]);
+        let out = demo(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        report(rep)
+    };
+    let one = run("1", &d.join("one.json"));
+    let two = run("2", &d.join("two.json"));
+    let losses = |r: &serde_json::Value| -> Vec<f64> {
+        r["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "{a:?} vs {b:?}");
+    }
+    let (va, vb) = (
+        one["val_loss"].as_f64().unwrap(),
+        two["val_loss"].as_f64().unwrap(),
+    );
+    assert!((va - vb).abs() <= 1e-4 * va.abs(), "{va} vs {vb}");
+}

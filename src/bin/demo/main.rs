@@ -7,11 +7,20 @@
 //!     cargo run --bin demo -- --precision bf16-mixed --steps 400
 //!     cargo run --bin demo -- --data my.txt --d-model 128 --layers 4
 //!
+//!     cargo run --bin demo -- --devices 2       # data-parallel: 2 processes (DDP)
+//!
 //! Ctrl-C stops cleanly and keeps the last checkpoint; `--resume` continues from it along the
 //! same trajectory (weights, FusedAdamW moments, loss scale and the batch sequence are all
 //! restored).
+//!
+//! With `--devices N` every run is N processes (the demo relaunches itself as the ranks, as
+//! `fabric run --devices N` does): each rank trains on its shard of every batch
+//! ([`tch_fabric::DistributedSampler`]), gradients are averaged across ranks, and rank 0
+//! writes the checkpoints and reports.
 mod chart;
 mod corpus;
+#[path = "../fabric/launch.rs"]
+mod launch;
 mod model;
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Reduction, Tensor};
-use tch_fabric::{Fabric, FusedAdamW, Precision, StepOutcome};
+use tch_fabric::{DistributedSampler, Fabric, FusedAdamW, Precision, ReduceOp, StepOutcome};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -80,6 +89,10 @@ struct Args {
     /// Continue from the precision's last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Processes (devices) per run: more than 1 trains data-parallel, each process on its
+    /// share of every batch.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
     /// Where a child run writes its report (used by --compare).
     #[arg(long, hide = true)]
     report: Option<PathBuf>,
@@ -165,10 +178,16 @@ fn run(args: Args) -> Result<ExitCode> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
     let corpus = load_corpus(&args)?;
     match &args.precision {
         Some(p) => {
             let precision: Precision = p.parse()?;
+            if args.devices > 1 && std::env::var_os("WORLD_SIZE").is_none() {
+                return launch_ranks(&args);
+            }
             train(&args, &corpus, precision)
         }
         None => compare(&args),
@@ -202,7 +221,28 @@ fn checkpoint_path(args: &Args, precision: Precision) -> PathBuf {
     args.out.join(format!("{precision}.ckpt.safetensors"))
 }
 
-/// Deterministic batch `step`: the same on a resumed run as on an uninterrupted one.
+/// Runs this very command as `--devices` processes, as `fabric run --devices N` would.
+fn launch_ranks(args: &Args) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the demo's own executable")?;
+    let port = launch::free_port().context("finding a free port for the rendezvous")?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env("LT_DEVICES", args.devices.to_string())
+        .env("LT_STRATEGY", "ddp")
+        .env("WORLD_SIZE", args.devices.to_string())
+        .env("LOCAL_WORLD_SIZE", args.devices.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string());
+    Ok(launch::run_group(
+        cmd,
+        &exe.display().to_string(),
+        args.devices,
+        0,
+    ))
+}
+
+/// Deterministic batch `step`: the same on a resumed run as on an uninterrupted one, and the
+/// same global batch whatever the number of processes (each rank then keeps its shard).
 fn batch(ids: &Tensor, n_train: i64, args: &Args, step: usize, device: Device) -> (Tensor, Tensor) {
     let mut rng = Rng::new(args.seed ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
     let starts: Vec<i64> = (0..args.batch)
@@ -252,6 +292,16 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     let stop = prepare(args)?;
     let fabric = fabric_for(precision)?;
     let device = fabric.device();
+    let (rank, world) = (fabric.global_rank(), fabric.world_size());
+    let lead = fabric.is_global_zero();
+    // This rank's rows of every global batch.
+    let shard: Vec<i64> = DistributedSampler::new(args.batch as usize, world, rank)?
+        .shuffle(false)
+        .indices()
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    let shard = Tensor::from_slice(&shard).to_device(device);
     tch::manual_seed(args.seed as i64);
 
     let cfg = model::Config {
@@ -286,19 +336,30 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         }
         start = p.step;
         losses = p.losses;
-        eprintln!(
-            "resuming {precision} at step {start} from {}",
-            ckpt.display()
-        );
+        if lead {
+            eprintln!(
+                "resuming {precision} at step {start} from {}",
+                ckpt.display()
+            );
+        }
     }
 
-    let bar = ProgressBar::new(args.steps as u64).with_position(start as u64);
+    let bar = if lead {
+        ProgressBar::new(args.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    }
+    .with_position(start as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    bar.set_prefix(precision.to_string());
+    bar.set_prefix(if world > 1 {
+        format!("{precision} x{world}")
+    } else {
+        precision.to_string()
+    });
     let tokens_per_step = (args.batch * args.block) as f64;
     let mut timed = Vec::new();
     let save = |step: usize, losses: &[f64]| -> Result<()> {
@@ -315,7 +376,14 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     };
 
     for step in start..args.steps {
-        if stop.load(Ordering::SeqCst) {
+        // Every rank stops at the same step, or the others would wait for it in a collective.
+        let stopping = if world > 1 {
+            let flag = Tensor::from(i64::from(stop.load(Ordering::SeqCst)));
+            fabric.all_reduce(&flag, ReduceOp::Max)?.int64_value(&[]) != 0
+        } else {
+            stop.load(Ordering::SeqCst)
+        };
+        if stopping {
             save(step, &losses)?;
             bar.abandon_with_message(format!(
                 "stopped; checkpoint {} (continue with --resume)",
@@ -325,12 +393,24 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         }
         let t0 = Instant::now();
         let (x, y) = batch(&ids, n_train, args, step, device);
+        let (x, y) = if world > 1 {
+            (x.index_select(0, &shard), y.index_select(0, &shard))
+        } else {
+            (x, y)
+        };
         opt.zero_grad();
         let loss = loss_of(&fabric, &model, &x, &y)?;
         fabric.backward(&loss)?;
         fabric.clip_gradients(&mut opt, tch_fabric::Clip::norm(1.0))?;
         let outcome = opt.step()?;
-        let l = loss.f_double_value(&[])?;
+        // The loss of the whole global batch: the mean of the ranks' shard losses.
+        let l = if world > 1 {
+            fabric
+                .all_reduce(&loss.detach(), ReduceOp::Mean)?
+                .f_double_value(&[])?
+        } else {
+            loss.f_double_value(&[])?
+        };
         losses.push(l);
         let dt = t0.elapsed().as_secs_f64();
         if step >= start + 3 {
@@ -390,6 +470,9 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         loss_scale: fabric.loss_scale(),
         steps: args.steps,
     };
+    if !lead {
+        return Ok(ExitCode::SUCCESS);
+    }
     match &args.report {
         Some(path) => std::fs::write(path, serde_json::to_string(&report)?)
             .with_context(|| format!("writing {}", path.display()))?,
@@ -421,6 +504,7 @@ fn compare(args: &Args) -> Result<ExitCode> {
             ("--eps", args.eps.to_string()),
             ("--seed", args.seed.to_string()),
             ("--checkpoint-every", args.checkpoint_every.to_string()),
+            ("--devices", args.devices.to_string()),
         ] {
             cmd.arg(flag).arg(value);
         }

@@ -1,0 +1,234 @@
+// libtorch's c10d for tch-fabric: a TCPStore rendezvous, a Gloo process group, and the few
+// collectives the crate needs (all-reduce, broadcast, barrier). Every entry point catches C++
+// exceptions and returns the message (see TF_PROTECT in shim.cpp).
+#include "tch_fabric.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// The PyPI wheels build c10d's Gloo backend into libtorch_cpu.so but ship neither Gloo's headers
+// nor a factory that hides them, so ProcessGroupGloo.hpp cannot be included. What the crate uses
+// of the class is redeclared here, matching the 2.13 header member for member where the layout
+// matters (Options: we write its fields) and only by symbol where it does not (the process
+// group itself is created by its exported constructor and used through Backend's vtable).
+namespace gloo {
+namespace transport {
+class Device;
+}  // namespace transport
+}  // namespace gloo
+
+namespace c10d {
+class ProcessGroupGloo : public Backend {
+ public:
+  struct TORCH_API Options : public Backend::Options {
+    explicit Options(std::chrono::milliseconds timeout = kBackendDefaultTimeout);
+    std::vector<std::shared_ptr<::gloo::transport::Device>> devices;
+    int threads{2};
+  };
+
+  static std::shared_ptr<::gloo::transport::Device> createDeviceForInterface(
+      const std::string &interface, bool lazyInit = false);
+  static std::shared_ptr<::gloo::transport::Device> createDeviceForHostname(
+      const std::string &hostname, bool lazyInit = false);
+  static std::shared_ptr<::gloo::transport::Device> createDefaultDevice(bool lazyInit = false);
+
+  explicit ProcessGroupGloo(const c10::intrusive_ptr<Store> &store, int rank, int size,
+                            c10::intrusive_ptr<Options> options);
+  ~ProcessGroupGloo() override;
+
+ private:
+  // `new` here allocates with this declaration's size, and the real object is larger than
+  // Backend (Gloo contexts, work queue, threads, ...): libtorch 2.13 allocates 488 bytes for it
+  // (operator new in ProcessGroupGloo::split). Reserve far more, so a patch release that grows
+  // the class still fits.
+  alignas(64) char storage_[16384];
+};
+}  // namespace c10d
+
+// libtorch 2.13 allocates 184 bytes for Options (operator new in Options::create_default); the
+// fields written here must sit where the library reads them.
+static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 184,
+              "c10d's Backend::Options changed: check the Options redeclaration against "
+              "torch/csrc/distributed/c10d/ProcessGroupGloo.hpp of this libtorch");
+
+namespace {
+
+char *dup_message(const char *msg) { return strdup(msg == nullptr ? "unknown C++ error" : msg); }
+
+// c10's what() carries a C++ backtrace of dozens of frames; users need the message.
+const char *message_of(const std::exception &e) {
+  if (const auto *c10_error = dynamic_cast<const c10::Error *>(&e)) {
+    return c10_error->what_without_backtrace();
+  }
+  return e.what();
+}
+
+const at::Tensor &deref(tf_tensor t) {
+  if (t == nullptr) throw std::invalid_argument("tch-fabric shim: null tensor");
+  return *static_cast<at::Tensor *>(t);
+}
+
+struct ProcessGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+ProcessGroup &pg_ref(tf_process_group pg) {
+  if (pg == nullptr) throw std::invalid_argument("tch-fabric shim: null process group");
+  return *static_cast<ProcessGroup *>(pg);
+}
+
+bool is_loopback(const std::string &addr) {
+  return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
+}
+
+// The Gloo transport device: GLOO_SOCKET_IFNAME as in PyTorch; the loopback interface when the
+// master is on this machine's loopback (every rank is local then); else the address this
+// host's name resolves to.
+std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string &master_addr) {
+  if (const char *ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
+    if (*ifname != '\0') return c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
+  }
+  if (is_loopback(master_addr)) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds timeout) {
+  if (!work->wait(timeout)) {
+    throw std::runtime_error("collective did not complete within " +
+                             std::to_string(timeout.count()) + " ms");
+  }
+}
+
+}  // namespace
+
+#define TF_PROTECT(...)               \
+  try {                               \
+    __VA_ARGS__                       \
+    return nullptr;                   \
+  } catch (const std::exception &e) { \
+    return dup_message(message_of(e));     \
+  } catch (...) {                     \
+    return dup_message(nullptr);      \
+  }
+
+extern "C" {
+
+char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_port, int32_t rank,
+                int32_t world_size, int64_t rendezvous_timeout_ms, int64_t timeout_ms,
+                tf_process_group *out) {
+  TF_PROTECT({
+    const std::string name = backend == nullptr ? "" : backend;
+    const std::string addr = master_addr == nullptr ? "" : master_addr;
+    if (world_size < 1 || rank < 0 || rank >= world_size) {
+      throw std::invalid_argument("rank " + std::to_string(rank) + " is outside world size " +
+                                  std::to_string(world_size));
+    }
+    if (master_port < 1 || master_port > 65535) {
+      throw std::invalid_argument("MASTER_PORT " + std::to_string(master_port) +
+                                  " is not a TCP port (1..65535)");
+    }
+    if (name == "nccl") {
+      throw std::invalid_argument(
+          "the NCCL backend is not available in this build of tch-fabric (it needs CUDA and "
+          "NCCL at build and run time); use the gloo backend, which also handles CUDA tensors");
+    }
+    if (name != "gloo") {
+      throw std::invalid_argument("unknown process group backend '" + name +
+                                  "': must be 'gloo' or 'nccl'");
+    }
+    const auto rendezvous = std::chrono::milliseconds(rendezvous_timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(master_port);
+    opts.isServer = rank == 0;
+    opts.numWorkers = static_cast<std::size_t>(world_size);
+    opts.waitWorkers = true;
+    opts.timeout = rendezvous;
+    c10::intrusive_ptr<c10d::Store> store;
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(addr, opts);
+    } catch (const std::exception &e) {
+      throw std::runtime_error(
+          std::string(rank == 0 ? "rank 0 could not serve" : "could not join") +
+          " the rendezvous at " + addr + ":" + std::to_string(master_port) + " (world size " +
+          std::to_string(world_size) + ", timeout " + std::to_string(rendezvous.count()) +
+          " ms): " + message_of(e));
+    }
+    auto options = c10::make_intrusive<c10d::ProcessGroupGloo::Options>(rendezvous);
+    options->devices.push_back(gloo_device(addr));
+    c10::intrusive_ptr<c10d::Backend> group;
+    try {
+      group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
+    } catch (const std::exception &e) {
+      throw std::runtime_error("Gloo could not connect the " + std::to_string(world_size) +
+                               " ranks (this is rank " + std::to_string(rank) + ", timeout " +
+                               std::to_string(rendezvous.count()) +
+                               " ms; do all ranks agree on WORLD_SIZE?): " + message_of(e));
+    }
+    // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
+    *out = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms)};
+  })
+}
+
+void tf_pg_free(tf_process_group pg) {
+  try {
+    delete static_cast<ProcessGroup *>(pg);
+  } catch (...) {
+    // A destructor that throws while tearing down sockets must not reach Rust's Drop.
+  }
+}
+
+char *tf_pg_all_reduce(tf_process_group pg, tf_tensor tensor, int32_t op) {
+  TF_PROTECT({
+    auto &g = pg_ref(pg);
+    c10d::AllreduceOptions opts;
+    switch (op) {
+      case 0:
+        opts.reduceOp = c10d::ReduceOp::SUM;
+        break;
+      case 1:
+        opts.reduceOp = c10d::ReduceOp::MAX;
+        break;
+      default:
+        throw std::invalid_argument("tch-fabric shim: unknown reduce op " + std::to_string(op));
+    }
+    opts.timeout = g.timeout;
+    std::vector<at::Tensor> list{deref(tensor)};
+    wait(g.backend->allreduce(list, opts), g.timeout);
+  })
+}
+
+char *tf_pg_broadcast(tf_process_group pg, tf_tensor tensor, int32_t root) {
+  TF_PROTECT({
+    auto &g = pg_ref(pg);
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = g.timeout;
+    std::vector<at::Tensor> list{deref(tensor)};
+    wait(g.backend->broadcast(list, opts), g.timeout);
+  })
+}
+
+char *tf_pg_barrier(tf_process_group pg) {
+  TF_PROTECT({
+    auto &g = pg_ref(pg);
+    c10d::BarrierOptions opts;
+    opts.timeout = g.timeout;
+    wait(g.backend->barrier(opts), g.timeout);
+  })
+}
+
+}  // extern "C"

@@ -1,0 +1,664 @@
+//! Data-parallel training across processes on libtorch's c10d: the rendezvous read from the
+//! environment (as torchrun and `fabric run` set it), a [`ProcessGroup`] with the collectives
+//! DDP needs, coalesced gradient buckets, and a [`DistributedSampler`].
+use crate::error::{Error, Result};
+use crate::ffi::{PgConfig, RawProcessGroup, RawReduceOp};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+use tch::{Kind, Tensor};
+
+/// The size of one coalesced bucket (PyTorch DDP's default `bucket_cap_mb`).
+pub const BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
+/// How long ranks wait for each other to join before the rendezvous is an error.
+pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long one collective may wait for the other ranks (PyTorch's default for Gloo).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How an all-reduce combines the ranks' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise maximum.
+    Max,
+    /// Element-wise mean: the sum divided by the world size (floating tensors only).
+    Mean,
+}
+
+impl From<ReduceOp> for RawReduceOp {
+    fn from(op: ReduceOp) -> Self {
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => RawReduceOp::Sum,
+            ReduceOp::Max => RawReduceOp::Max,
+        }
+    }
+}
+
+/// The rendezvous variables torchrun and `fabric run --devices N` set for every rank.
+///
+/// ```
+/// use tch_fabric::DistEnv;
+/// let env = DistEnv::from_vars(|k| match k {
+///     "RANK" => Some("1".into()),
+///     "WORLD_SIZE" => Some("2".into()),
+///     "MASTER_PORT" => Some("29500".into()),
+///     _ => None,
+/// })?
+/// .expect("a rank of a group");
+/// assert_eq!((env.rank, env.local_rank, env.world_size), (1, 1, 2));
+/// assert_eq!(env.master_addr, "127.0.0.1");
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    /// `RANK`: this process's index among all processes.
+    pub rank: usize,
+    /// `LOCAL_RANK`: its index on this machine (the CUDA device it uses); `RANK` when unset.
+    pub local_rank: usize,
+    /// `WORLD_SIZE`: the number of processes.
+    pub world_size: usize,
+    /// `MASTER_ADDR`: where rank 0 serves the rendezvous (default `127.0.0.1`).
+    pub master_addr: String,
+    /// `MASTER_PORT`: the rendezvous port.
+    pub master_port: u16,
+}
+
+impl DistEnv {
+    /// Reads the variables from the process environment; `Ok(None)` when `WORLD_SIZE` is unset
+    /// (not launched as a group).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Distributed`] when a variable is set but malformed or missing.
+    pub fn from_env() -> Result<Option<DistEnv>> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`DistEnv::from_env`] over any source of variables (for tests and custom launchers).
+    ///
+    /// # Errors
+    ///
+    /// As [`DistEnv::from_env`].
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<DistEnv>> {
+        let Some(world) = get("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let num = |name: &str, v: &str| -> Result<usize> {
+            v.trim().parse::<usize>().map_err(|_| {
+                Error::Distributed(format!("{name}={v:?} is not a non-negative integer"))
+            })
+        };
+        let world_size = num("WORLD_SIZE", &world)?;
+        if world_size == 0 {
+            return Err(Error::Distributed(
+                "WORLD_SIZE=0: must be at least 1".into(),
+            ));
+        }
+        let rank = match get("RANK") {
+            Some(v) => num("RANK", &v)?,
+            None => {
+                return Err(Error::Distributed(
+                    "WORLD_SIZE is set but RANK is not: launch with `fabric run --devices N` \
+                     or torchrun, which set both"
+                        .into(),
+                ))
+            }
+        };
+        if rank >= world_size {
+            return Err(Error::Distributed(format!(
+                "RANK={rank} is outside WORLD_SIZE={world_size} (ranks are 0..{world_size})"
+            )));
+        }
+        let local_rank = match get("LOCAL_RANK") {
+            Some(v) => num("LOCAL_RANK", &v)?,
+            None => rank,
+        };
+        let master_addr = get("MASTER_ADDR")
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or_else(|| "127.0.0.1".to_string());
+        let master_port = match get("MASTER_PORT") {
+            Some(v) => v
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    Error::Distributed(format!("MASTER_PORT={v:?} is not a TCP port (1..65535)"))
+                })?,
+            None if world_size == 1 => 0,
+            None => {
+                return Err(Error::Distributed(
+                    "MASTER_PORT is not set: every rank needs the rendezvous port".into(),
+                ))
+            }
+        };
+        Ok(Some(DistEnv {
+            rank,
+            local_rank,
+            world_size,
+            master_addr,
+            master_port,
+        }))
+    }
+}
+
+/// Options of [`ProcessGroup::init`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessGroupOptions {
+    /// `"gloo"` (CPU, and CUDA tensors through host memory) or `"nccl"` (not in this build:
+    /// asking for it is an error).
+    pub backend: String,
+    /// How long ranks wait for each other to join.
+    pub rendezvous_timeout: Duration,
+    /// How long one collective may wait.
+    pub timeout: Duration,
+}
+
+impl Default for ProcessGroupOptions {
+    fn default() -> Self {
+        ProcessGroupOptions {
+            backend: "gloo".into(),
+            rendezvous_timeout: DEFAULT_RENDEZVOUS_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// A group of processes joined through c10d (`torch.distributed`'s default group): a TCPStore
+/// rendezvous served by rank 0 and a Gloo backend. Collectives block until every rank took
+/// part, and fail (never hang) after the group's timeout.
+///
+/// A group of one process needs no rendezvous: every collective is then a no-op.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    raw: Option<RawProcessGroup>,
+    rank: usize,
+    local_rank: usize,
+    world_size: usize,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+impl ProcessGroup {
+    /// The group of this process alone (rank 0 of 1).
+    pub fn single() -> Self {
+        ProcessGroup {
+            raw: None,
+            rank: 0,
+            local_rank: 0,
+            world_size: 1,
+        }
+    }
+
+    /// Joins the group described by `env`: rank 0 serves the rendezvous and waits for the
+    /// others, every rank connects to every other.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Native`] with c10d's message, in bounded time, when the port is taken, a rank
+    /// does not come (for instance `WORLD_SIZE` larger than the ranks started) or the ranks
+    /// disagree; [`Error::InvalidConfig`] for an unknown backend; NCCL is refused in this
+    /// build.
+    pub fn init(env: &DistEnv, options: &ProcessGroupOptions) -> Result<Self> {
+        if env.world_size == 1 {
+            return Ok(ProcessGroup::single());
+        }
+        if !matches!(options.backend.as_str(), "gloo" | "nccl") {
+            return Err(Error::InvalidConfig {
+                field: "process group backend",
+                value: format!("'{}'", options.backend),
+                allowed: "'gloo' or 'nccl'",
+            });
+        }
+        let raw = RawProcessGroup::new(&PgConfig {
+            backend: &options.backend,
+            master_addr: &env.master_addr,
+            master_port: env.master_port,
+            rank: env.rank,
+            world_size: env.world_size,
+            rendezvous_timeout_ms: millis(options.rendezvous_timeout),
+            timeout_ms: millis(options.timeout),
+        })?;
+        Ok(ProcessGroup {
+            raw: Some(raw),
+            rank: env.rank,
+            local_rank: env.local_rank,
+            world_size: env.world_size,
+        })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// This process's rank on its machine.
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    /// The number of processes.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// All-reduces `tensor` in place (a dense tensor; every rank passes the same shape and
+    /// dtype).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Native`] from c10d (a rank gone, a timeout, mismatched shapes).
+    pub fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        let Some(raw) = &self.raw else {
+            return Ok(());
+        };
+        raw.all_reduce(tensor, op.into())?;
+        if op == ReduceOp::Mean {
+            let _ = tch::no_grad(|| tensor.shallow_clone().f_div_scalar_(self.world_size as f64))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces `tensor` on every rank with rank `root`'s.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProcessGroup::all_reduce`]; [`Error::InvalidConfig`] for a root outside the group.
+    pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<()> {
+        if root >= self.world_size {
+            return Err(Error::InvalidConfig {
+                field: "broadcast root",
+                value: root.to_string(),
+                allowed: "a rank of the group (0..world_size)",
+            });
+        }
+        match &self.raw {
+            Some(raw) => raw.broadcast(tensor, root),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every rank reached this point.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProcessGroup::all_reduce`].
+    pub fn barrier(&self) -> Result<()> {
+        match &self.raw {
+            Some(raw) => raw.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    /// All-reduces many tensors with one collective per bucket: tensors are grouped by dtype
+    /// and device, packed into contiguous buffers of at most [`BUCKET_BYTES`], reduced, and
+    /// copied back. DDP averages gradients with [`ReduceOp::Mean`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ProcessGroup::all_reduce`].
+    pub fn all_reduce_coalesced(&self, tensors: &[Tensor], op: ReduceOp) -> Result<()> {
+        if self.raw.is_none() {
+            return Ok(());
+        }
+        for_each_bucket(tensors, |flat| self.all_reduce(flat, op))
+    }
+
+    /// Broadcasts many tensors from `root` with one collective per bucket (as
+    /// [`ProcessGroup::all_reduce_coalesced`] packs them).
+    ///
+    /// # Errors
+    ///
+    /// As [`ProcessGroup::broadcast`].
+    pub fn broadcast_coalesced(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        if self.raw.is_none() {
+            return Ok(());
+        }
+        for_each_bucket(tensors, |flat| self.broadcast(flat, root))
+    }
+}
+
+thread_local! {
+    /// The group this process joined, with the rendezvous it joined by (`torch.distributed`'s
+    /// default group): joining twice would serve the rendezvous port twice.
+    static DEFAULT_GROUP: RefCell<Option<(DistEnv, Rc<ProcessGroup>)>> = const { RefCell::new(None) };
+}
+
+/// The process's default group: joined by the first call, shared by every later call with the
+/// same rendezvous (a second `Fabric` in the same process), as `torch.distributed` keeps one
+/// default group per process.
+pub(crate) fn default_group(
+    env: &DistEnv,
+    options: &ProcessGroupOptions,
+) -> Result<Rc<ProcessGroup>> {
+    DEFAULT_GROUP.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if let Some((joined, group)) = slot.as_ref() {
+            if joined == env {
+                return Ok(Rc::clone(group));
+            }
+            return Err(Error::Distributed(format!(
+                "this process already joined a process group as rank {} of {} at {}:{}; it cannot \
+                 join another as rank {} of {} at {}:{}",
+                joined.rank,
+                joined.world_size,
+                joined.master_addr,
+                joined.master_port,
+                env.rank,
+                env.world_size,
+                env.master_addr,
+                env.master_port
+            )));
+        }
+        let group = Rc::new(ProcessGroup::init(env, options)?);
+        *slot = Some((env.clone(), Rc::clone(&group)));
+        Ok(group)
+    })
+}
+
+/// Packs `tensors` into buckets (same dtype and device, at most [`BUCKET_BYTES`] unless one
+/// tensor alone is larger), runs `f` on each flat buffer and copies the result back.
+fn for_each_bucket(tensors: &[Tensor], mut f: impl FnMut(&Tensor) -> Result<()>) -> Result<()> {
+    let mut groups: Vec<((Kind, tch::Device), Vec<&Tensor>)> = Vec::new();
+    for t in tensors.iter().filter(|t| t.defined()) {
+        let key = (t.kind(), t.device());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(t),
+            None => groups.push((key, vec![t])),
+        }
+    }
+    tch::no_grad(|| {
+        for (_, group) in groups {
+            let mut bucket: Vec<&Tensor> = Vec::new();
+            let mut bytes = 0usize;
+            for t in group {
+                let size = t.numel() * t.kind().elt_size_in_bytes();
+                if !bucket.is_empty() && bytes + size > BUCKET_BYTES {
+                    run_bucket(&bucket, &mut f)?;
+                    bucket.clear();
+                    bytes = 0;
+                }
+                bucket.push(t);
+                bytes += size;
+            }
+            if !bucket.is_empty() {
+                run_bucket(&bucket, &mut f)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn run_bucket(bucket: &[&Tensor], f: &mut impl FnMut(&Tensor) -> Result<()>) -> Result<()> {
+    let views: Vec<Tensor> = bucket
+        .iter()
+        .map(|t| t.f_reshape([-1]))
+        .collect::<Result<_, _>>()?;
+    let flat = Tensor::f_cat(&views, 0)?;
+    f(&flat)?;
+    let mut offset = 0i64;
+    for t in bucket {
+        let n = t.numel() as i64;
+        let part = flat.f_narrow(0, offset, n)?.f_view(t.size().as_slice())?;
+        t.shallow_clone().f_copy_(&part)?;
+        offset += n;
+    }
+    Ok(())
+}
+
+/// Splits a dataset's indices across ranks as `torch.utils.data.DistributedSampler`: each rank
+/// gets `ceil(len / world_size)` indices (`floor` with `drop_last`), taken with stride
+/// `world_size` from one permutation that every rank computes alike, padded by repeating the
+/// first indices so the ranks stay in step.
+///
+/// ```
+/// use tch_fabric::DistributedSampler;
+/// let rank0 = DistributedSampler::new(10, 4, 0)?.shuffle(false).indices();
+/// let rank3 = DistributedSampler::new(10, 4, 3)?.shuffle(false).indices();
+/// assert_eq!(rank0, vec![0, 4, 8]);
+/// assert_eq!(rank3, vec![3, 7, 1]); // padded with the first indices
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+///
+/// The shuffle is a seeded Fisher-Yates (SplitMix64), identical on every rank and machine but
+/// not PyTorch's `randperm` sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistributedSampler {
+    len: usize,
+    world_size: usize,
+    rank: usize,
+    shuffle: bool,
+    seed: u64,
+    epoch: u64,
+    drop_last: bool,
+}
+
+impl DistributedSampler {
+    /// A sampler over `len` items for `rank` of `world_size` (shuffled, seed 0, epoch 0).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a zero world size or a rank outside it.
+    pub fn new(len: usize, world_size: usize, rank: usize) -> Result<Self> {
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::InvalidConfig {
+                field: "rank",
+                value: format!("{rank} of {world_size}"),
+                allowed: "0 <= rank < world_size",
+            });
+        }
+        Ok(DistributedSampler {
+            len,
+            world_size,
+            rank,
+            shuffle: true,
+            seed: 0,
+            epoch: 0,
+            drop_last: false,
+        })
+    }
+
+    /// Whether to permute the indices (default true).
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+
+    /// The seed of the permutation, the same on every rank (default 0).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Drop the tail instead of padding (default false).
+    pub fn drop_last(mut self, drop_last: bool) -> Self {
+        self.drop_last = drop_last;
+        self
+    }
+
+    /// Sets the epoch, so that each epoch has its own permutation (`sampler.set_epoch`).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// The number of indices each rank gets.
+    pub fn num_samples(&self) -> usize {
+        if self.drop_last {
+            self.len / self.world_size
+        } else {
+            self.len.div_ceil(self.world_size)
+        }
+    }
+
+    /// This rank's indices for the current epoch.
+    pub fn indices(&self) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..self.len).collect();
+        if self.shuffle {
+            let mut state = self
+                .seed
+                .wrapping_add(self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for i in (1..all.len()).rev() {
+                let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+                all.swap(i, j);
+            }
+        }
+        let total = self.num_samples() * self.world_size;
+        if total <= all.len() {
+            all.truncate(total);
+        } else if !all.is_empty() {
+            let mut k = 0;
+            while all.len() < total {
+                all.push(all[k]);
+                k += 1;
+            }
+        }
+        all.into_iter()
+            .skip(self.rank)
+            .step_by(self.world_size)
+            .collect()
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampler_covers_every_index_once_across_ranks() {
+        for (len, world) in [(10, 3), (12, 4), (7, 2), (1, 3)] {
+            let mut seen: Vec<usize> = (0..world)
+                .flat_map(|r| {
+                    DistributedSampler::new(len, world, r)
+                        .unwrap()
+                        .seed(5)
+                        .indices()
+                })
+                .collect();
+            assert_eq!(seen.len(), len.div_ceil(world) * world);
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen, (0..len).collect::<Vec<_>>());
+        }
+        let s = DistributedSampler::new(10, 3, 1).unwrap().drop_last(true);
+        assert_eq!(s.indices().len(), 3);
+        let mut a = DistributedSampler::new(100, 2, 0).unwrap();
+        let first = a.indices();
+        a.set_epoch(1);
+        assert_ne!(first, a.indices());
+        assert!(DistributedSampler::new(5, 2, 2).is_err());
+    }
+
+    #[test]
+    fn env_is_validated() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(DistEnv::from_vars(vars(&[])).unwrap(), None);
+        let err = DistEnv::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "2"),
+            ("MASTER_PORT", "1"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("outside WORLD_SIZE=2"), "{err}");
+        let err = DistEnv::from_vars(vars(&[("WORLD_SIZE", "2"), ("RANK", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MASTER_PORT is not set"), "{err}");
+        let err = DistEnv::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_PORT", "70000"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a TCP port"), "{err}");
+    }
+
+    #[test]
+    fn buckets_group_by_dtype_and_cap_their_size() {
+        let small = |k: Kind| Tensor::ones([4], (k, tch::Device::Cpu));
+        let big = Tensor::zeros([BUCKET_BYTES as i64 / 4], (Kind::Float, tch::Device::Cpu));
+        let tensors = vec![
+            small(Kind::Float),
+            small(Kind::Double),
+            small(Kind::Float),
+            big,
+            small(Kind::Float),
+        ];
+        let mut sizes = Vec::new();
+        for_each_bucket(&tensors, |flat| {
+            sizes.push((flat.kind(), flat.numel()));
+            let _ = flat.shallow_clone().f_add_scalar_(1.0)?;
+            Ok(())
+        })
+        .unwrap();
+        // float32: the two small ones, then the 25 MB one alone, then the last small one.
+        let cap = BUCKET_BYTES / 4;
+        assert_eq!(
+            sizes,
+            vec![
+                (Kind::Float, 8),
+                (Kind::Float, cap),
+                (Kind::Float, 4),
+                (Kind::Double, 4)
+            ]
+        );
+        // Results are copied back into every tensor.
+        assert_eq!(tensors[1].double_value(&[0]), 2.0);
+        assert_eq!(tensors[3].double_value(&[7]), 1.0);
+    }
+
+    #[test]
+    fn nccl_is_a_clear_error_without_cuda() {
+        let env = DistEnv {
+            rank: 0,
+            local_rank: 0,
+            world_size: 2,
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+        };
+        let options = ProcessGroupOptions {
+            backend: "nccl".into(),
+            ..Default::default()
+        };
+        let err = ProcessGroup::init(&env, &options).unwrap_err().to_string();
+        assert!(err.contains("NCCL backend is not available"), "{err}");
+        let options = ProcessGroupOptions {
+            backend: "mpi".into(),
+            ..Default::default()
+        };
+        let err = ProcessGroup::init(&env, &options).unwrap_err().to_string();
+        assert!(err.contains("'gloo' or 'nccl'"), "{err}");
+    }
+
+    #[test]
+    fn single_process_collectives_are_no_ops() {
+        let pg = ProcessGroup::single();
+        let t = Tensor::from_slice(&[1.0f32, 2.0]);
+        pg.all_reduce_coalesced(std::slice::from_ref(&t), ReduceOp::Mean)
+            .unwrap();
+        pg.barrier().unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
+        assert!(pg.broadcast(&t, 1).is_err());
+    }
+}
