@@ -7,6 +7,7 @@ no Rust, no package registry):
     python3 check.py                      # the .so next to this file; CUDA when available
     python3 check.py --cpu                # the same correctness checks on the CPU kernel, small
     python3 check.py --lib path/to/libtch_fabric_ops.so --no-bench
+    compute-sanitizer --tool memcheck python3 check.py --small --no-bench
 
 Exits non-zero when any check fails. The bandwidth numbers are reported, not enforced (the
 target, >= 80% of a device copy, is printed next to them).
@@ -258,6 +259,11 @@ def shapes(ctx):
             assert same_bits(g, w), f"{dtype} view {tuple(g.shape)} {g.stride()}: bits differ"
         assert close(s.item(), sumsq64(grads)), f"{dtype}: sumsq"
         assert found.item() == 0.0
+        for g in grads[:4]:  # a NaN at the end of each view is found too
+            g[(-1,) * g.dim()] = float("nan")
+            f = torch.zeros((), device=ctx.dev)
+            op([g], f, inv, False)
+            assert f.item() == 1.0, f"{dtype} view {tuple(g.shape)} {g.stride()}: NaN not found"
     return None
 
 
@@ -480,6 +486,8 @@ def main():
     ap.add_argument("--lib", default=os.path.join(HERE, "libtch_fabric_ops.so"))
     ap.add_argument("--cpu", action="store_true", help="check the CPU kernel even when CUDA is available")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--small", action="store_true",
+                    help="small sizes on CUDA too (e.g. under compute-sanitizer, which is slow)")
     ap.add_argument("--expect-cuda-kernel", action="store_true",
                     help="in CPU mode, fail unless the library also registers the CUDA kernel")
     args = ap.parse_args()
@@ -497,7 +505,7 @@ def main():
 
     use_cuda = torch.cuda.is_available() and not args.cpu
     dev = torch.device("cuda") if use_cuda else torch.device("cpu")
-    ctx = Ctx(dev, small=not use_cuda)
+    ctx = Ctx(dev, small=not use_cuda or args.small)
     ctx.expect_cuda = args.expect_cuda_kernel
     ctx.note = lambda msg: f"NOTE: {msg}"
     if use_cuda:
