@@ -12,7 +12,7 @@
 #   LIBTORCH_USE_PYTORCH=1 with a python that has torch 2.13  (used as is)
 #
 # --cuda additionally installs the CUDA compiler matching torch's CUDA (nvcc and its headers,
-# about 150 MB, into the same venv) for `cargo build --features cuda`. No GPU is needed to build.
+# about 200 MB, into the same venv) for `cargo build --features cuda`. No GPU is needed to build.
 set -euo pipefail
 
 with_cuda=0
@@ -115,7 +115,7 @@ if ((with_cuda)); then
   if [[ -f "$cuda_stamp" ]]; then
     say "found nvcc in $cu/bin"
   else
-    say "installing the CUDA ${CUDA_VERSION} compiler into $venv (about 150 MB, once)"
+    say "installing the CUDA ${CUDA_VERSION} compiler into $venv (about 200 MB, once)"
     "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar on "${CUDA_PACKAGES[@]}" ||
       die "pip could not install ${CUDA_PACKAGES[*]}; check that the package registry is reachable."
     # What nvcc needs to compile csrc/ops_cuda.cu against ATen's CUDA headers.
