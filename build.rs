@@ -74,6 +74,9 @@ fn build_ops_library(includes: &[PathBuf], lib_dir: &Path) -> Result<PathBuf> {
         .opt_level(3)
         .debug(false)
         .warnings(false)
+        // at::parallel_for is a header template over `#pragma omp parallel`: without OpenMP it
+        // runs on one thread. The OpenMP runtime is libtorch's own libgomp.so.1 (same soname).
+        .flag("-fopenmp")
         .get_compiler()
         .to_command();
     // The `cuda` feature adds the CUDA kernels (csrc/ops_cuda.cu, see build_cuda.rs).

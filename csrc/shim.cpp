@@ -197,6 +197,22 @@ char *tf_fused_adamw(const tf_tensor *params, const tf_tensor *grads, const tf_t
   })
 }
 
+char *tf_fused_sgd(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *momentum_buffers,
+                   size_t n, double weight_decay, double momentum, double lr, double dampening,
+                   int32_t nesterov, int32_t maximize, int32_t is_first_step, tf_tensor grad_scale,
+                   tf_tensor found_inf) {
+  TF_PROTECT({
+    auto p = to_vector(params, n), g = to_vector(grads, n);
+    // Without momentum the kernel takes an empty buffer list, as torch.optim.SGD passes it.
+    std::vector<at::Tensor> buf = momentum != 0.0 ? to_vector(momentum_buffers, n) : std::vector<at::Tensor>{};
+    std::optional<at::Tensor> scale, inf;
+    if (grad_scale != nullptr) scale = deref(grad_scale);
+    if (found_inf != nullptr) inf = deref(found_inf);
+    at::_fused_sgd_(p, g, buf, weight_decay, momentum, lr, dampening, nesterov != 0, maximize != 0,
+                    is_first_step != 0, scale, inf);
+  })
+}
+
 char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value) {
   TF_PROTECT({
     auto list = to_vector(tensors, n);

@@ -60,6 +60,13 @@ char *tf_fused_adamw(const tf_tensor *params, const tf_tensor *grads, const tf_t
                      double beta2, double weight_decay, double eps, int32_t amsgrad,
                      int32_t maximize, tf_tensor grad_scale, tf_tensor found_inf);
 
+/* torch._fused_sgd_ over n parameters (momentum_buffers is read only when momentum != 0).
+ * grad_scale and found_inf may be NULL. */
+char *tf_fused_sgd(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *momentum_buffers,
+                   size_t n, double weight_decay, double momentum, double lr, double dampening,
+                   int32_t nesterov, int32_t maximize, int32_t is_first_step, tf_tensor grad_scale,
+                   tf_tensor found_inf);
+
 /* torch._foreach_add_(tensors, other) and torch._foreach_sub_(tensors, other): the step-count
  * bookkeeping of fused optimizers, kept on the device. */
 char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value);

@@ -1,10 +1,12 @@
 """Reference data for tests/fabric_parity.rs, produced by Lightning Fabric 2.6 and PyTorch 2.13 themselves.
 
-Regenerate with (from the repository root):
+tests/fabric_parity.rs runs it at its start (about 10 s), into a temporary folder:
 
-    .venv/bin/python scripts/gen_fabric_parity.py
+    .venv/bin/python scripts/gen_fabric_parity.py DIR
 
-It writes tests/data/fabric_parity.json (the index) and tests/data/fabric_parity/*.safetensors.
+It writes DIR/fabric_parity.json (the index) and DIR/fabric_parity/*.safetensors. The data is
+made afresh on every run because float32 matmul kernels round differently on different CPUs
+(AVX-512/AMX against AVX2): bits stored on one machine do not hold on another.
 
 Two models (an MLP and a small attention block) are trained for 50 full-batch AdamW steps
 (lr=1e-2, fused=True: the kernel FusedAdamW runs; other arguments default) from fixed initial weights on fixed data:
@@ -16,7 +18,7 @@ Two models (an MLP and a small attention block) are trained for 50 full-batch Ad
   float16, forward under torch.autocast(float16), output cast back to float32, GradScaler), with
   a huge initial scale (2**40) so that the first steps overflow and are skipped.
 
-Files in tests/data/fabric_parity/ (safetensors):
+Files in DIR/fabric_parity/ (safetensors):
   <model>_init.safetensors      the float32 state_dict every run starts from
   <model>_data.safetensors      "x" and "y" (float32)
   <model>_<precision>_<clip|noclip>_final.safetensors
@@ -55,9 +57,11 @@ from lightning.fabric import Fabric  # noqa: E402
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_DIR = os.path.join(ROOT, "tests", "data", "fabric_parity")
-INDEX = os.path.join(ROOT, "tests", "data", "fabric_parity.json")
+if len(sys.argv) != 2:
+    sys.exit("usage: gen_fabric_parity.py DIR (writes DIR/fabric_parity.json and DIR/fabric_parity/)")
+DATA = sys.argv[1]
+OUT_DIR = os.path.join(DATA, "fabric_parity")
+INDEX = os.path.join(DATA, "fabric_parity.json")
 
 STEPS = 50
 LR = 1e-2

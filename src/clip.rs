@@ -34,7 +34,7 @@ impl Clip {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         match *self {
             Clip::Norm {
                 max_norm,
@@ -146,17 +146,15 @@ pub fn clip_grad_value(grads: &[Tensor], clip_value: f64) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn apply(clip: Clip, grads: &[Tensor], error_if_nonfinite: bool) -> Result<f64> {
+pub(crate) fn apply(clip: Clip, grads: &[Tensor], error_if_nonfinite: bool) -> Result<Tensor> {
     clip.validate()?;
     match clip {
         Clip::Norm {
             max_norm,
             norm_type,
-        } => Ok(
-            clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)?.f_double_value(&[])?,
-        ),
+        } => clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite),
         Clip::Value(v) => {
-            let norm = total_norm(grads, 2.0)?.f_double_value(&[])?;
+            let norm = total_norm(grads, 2.0)?;
             clip_grad_value(grads, v)?;
             Ok(norm)
         }

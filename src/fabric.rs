@@ -481,6 +481,41 @@ impl Fabric {
     ///
     /// [`Error::InvalidConfig`] for a bad clip value; the scaler's unscale errors.
     pub fn clip_gradients(&self, optimizer: &mut FabricOptimizer, clip: Clip) -> Result<f64> {
+        Ok(self
+            .clip_impl(optimizer, clip, false)?
+            .f_double_value(&[])?)
+    }
+
+    /// [`Fabric::clip_gradients`] without reading the norm: it comes back as a 0-dim tensor on
+    /// the device (Lightning's return value), so on CUDA the host does not wait for the
+    /// gradients. With a fused optimizer ([`crate::FusedAdamW`], [`crate::FusedSgd`]) under
+    /// `16-mixed`, norm clipping costs one read pass over the gradients and the optimizer
+    /// applies unscale and clip together; nothing is synchronised from backward to the step.
+    ///
+    /// ```
+    /// use tch::{nn, nn::Module, Device, Kind, Tensor};
+    /// use tch_fabric::{Clip, Fabric, FusedAdamW};
+    /// let fabric = Fabric::new("32-true")?;
+    /// let mut vs = nn::VarStore::new(Device::Cpu);
+    /// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+    /// let opt = FusedAdamW::new(&vs, 1e-3);
+    /// let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+    /// let loss = model.forward(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu))).sum(Kind::Float);
+    /// fabric.backward(&loss)?;
+    /// let norm: Tensor = fabric.clip_gradients_on_device(&mut opt, Clip::norm(1.0))?;
+    /// opt.step()?;
+    /// assert!(norm.double_value(&[]) > 0.0);
+    /// # Ok::<(), tch_fabric::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Fabric::clip_gradients`].
+    pub fn clip_gradients_on_device(
+        &self,
+        optimizer: &mut FabricOptimizer,
+        clip: Clip,
+    ) -> Result<Tensor> {
         self.clip_impl(optimizer, clip, false)
     }
 
@@ -495,7 +530,7 @@ impl Fabric {
         optimizer: &mut FabricOptimizer,
         clip: Clip,
     ) -> Result<f64> {
-        self.clip_impl(optimizer, clip, true)
+        Ok(self.clip_impl(optimizer, clip, true)?.f_double_value(&[])?)
     }
 
     fn clip_impl(
@@ -503,12 +538,25 @@ impl Fabric {
         optimizer: &mut FabricOptimizer,
         clip: Clip,
         error_if_nonfinite: bool,
-    ) -> Result<f64> {
+    ) -> Result<Tensor> {
+        clip.validate()?;
         let mut opt = optimizer.opt.borrow_mut();
-        self.shared
-            .borrow_mut()
-            .scaler
-            .ensure_unscaled(&mut **opt)?;
+        let mut sh = self.shared.borrow_mut();
+        // The one-pass path: 2-norm clipping folded into a fused optimizer's scaled step. The
+        // strict form needs the norm on the host before anything changes, so it clips the
+        // ordinary way.
+        if let Clip::Norm {
+            max_norm,
+            norm_type,
+        } = clip
+        {
+            if norm_type == 2.0 && !error_if_nonfinite {
+                if let Some(norm) = sh.scaler.clip_norm_folded(&mut **opt, max_norm)? {
+                    return Ok(norm);
+                }
+            }
+        }
+        sh.scaler.ensure_unscaled(&mut **opt)?;
         let grads: Vec<Tensor> = opt.named_gradients().into_iter().map(|(_, g)| g).collect();
         clip::apply(clip, &grads, error_if_nonfinite)
     }
@@ -767,7 +815,8 @@ impl FabricOptimizer {
 
 /// A learning-rate schedule that only advances on steps that were taken, so a skipped
 /// `16-mixed` step does not move the schedule (PyTorch's and Lightning's schedulers advance
-/// anyway and warn).
+/// anyway and warn). A [`StepOutcome::Queued`] step (sync-free, the skip decided on the device)
+/// counts as taken, as in PyTorch.
 ///
 /// ```
 /// use tch_fabric::{LrScheduler, StepOutcome};

@@ -54,6 +54,21 @@ extern "C" {
         grad_scale: CTensor,
         found_inf: CTensor,
     ) -> *mut c_char;
+    fn tf_fused_sgd(
+        params: *const CTensor,
+        grads: *const CTensor,
+        momentum_buffers: *const CTensor,
+        n: usize,
+        weight_decay: f64,
+        momentum: f64,
+        lr: f64,
+        dampening: f64,
+        nesterov: i32,
+        maximize: i32,
+        is_first_step: i32,
+        grad_scale: CTensor,
+        found_inf: CTensor,
+    ) -> *mut c_char;
     fn tf_foreach_add_scalar(tensors: *const CTensor, n: usize, value: f64) -> *mut c_char;
     fn tf_foreach_sub_tensor(tensors: *const CTensor, n: usize, other: CTensor) -> *mut c_char;
     fn tf_grads_set_to_none(params: *const CTensor, n: usize) -> *mut c_char;
@@ -248,6 +263,54 @@ pub(crate) fn fused_adamw(
             h.eps,
             i32::from(h.amsgrad),
             i32::from(h.maximize),
+            grad_scale.map_or(std::ptr::null_mut(), ptr),
+            found_inf.map_or(std::ptr::null_mut(), ptr),
+        )
+    })
+}
+
+/// Hyper-parameters of one `_fused_sgd_` call.
+#[derive(Debug, Clone)]
+pub(crate) struct SgdHyper {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    pub maximize: bool,
+}
+
+/// `torch._fused_sgd_`; `buffers` has one entry per parameter when momentum is non-zero.
+pub(crate) fn fused_sgd(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    buffers: &[&Tensor],
+    h: &SgdHyper,
+    is_first_step: bool,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<()> {
+    let n = params.len();
+    if grads.len() != n || (h.momentum != 0.0 && buffers.len() != n) {
+        return Err(Error::Native {
+            op: "_fused_sgd_",
+            message: "tensor lists of different lengths".into(),
+        });
+    }
+    let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));
+    check("_fused_sgd_", unsafe {
+        tf_fused_sgd(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            n,
+            h.weight_decay,
+            h.momentum,
+            h.lr,
+            h.dampening,
+            i32::from(h.nesterov),
+            i32::from(h.maximize),
+            i32::from(is_first_step),
             grad_scale.map_or(std::ptr::null_mut(), ptr),
             found_inf.map_or(std::ptr::null_mut(), ptr),
         )

@@ -52,6 +52,7 @@
 //! - [`GradScaler`]: `torch.amp.GradScaler` with the same bits, plus opt-in safety
 //!   ([`ScalePolicy`], [`StepOutcome`], skip counters, bfloat16 gradients on CUDA).
 //! - [`FusedAdamW`]: `torch.optim.AdamW(fused=True)`, AMP-aware, state saved in checkpoints.
+//! - [`FusedSgd`]: `torch.optim.SGD(fused=True)`, likewise.
 //! - [`clip_grad_norm`], [`clip_grad_value`]: PyTorch's clipping with PyTorch's rounding.
 //! - [`LrScheduler`]: a schedule that does not advance on skipped steps.
 //!
@@ -81,7 +82,7 @@ pub use fabric::{
 };
 pub use memory::{memory_stats, MemorySource, MemoryStats};
 pub use module::FabricModule;
-pub use optim::{FusedAdamW, IntoTrainOptimizer, TrainOptimizer};
+pub use optim::{FusedAdamW, FusedSgd, IntoTrainOptimizer, TrainOptimizer};
 pub use precision::Precision;
 pub use scaler::{
     next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,

@@ -12,9 +12,14 @@ use tch::Tensor;
 pub const OPS_LIBRARY: &str = env!("TCH_FABRIC_OPS_LIB");
 
 /// One pass over `grads`: sets `found_inf` to 1 when any element is inf/NaN (checked before
-/// the multiply), unscales in place by `inv_scale` when `unscale` (bit-identical to
-/// `_amp_foreach_non_finite_check_and_unscale_`), and returns the float32 sum of squares of the
-/// resulting values, deterministic run to run. float32, float16 and bfloat16 may be mixed.
+/// the multiply; never reset to 0) and returns a float32 sum of squares, deterministic run to
+/// run and whatever the thread count. float32, float16 and bfloat16 may be mixed.
+///
+/// With `unscale`, the gradients are unscaled in place by `inv_scale`, bit-identical to
+/// `_amp_foreach_non_finite_check_and_unscale_`, and the sum is over the stored values. Without
+/// it, nothing is written and the sum is over the unscaled values `float(v) * inv_scale` in
+/// float32 (not rounded to the storage dtype), so that an optimizer can divide by
+/// `scale / clip_coef` later instead of unscaling in place.
 ///
 /// # Errors
 ///

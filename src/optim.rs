@@ -1,9 +1,10 @@
 //! Optimizers whose state tch-fabric owns, over libtorch's fused kernels: [`FusedAdamW`]
-//! (`torch.optim.AdamW(fused=True)`, one `_fused_adamw_` call per device and dtype). Owning the
-//! state makes checkpoints resume exactly, and the kernel's `grad_scale` / `found_inf`
-//! arguments make the AMP step free of host synchronisation.
+//! (`torch.optim.AdamW(fused=True)`, one `_fused_adamw_` call per device and dtype) and
+//! [`FusedSgd`] (`torch.optim.SGD(fused=True)`, `_fused_sgd_`). Owning the state makes
+//! checkpoints resume exactly, and the kernels' `grad_scale` / `found_inf` arguments make the
+//! AMP step free of host synchronisation.
 use crate::error::{Error, Result};
-use crate::ffi::{self, AdamHyper, AdamLists};
+use crate::ffi::{self, AdamHyper, AdamLists, SgdHyper};
 use crate::scaler::{
     defined_gradients, next_optimizer_id, trainable_in_order, AmpOptimizer, ScalerOptimizer,
 };
@@ -303,6 +304,302 @@ impl ScalerOptimizer for FusedAdamW {
     }
 }
 
+/// SGD with momentum, dampening, Nesterov and weight decay, computed by libtorch's
+/// `_fused_sgd_` exactly as `torch.optim.SGD(params, fused=True)` computes it.
+///
+/// The momentum buffers are created as zeros at a parameter's first step, which that step
+/// overwrites with the gradient as PyTorch does. PyTorch creates them uninitialised, so a first
+/// step that the GradScaler skips leaves it with garbage momentum; here the buffer stays zero and
+/// the next step starts cleanly.
+///
+/// ```
+/// use tch::{nn, nn::Module, Device, Kind, Tensor};
+/// use tch_fabric::FusedSgd;
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+/// let mut opt = FusedSgd::new(&vs, 0.1).momentum(0.9).nesterov(true);
+/// let loss = model.forward(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu))).sum(Kind::Float);
+/// loss.backward();
+/// opt.step()?;
+/// assert_eq!(opt.state_tensors().len(), 2); // one momentum buffer per parameter
+/// assert!(FusedSgd::new(&vs, 0.1).nesterov(true).step().is_err()); // needs momentum
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct FusedSgd {
+    slots: Vec<SgdSlot>,
+    hyper: SgdHyper,
+    id: u64,
+}
+
+#[derive(Debug)]
+struct SgdSlot {
+    name: String,
+    param: Tensor,
+    momentum_buffer: Option<Tensor>,
+}
+
+impl FusedSgd {
+    /// SGD over the trainable variables of `vs` with PyTorch's defaults: no momentum, no
+    /// dampening, no weight decay, no Nesterov.
+    pub fn new(vs: &nn::VarStore, lr: f64) -> Self {
+        FusedSgd {
+            slots: trainable_in_order(vs)
+                .into_iter()
+                .map(|(name, param)| SgdSlot {
+                    name,
+                    param,
+                    momentum_buffer: None,
+                })
+                .collect(),
+            hyper: SgdHyper {
+                lr,
+                momentum: 0.0,
+                dampening: 0.0,
+                weight_decay: 0.0,
+                nesterov: false,
+                maximize: false,
+            },
+            id: next_optimizer_id(),
+        }
+    }
+
+    /// The momentum factor (>= 0).
+    pub fn momentum(mut self, momentum: f64) -> Self {
+        self.hyper.momentum = momentum;
+        self
+    }
+
+    /// The dampening of the momentum (>= 0).
+    pub fn dampening(mut self, dampening: f64) -> Self {
+        self.hyper.dampening = dampening;
+        self
+    }
+
+    /// The L2 penalty added to the gradient (>= 0).
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.hyper.weight_decay = wd;
+        self
+    }
+
+    /// Nesterov momentum (needs momentum > 0 and zero dampening).
+    pub fn nesterov(mut self, nesterov: bool) -> Self {
+        self.hyper.nesterov = nesterov;
+        self
+    }
+
+    /// Maximise the objective instead of minimising it.
+    pub fn maximize(mut self, maximize: bool) -> Self {
+        self.hyper.maximize = maximize;
+        self
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.hyper.lr
+    }
+
+    /// Sets the learning rate.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a negative or non-finite rate (nothing changes then).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        check_sgd("lr", lr, "Invalid learning rate")?;
+        self.hyper.lr = lr;
+        Ok(())
+    }
+
+    /// Checks the hyper-parameters with PyTorch's rules.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] with PyTorch's wording ("Invalid learning rate", "Invalid
+    /// momentum value", "Invalid weight_decay value", "Nesterov momentum requires a momentum and
+    /// zero dampening").
+    pub fn validate(&self) -> Result<()> {
+        let h = &self.hyper;
+        check_sgd("lr", h.lr, "Invalid learning rate")?;
+        check_sgd("momentum", h.momentum, "Invalid momentum value")?;
+        check_sgd("weight_decay", h.weight_decay, "Invalid weight_decay value")?;
+        check_sgd("dampening", h.dampening, "Invalid dampening value")?;
+        if h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "nesterov",
+                value: format!(
+                    "true with momentum {} and dampening {}",
+                    h.momentum, h.dampening
+                ),
+                allowed: "Nesterov momentum requires a momentum and zero dampening",
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops the gradients (`zero_grad(set_to_none=True)`).
+    pub fn zero_grad(&mut self) {
+        let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
+        if let Err(e) = ffi::grads_set_to_none(&params) {
+            log::error!("zero_grad: {e}");
+        }
+    }
+
+    /// One step on the gradients as they are (no scaler).
+    ///
+    /// # Errors
+    ///
+    /// As [`FusedSgd::validate`]; libtorch's error (e.g. a dtype the kernel does not take).
+    pub fn step(&mut self) -> Result<()> {
+        self.fused_step(None, None)
+    }
+
+    fn fused_step(
+        &mut self,
+        grad_scale: Option<&Tensor>,
+        found_inf: Option<&Tensor>,
+    ) -> Result<()> {
+        self.validate()?;
+        let with_momentum = self.hyper.momentum != 0.0;
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+        // A buffer is "fresh" at its parameter's first step; fresh and older buffers go to
+        // separate kernel calls since the kernel's is_first_step flag covers a whole call.
+        let mut fresh = vec![false; self.slots.len()];
+        if with_momentum {
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                if s.momentum_buffer.is_none() && grads[i].defined() {
+                    s.momentum_buffer = Some(s.param.f_zeros_like()?);
+                    fresh[i] = true;
+                }
+            }
+        }
+        let mut groups: Vec<((Device, Kind, bool), Vec<usize>)> = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if !grads[i].defined() {
+                continue;
+            }
+            let key = (s.param.device(), s.param.kind(), fresh[i]);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        for ((device, _, first), idx) in groups {
+            let params: Vec<&Tensor> = idx.iter().map(|&i| &self.slots[i].param).collect();
+            let g: Vec<&Tensor> = idx.iter().map(|&i| &grads[i]).collect();
+            let bufs: Vec<&Tensor> = idx
+                .iter()
+                .filter_map(|&i| self.slots[i].momentum_buffer.as_ref())
+                .collect();
+            let scale = grad_scale.map(|t| t.f_to_device(device)).transpose()?;
+            let inf = found_inf.map(|t| t.f_to_device(device)).transpose()?;
+            ffi::fused_sgd(
+                &params,
+                &g,
+                &bufs,
+                &self.hyper,
+                first,
+                scale.as_ref(),
+                inf.as_ref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer state as named tensors, for checkpoints: `<param>.momentum_buffer` for
+    /// every parameter that has a buffer.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                s.momentum_buffer
+                    .as_ref()
+                    .map(|b| (format!("{}.momentum_buffer", s.name), b.shallow_clone()))
+            })
+            .collect()
+    }
+
+    /// Restores state written by [`FusedSgd::state_tensors`] (copied, on each parameter's
+    /// device and dtype).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for a shape mismatch; nothing changes then.
+    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let buffers = self.prepare_state(tensors)?;
+        for (slot, b) in self.slots.iter_mut().zip(buffers) {
+            slot.momentum_buffer = b;
+        }
+        Ok(())
+    }
+
+    /// Checks state for [`FusedSgd::load_state_tensors`] without applying it.
+    ///
+    /// # Errors
+    ///
+    /// As [`FusedSgd::load_state_tensors`].
+    pub fn check_state_tensors(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        self.prepare_state(tensors).map(|_| ())
+    }
+
+    fn prepare_state(&self, tensors: &[(String, Tensor)]) -> Result<Vec<Option<Tensor>>> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let key = format!("{}.momentum_buffer", s.name);
+            let Some((_, t)) = tensors.iter().find(|(n, _)| *n == key) else {
+                out.push(None);
+                continue;
+            };
+            if t.size() != s.param.size() {
+                return Err(Error::InvalidState(format!(
+                    "optimizer state '{key}' has shape {:?}, the parameter {:?}",
+                    t.size(),
+                    s.param.size()
+                )));
+            }
+            out.push(Some(
+                t.f_to_device(s.param.device())?
+                    .f_to_kind(s.param.kind())?
+                    .copy(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn check_sgd(field: &'static str, v: f64, allowed: &'static str) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            field,
+            value: v.to_string(),
+            allowed,
+        })
+    }
+}
+
+impl ScalerOptimizer for FusedSgd {
+    fn scaler_id(&self) -> u64 {
+        self.id
+    }
+
+    fn named_gradients(&self) -> Vec<(String, Tensor)> {
+        defined_gradients(self.slots.iter().map(|s| (s.name.as_str(), &s.param)))
+    }
+
+    fn step_unscaled(&mut self) -> Result<()> {
+        self.fused_step(None, None)
+    }
+
+    fn supports_amp_scaling(&self) -> bool {
+        true
+    }
+
+    fn step_scaled(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) -> Result<()> {
+        self.fused_step(grad_scale, Some(found_inf))
+    }
+}
+
 /// An optimizer [`crate::Fabric`] can drive: tch's own (through [`AmpOptimizer`]) or
 /// [`FusedAdamW`]. Implement it to plug in another optimizer.
 pub trait TrainOptimizer: ScalerOptimizer + std::fmt::Debug {
@@ -382,7 +679,7 @@ impl TrainOptimizer for FusedAdamW {
 }
 
 /// What [`crate::Fabric::setup`] accepts as the optimizer: a tch `nn::Optimizer` (built from the
-/// same VarStore) or a [`FusedAdamW`].
+/// same VarStore), a [`FusedAdamW`] or a [`FusedSgd`].
 pub trait IntoTrainOptimizer {
     /// The optimizer, paired with the parameters of `vs` where it needs them.
     fn into_train_optimizer(self, vs: &nn::VarStore) -> Box<dyn TrainOptimizer>;
@@ -395,6 +692,34 @@ impl IntoTrainOptimizer for nn::Optimizer {
 }
 
 impl IntoTrainOptimizer for FusedAdamW {
+    fn into_train_optimizer(self, _vs: &nn::VarStore) -> Box<dyn TrainOptimizer> {
+        Box::new(self)
+    }
+}
+
+impl TrainOptimizer for FusedSgd {
+    fn zero_grad(&mut self) {
+        FusedSgd::zero_grad(self);
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        FusedSgd::set_lr(self, lr)
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        FusedSgd::state_tensors(self)
+    }
+
+    fn check_state_tensors(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        FusedSgd::check_state_tensors(self, tensors)
+    }
+
+    fn load_state_tensors(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        FusedSgd::load_state_tensors(self, tensors)
+    }
+}
+
+impl IntoTrainOptimizer for FusedSgd {
     fn into_train_optimizer(self, _vs: &nn::VarStore) -> Box<dyn TrainOptimizer> {
         Box::new(self)
     }

@@ -8,6 +8,7 @@
 //! skipped and why, counters, and bfloat16 gradients on CUDA.
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::ops;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -35,6 +36,8 @@ pub struct GradScalerConfig {
     allow_fp16_grads: bool,
     diagnose_skips: bool,
     policy: ScalePolicy,
+    sync_free: Option<bool>,
+    fold_clipping: bool,
 }
 
 impl Default for GradScalerConfig {
@@ -48,6 +51,8 @@ impl Default for GradScalerConfig {
             allow_fp16_grads: false,
             diagnose_skips: false,
             policy: ScalePolicy::default(),
+            sync_free: None,
+            fold_clipping: true,
         }
     }
 }
@@ -100,6 +105,26 @@ impl GradScalerConfig {
     /// [`StepOutcome::Skipped`]. Costs one extra pass, and only on skipped steps.
     pub fn diagnose_skips(mut self, v: bool) -> Self {
         self.diagnose_skips = v;
+        self
+    }
+
+    /// Whether a step of a fused optimizer ([`ScalerOptimizer::supports_amp_scaling`]) leaves
+    /// the skip decision on the device and returns [`StepOutcome::Queued`] instead of reading
+    /// the overflow flag. Default: on for CUDA (reading would stall the host until the step has
+    /// run), off on CPU (where reading costs nothing). [`GradScalerConfig::diagnose_skips`]
+    /// needs the flag and turns it off.
+    pub fn sync_free(mut self, v: bool) -> Self {
+        self.sync_free = Some(v);
+        self
+    }
+
+    /// Whether [`crate::Fabric::clip_gradients`] folds 2-norm clipping into the step of a fused
+    /// optimizer (default: on). Folded, clipping reads the gradients once and writes nothing;
+    /// the optimizer divides by `scale / clip_coef`. PyTorch instead unscales in place, computes
+    /// the norm and multiplies by the coefficient, which rounds differently in the last bits:
+    /// turn folding off to reproduce PyTorch's gradients bit for bit.
+    pub fn fold_clipping(mut self, v: bool) -> Self {
+        self.fold_clipping = v;
         self
     }
 
@@ -369,6 +394,7 @@ fn next_scale(cfg: &GradScalerConfig, s: ScaleState, found_inf: bool) -> Result<
 ///     StepOutcome::Skipped { scale_before, scale_after, .. } => {
 ///         println!("overflow: skipped, scale {scale_before} -> {scale_after}")
 ///     }
+///     StepOutcome::Queued => {} // decided on the device; see GradScaler::steps_skipped
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -385,10 +411,14 @@ pub enum StepOutcome {
         /// [`GradScalerConfig::diagnose_skips`] is on (empty otherwise).
         nonfinite: Vec<String>,
     },
+    /// A fused optimizer's step was queued on the device together with its skip decision
+    /// (see [`GradScalerConfig::sync_free`]): nothing was read back to the host, so whether
+    /// it was skipped is not known yet. [`GradScaler::steps_skipped`] counts it when read.
+    Queued,
 }
 
 impl StepOutcome {
-    /// Whether the step was skipped.
+    /// Whether the step is known to have been skipped ([`StepOutcome::Queued`] is not).
     pub fn is_skipped(&self) -> bool {
         matches!(self, StepOutcome::Skipped { .. })
     }
@@ -572,6 +602,8 @@ fn panic_message(e: &Box<dyn std::any::Any + Send>) -> String {
 enum Stage {
     Ready,
     Unscaled,
+    /// Norm clipping was folded into `divisor`; the gradients are still scaled.
+    Folded,
     Stepped,
 }
 
@@ -579,6 +611,8 @@ enum Stage {
 struct OptimizerRecord {
     stage: Stage,
     found_inf_per_device: Vec<Tensor>,
+    /// `scale / clip_coef` on the device, for [`Stage::Folded`].
+    divisor: Option<Tensor>,
 }
 
 impl Default for OptimizerRecord {
@@ -586,6 +620,7 @@ impl Default for OptimizerRecord {
         OptimizerRecord {
             stage: Stage::Ready,
             found_inf_per_device: Vec::new(),
+            divisor: None,
         }
     }
 }
@@ -724,6 +759,10 @@ pub struct GradScaler {
     tensor_found_infs: Vec<Tensor>,
     steps_taken: u64,
     steps_skipped: u64,
+    /// Steps returned as [`StepOutcome::Queued`], and how many of them skipped (a float32
+    /// count on the device, read only when asked for).
+    steps_queued: u64,
+    skipped_on_device: Option<Tensor>,
 }
 
 const NO_SCALE: &str = "but _scale is None.  This may indicate your script did not use \
@@ -748,6 +787,8 @@ impl GradScaler {
             tensor_found_infs: Vec::new(),
             steps_taken: 0,
             steps_skipped: 0,
+            steps_queued: 0,
+            skipped_on_device: None,
         })
     }
 
@@ -786,14 +827,25 @@ impl GradScaler {
         self.scale.as_ref()
     }
 
-    /// Optimizer steps taken through [`GradScaler::step`].
+    /// Optimizer steps taken through [`GradScaler::step`]. Counting queued steps reads one
+    /// number from the device.
     pub fn steps_taken(&self) -> u64 {
-        self.steps_taken
+        self.steps_taken + self.steps_queued - self.queued_skips()
     }
 
-    /// Optimizer steps skipped because gradients held inf/NaN.
+    /// Optimizer steps skipped because gradients held inf/NaN. Counting queued steps reads one
+    /// number from the device.
     pub fn steps_skipped(&self) -> u64 {
-        self.steps_skipped
+        self.steps_skipped + self.queued_skips()
+    }
+
+    fn queued_skips(&self) -> u64 {
+        // A 0-dim float32 count that this scaler created; reading it cannot fail short of a
+        // broken device, which the next step reports anyway.
+        self.skipped_on_device
+            .as_ref()
+            .and_then(|t| t.f_double_value(&[]).ok())
+            .map_or(0, |v| v as u64)
     }
 
     /// `loss * scale`. The first call creates the scale and growth tracker on `loss`'s device.
@@ -903,7 +955,7 @@ impl GradScaler {
         }
         let inv_scale = self.inv_scale("unscale_")?;
         match self.record(opt.scaler_id()).stage {
-            Stage::Unscaled => {
+            Stage::Unscaled | Stage::Folded => {
                 return Err(Error::Usage(
                     "unscale_() has already been called on this optimizer since the last update()."
                         .into(),
@@ -936,8 +988,61 @@ impl GradScaler {
         }
         match self.per_optimizer.get(&opt.scaler_id()).map(|r| r.stage) {
             Some(Stage::Unscaled) => Ok(()),
+            Some(Stage::Folded) => self.materialize_folded(opt),
             _ => self.unscale(opt),
         }
+    }
+
+    /// Norm clipping folded into the step, for an optimizer that unscales by itself: one read
+    /// pass over the scaled gradients (`tch_fabric::unscale_sumsq_`, which also finds inf/NaN)
+    /// and `scale / clip_coef` computed on the device; the optimizer then divides by that
+    /// single number. Nothing is written to the gradients and nothing is read back to the
+    /// host. Returns the global 2-norm of the unscaled gradients (a 0-dim device tensor), or
+    /// `None` where this path does not apply (scaler off, an optimizer without AMP support,
+    /// gradients already unscaled, on several devices, or of a dtype or device the op lacks):
+    /// the caller then clips the ordinary way.
+    pub(crate) fn clip_norm_folded<O: ScalerOptimizer + ?Sized>(
+        &mut self,
+        opt: &mut O,
+        max_norm: f64,
+    ) -> Result<Option<Tensor>> {
+        if !self.config.enabled || !self.config.fold_clipping || !opt.supports_amp_scaling() {
+            return Ok(None);
+        }
+        if let Some(rec) = self.per_optimizer.get(&opt.scaler_id()) {
+            if rec.stage != Stage::Ready {
+                return Ok(None);
+            }
+        }
+        let named = opt.named_gradients();
+        let grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();
+        let Some(device) = op_device(&grads, self.config.allow_fp16_grads)? else {
+            return Ok(None);
+        };
+        let inv_scale = self.inv_scale("unscale_")?.f_to_device(device)?;
+        let scale = self.require_scale("unscale_")?.f_to_device(device)?;
+        let found = Tensor::f_zeros([], (Kind::Float, device))?;
+        let sumsq = ops::unscale_sumsq(&grads, &found, &inv_scale, false)?;
+        let divisor = ops::clip_divisor(&found, &sumsq, &scale, max_norm)?;
+        let norm = sumsq.f_sqrt()?;
+        let rec = self.record(opt.scaler_id());
+        rec.stage = Stage::Folded;
+        rec.found_inf_per_device = vec![found];
+        rec.divisor = Some(divisor);
+        Ok(Some(norm))
+    }
+
+    /// Turns a folded clip into unscaled, clipped gradients (for a second clip or another use
+    /// of the gradients before the step): divides them by the divisor in place.
+    fn materialize_folded<O: ScalerOptimizer + ?Sized>(&mut self, opt: &mut O) -> Result<()> {
+        let rec = self.record(opt.scaler_id());
+        let divisor = rec.divisor.take().expect("a folded record has a divisor");
+        rec.stage = Stage::Unscaled;
+        for (_, g) in opt.named_gradients() {
+            let d = divisor.f_to_device(g.device())?;
+            let _ = g.shallow_clone().f_div_(&d)?;
+        }
+        Ok(())
     }
 
     /// Whether [`GradScaler::update`] has flags to consume.
@@ -1009,18 +1114,34 @@ impl GradScaler {
         Ok(outcome)
     }
 
-    /// PyTorch's fused path: the inf check (a foreach unscale by 1.0, unless the user already
-    /// unscaled), then the optimizer's own step given `grad_scale` and `found_inf`. The step
-    /// needs no host sync; reading the flag afterwards for the [`StepOutcome`] is the only one.
+    /// PyTorch's fused path: the inf check (unless the user already unscaled, or clipping was
+    /// folded), then the optimizer's own step given `grad_scale` and `found_inf`. The inf check
+    /// is tch-fabric's one read pass (`tch_fabric::unscale_sumsq_`, which writes nothing) where
+    /// it applies, else a native unscale by 1 as PyTorch. With [`GradScalerConfig::sync_free`]
+    /// nothing is read back: the outcome is [`StepOutcome::Queued`] and the skip is counted on
+    /// the device.
     fn step_fused<O: ScalerOptimizer + ?Sized>(&mut self, opt: &mut O) -> Result<StepOutcome> {
         let id = opt.scaler_id();
         let scale = self.require_scale("step")?.shallow_clone();
-        let unscaled = self.record(id).stage == Stage::Unscaled;
-        if !unscaled {
+        let stage = self.record(id).stage;
+        if stage == Stage::Ready {
             let named = opt.named_gradients();
-            let grads: Vec<&Tensor> = named.iter().map(|(_, g)| g).collect();
-            let one = Tensor::f_ones([], (Kind::Float, scale.device()))?;
-            let found = unscale_grouped(&grads, &one, true, false)?;
+            let grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();
+            // PyTorch's inf check for fused optimizers accepts float16 gradients (the
+            // optimizer unscales them itself, in float32).
+            let found = match op_device(&grads, true)? {
+                Some(device) => {
+                    let found = Tensor::f_zeros([], (Kind::Float, device))?;
+                    let one = Tensor::f_ones([], (Kind::Float, device))?;
+                    let _ = ops::unscale_sumsq(&grads, &found, &one, false)?;
+                    vec![found]
+                }
+                None => {
+                    let refs: Vec<&Tensor> = grads.iter().collect();
+                    let one = Tensor::f_ones([], (Kind::Float, scale.device()))?;
+                    unscale_grouped(&refs, &one, true, false)?
+                }
+            };
             self.record(id).found_inf_per_device = found;
         }
         let rec = self.record(id);
@@ -1029,17 +1150,37 @@ impl GradScaler {
                 "No inf checks were recorded for this optimizer.".into(),
             ));
         }
-        let mut found_inf = Tensor::f_zeros([], (Kind::Float, scale.device()))?;
-        for f in &rec.found_inf_per_device {
-            found_inf = found_inf.f_add(&f.f_to_device(scale.device())?)?;
-        }
-        let grad_scale = if unscaled {
-            None
-        } else {
-            Some(scale.f_mul_scalar(1)?)
+        let found_inf = match rec.found_inf_per_device.as_slice() {
+            [one] if one.device() == scale.device() => one.shallow_clone(),
+            several => {
+                let mut sum = Tensor::f_zeros([], (Kind::Float, scale.device()))?;
+                for f in several {
+                    sum = sum.f_add(&f.f_to_device(scale.device())?)?;
+                }
+                sum
+            }
+        };
+        let grad_scale = match stage {
+            Stage::Folded => rec.divisor.take(),
+            Stage::Unscaled => None,
+            _ => Some(scale.f_mul_scalar(1)?),
         };
         opt.step_scaled(grad_scale.as_ref(), &found_inf)?;
         self.record(id).stage = Stage::Stepped;
+        let sync_free = self
+            .config
+            .sync_free
+            .unwrap_or_else(|| scale.device().is_cuda())
+            && !self.config.diagnose_skips;
+        if sync_free {
+            let skipped = found_inf.f_gt(0.0)?.f_to_kind(Kind::Float)?;
+            self.skipped_on_device = Some(match self.skipped_on_device.take() {
+                Some(count) => count.f_add(&skipped)?,
+                None => skipped,
+            });
+            self.steps_queued += 1;
+            return Ok(StepOutcome::Queued);
+        }
         if found_inf.f_double_value(&[])? == 0.0 {
             self.steps_taken += 1;
             Ok(StepOutcome::Stepped)
@@ -1212,6 +1353,28 @@ impl GradScaler {
         self.hysteresis_left = self.config.policy.hysteresis;
         Ok(())
     }
+}
+
+/// The device on which `tch_fabric::unscale_sumsq_` can take all of `grads` in one call: the
+/// gradients share one device that the op has a kernel for (CPU; CUDA when built with the
+/// `cuda` feature) and are float32, float16 or bfloat16. `None` when it cannot (or there are no
+/// gradients), and PyTorch's FP16 error where float16 gradients are not allowed.
+fn op_device(grads: &[Tensor], allow_fp16: bool) -> Result<Option<Device>> {
+    let mut device = None;
+    for g in grads {
+        if g.kind() == Kind::Half && !allow_fp16 {
+            return Err(Error::Usage("Attempting to unscale FP16 gradients.".into()));
+        }
+        if g.is_sparse() || !matches!(g.kind(), Kind::Float | Kind::Half | Kind::BFloat16) {
+            return Ok(None);
+        }
+        match device {
+            None => device = Some(g.device()),
+            Some(d) if d != g.device() => return Ok(None),
+            Some(_) => {}
+        }
+    }
+    Ok(device.filter(|d| *d == Device::Cpu || (cfg!(feature = "cuda") && d.is_cuda())))
 }
 
 /// Names of the gradients that hold inf/NaN.

@@ -62,21 +62,47 @@ fn unscale_matches_the_native_kernel_bit_for_bit() {
         // Without them, the sum of squares agrees with a float64 reference to float32 rounding.
         let finite = &ours[..ours.len() - 1];
         let sumsq = unscale_sumsq(finite, &found, &inv(1.0), false).unwrap();
-        let want: f64 = finite
-            .iter()
-            .map(|g| {
-                g.to_kind(Kind::Double)
-                    .pow_tensor_scalar(2)
-                    .sum(Kind::Double)
-                    .double_value(&[])
-            })
-            .sum();
         let got = sumsq.double_value(&[]);
+        let want = sumsq_f64(finite, &inv(1.0));
         assert!(
             ((got - want) / want).abs() < 1e-5,
             "scale {scale}: {got} vs {want}"
         );
+        // unscale=false on the scaled gradients: nothing written, the sum is over the float32
+        // values v * inv_scale (not rounded to the storage dtype), i.e. the unscaled norm.
+        let scaled = grads();
+        let scaled = &scaled[..scaled.len() - 1];
+        let before: Vec<Tensor> = scaled.iter().map(|g| bits(g).copy()).collect();
+        let sumsq = unscale_sumsq(scaled, &found, &inv(scale), false).unwrap();
+        for (g, b) in scaled.iter().zip(&before) {
+            assert!(
+                bits(g).equal(b),
+                "unscale=false wrote a {:?} gradient",
+                g.kind()
+            );
+        }
+        let got = sumsq.double_value(&[]);
+        let want = sumsq_f64(scaled, &inv(scale));
+        assert!(
+            ((got - want) / want).abs() < 1e-5,
+            "unscale=false, scale {scale}: {got} vs {want}"
+        );
+        assert_eq!(found.double_value(&[]), 0.0);
     }
+}
+
+/// float64 sum of squares of `float32(g) * inv` over the gradients.
+fn sumsq_f64(grads: &[Tensor], inv: &Tensor) -> f64 {
+    grads
+        .iter()
+        .map(|g| {
+            (g.to_kind(Kind::Float) * inv)
+                .to_kind(Kind::Double)
+                .pow_tensor_scalar(2)
+                .sum(Kind::Double)
+                .double_value(&[])
+        })
+        .sum()
 }
 
 #[test]
@@ -149,6 +175,7 @@ import sys, torch
 torch.ops.load_library(sys.stdin.read().strip())
 torch.manual_seed(0)
 g = [torch.randn(4096) * 100, torch.randn(333).bfloat16(), torch.randn(77).half()]
+orig = [t.clone() for t in g]
 ref = [t.clone() for t in g]
 found, ref_found = torch.zeros(()), torch.zeros(())
 inv = torch.full((), 1000.0).double().reciprocal().float()
@@ -156,12 +183,38 @@ s = torch.ops.tch_fabric.unscale_sumsq_(g, found, inv, True)
 for dt in (torch.float32, torch.bfloat16, torch.float16):
     group = [t for t in ref if t.dtype == dt]
     torch._amp_foreach_non_finite_check_and_unscale_(group, ref_found, inv)
-same = all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32), b.view(torch.int16 if b.element_size() == 2 else torch.int32)) for a, b in zip(g, ref))
+bits = lambda t: t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+same = all(torch.equal(bits(a), bits(b)) for a, b in zip(g, ref))
 want = sum(float((t.double() ** 2).sum()) for t in ref)
-s2 = torch.ops.tch_fabric.unscale_sumsq_([t.clone() for t in g], torch.zeros(()), torch.ones(()), False)
-print(same, found.item() == ref_found.item(), abs(s.item() - want) / want < 1e-5, torch.equal(s, s2))
+# unscale=false on the scaled gradients: untouched, sum over float32 v * inv (unrounded).
+keep = [t.clone() for t in orig]
+s2 = torch.ops.tch_fabric.unscale_sumsq_(keep, torch.zeros(()), inv, False)
+untouched = all(torch.equal(bits(a), bits(b)) for a, b in zip(keep, orig))
+want2 = sum(float(((t.float() * inv).double() ** 2).sum()) for t in orig)
+print(same, found.item() == ref_found.item(), abs(s.item() - want) / want < 1e-5,
+      untouched, abs(s2.item() - want2) / want2 < 1e-5)
 "#,
         OPS_LIBRARY,
     );
-    assert_eq!(out.trim(), "True True True True", "{out}");
+    assert_eq!(out.trim(), "True True True True True", "{out}");
+}
+
+/// scripts/check_op_cpu.py on the crate's library: bits against the native kernel over all
+/// 16-bit patterns and many scales, tails, offsets, strides, NaN/inf anywhere, determinism with
+/// 1 and 2 threads, on every SIMD path the CPU has.
+#[test]
+fn python_exhaustive_checks_pass() {
+    let script = common::repo().join("scripts/check_op_cpu.py");
+    let out = std::process::Command::new(common::python())
+        .arg(&script)
+        .arg(OPS_LIBRARY)
+        .output()
+        .expect("start python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{}", text);
+    assert!(text.contains("all checks passed"), "{}", text);
 }
