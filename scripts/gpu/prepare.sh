@@ -61,7 +61,8 @@ gencode+=("-gencode=arch=compute_${max},code=compute_${max}")
 
 mapfile -t nvcc_flags < <(grep -vE '^\s*(#|$)' "$repo/csrc/nvcc.flags")
 includes=("-I$torch_dir/include" "-I$torch_dir/include/torch/csrc/api/include")
-common=(-std=c++17 -O3 -fPIC "-D_GLIBCXX_USE_CXX11_ABI=$abi" -DGLOG_USE_GLOG_EXPORT)
+# -fopenmp as in build.rs: at::parallel_for in ops.cpp is OpenMP underneath.
+common=(-std=c++17 -O3 -fPIC -fopenmp "-D_GLIBCXX_USE_CXX11_ABI=$abi" -DGLOG_USE_GLOG_EXPORT)
 obj=$(mktemp -d)
 trap 'rm -rf "$obj"' EXIT
 
@@ -79,7 +80,7 @@ wait "$cxx_pid" || die "compiling csrc/ops.cpp failed"
 # runtime (the same sonames) before check.py loads the library.
 mkdir -p "$out"
 rm -f "$out/libtch_fabric_ops.so"
-"${CXX:-g++}" -shared -o "$out/libtch_fabric_ops.so" "$obj/ops.o" "$obj/ops_cuda.o" \
+"${CXX:-g++}" -shared -fopenmp -o "$out/libtch_fabric_ops.so" "$obj/ops.o" "$obj/ops_cuda.o" \
   -L"$torch_dir/lib" -ltorch_cpu -lc10 -lc10_cuda -L"$(dirname "$cudart")" "-l:$(basename "$cudart")" ||
   die "linking the ops library failed"
 strip --strip-unneeded "$out/libtch_fabric_ops.so"
