@@ -5,6 +5,9 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "build_cuda.rs"]
+mod cuda;
+
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
@@ -77,13 +80,21 @@ fn build_ops_library(includes: &[PathBuf], lib_dir: &Path) -> Result<PathBuf> {
         .flag("-fopenmp")
         .get_compiler()
         .to_command();
-    cmd.arg("-shared")
-        .arg("-o")
-        .arg(&out)
-        .arg("csrc/ops.cpp")
-        .arg(format!("-L{}", lib_dir.display()))
+    // The `cuda` feature adds the CUDA kernels (csrc/ops_cuda.cu, see build_cuda.rs).
+    let cuda = match std::env::var_os("CARGO_FEATURE_CUDA") {
+        Some(_) => Some(cuda::compile(includes, lib_dir, &cxx11_abi()?, &out_dir)?),
+        None => None,
+    };
+    cmd.arg("-shared").arg("-o").arg(&out).arg("csrc/ops.cpp");
+    if let Some(cuda) = &cuda {
+        cmd.arg(&cuda.object);
+    }
+    cmd.arg(format!("-L{}", lib_dir.display()))
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .args(["-ltorch_cpu", "-lc10"]);
+    if let Some(cuda) = &cuda {
+        cmd.args(&cuda.link_args);
+    }
     let status = cmd
         .status()
         .context("running the C++ compiler for csrc/ops.cpp")?;

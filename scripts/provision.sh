@@ -10,23 +10,59 @@
 # A libtorch the user already has is respected and nothing is installed:
 #   LIBTORCH=<dir with include/ and lib/>            (used as is)
 #   LIBTORCH_USE_PYTORCH=1 with a python that has torch 2.13  (used as is)
+#
+# --cuda additionally installs the CUDA compiler matching torch's CUDA (nvcc and its headers,
+# about 200 MB, into the same venv) for `cargo build --features cuda`. No GPU is needed to build.
 set -euo pipefail
+
+with_cuda=0
+for arg in "$@"; do
+  case "$arg" in
+    --cuda) with_cuda=1 ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) printf '[provision] error: unknown argument %s (try --help)\n' "$arg" >&2; exit 2 ;;
+  esac
+done
 
 TORCH_VERSION=2.13.0
 PY_PACKAGES=("torch==${TORCH_VERSION}" "lightning==2.6.*" "safetensors" "numpy")
+# torch 2.13.0 is built with CUDA 13.0. The unsuffixed names hold the files (the `-cu13`
+# names are empty stubs); the runtime headers (cuda_runtime.h) come with torch itself, in
+# nvidia-cuda-runtime.
+CUDA_VERSION=13.0
+CUDA_PACKAGES=("nvidia-cuda-nvcc==${CUDA_VERSION}.*" "nvidia-nvvm==${CUDA_VERSION}.*"
+  "nvidia-cuda-crt==${CUDA_VERSION}.*" "nvidia-cuda-cccl==${CUDA_VERSION}.*")
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${TCH_FABRIC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tch-fabric}
 venv="$cache/venv-torch-${TORCH_VERSION}"
 stamp="$venv/.tch-fabric-complete"
+cuda_stamp="$venv/.tch-fabric-cuda-complete"
 
 say() { printf '[provision] %s\n' "$*" >&2; }
 die() { printf '[provision] error: %s\n' "$*" >&2; exit 1; }
 
+# A user's own libtorch gets no installs; with --cuda it must come with a usable nvcc.
+check_user_nvcc() {
+  ((with_cuda)) || return 0
+  local nvcc=${NVCC:-}
+  if [[ -z "$nvcc" ]]; then
+    nvcc=$(ls "$(readlink -f "$1")"/../nvidia/cu*/bin/nvcc 2>/dev/null | head -n1) || true
+  fi
+  [[ -n "$nvcc" && -x "$nvcc" ]] ||
+    die "--cuda: no nvcc for your libtorch. Set NVCC=/path/to/nvcc (the CUDA version torch was built with), or install it into the python that owns $1: pip install ${CUDA_PACKAGES[*]}"
+  say "nvcc: $nvcc"
+}
+
+# LIBTORCH pointing into this script's own venv (or its .libtorch link) is not a user's libtorch.
+if [[ -n "${LIBTORCH:-}" && -d "$venv" && "$(readlink -f "$LIBTORCH")" == "$(readlink -f "$venv")"/* ]]; then
+  unset LIBTORCH
+fi
 if [[ -n "${LIBTORCH:-}" ]]; then
   [[ -d "$LIBTORCH/lib" && -d "$LIBTORCH/include" ]] ||
     die "LIBTORCH=$LIBTORCH has no lib/ and include/ below it. Point it at a libtorch ${TORCH_VERSION} folder (e.g. <site-packages>/torch), or unset it to let this script install one."
   say "using your libtorch at LIBTORCH=$LIBTORCH; nothing installed"
+  check_user_nvcc "$LIBTORCH"
   exit 0
 fi
 if [[ -n "${LIBTORCH_USE_PYTORCH:-}" ]]; then
@@ -37,6 +73,7 @@ if [[ -n "${LIBTORCH_USE_PYTORCH:-}" ]]; then
   [[ "$have" == "$TORCH_VERSION" ]] ||
     die "LIBTORCH_USE_PYTORCH is set but '$py' has torch $have; tch 0.26 needs ${TORCH_VERSION}."
   say "using the torch $have of $py (LIBTORCH_USE_PYTORCH); nothing installed"
+  check_user_nvcc "$("$py" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
   exit 0
 fi
 
@@ -71,6 +108,27 @@ PY
 fi
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# Separate stamp: an already provisioned cache gains the compiler without reinstalling torch.
+if ((with_cuda)); then
+  cu="$site/nvidia/cu${CUDA_VERSION%%.*}"
+  if [[ -f "$cuda_stamp" ]]; then
+    say "found nvcc in $cu/bin"
+  else
+    say "installing the CUDA ${CUDA_VERSION} compiler into $venv (about 200 MB, once)"
+    "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar on "${CUDA_PACKAGES[@]}" ||
+      die "pip could not install ${CUDA_PACKAGES[*]}; check that the package registry is reachable."
+    # What nvcc needs to compile csrc/ops_cuda.cu against ATen's CUDA headers.
+    for f in bin/nvcc nvvm/bin/cicc include/cuda_runtime.h include/crt/host_config.h \
+      include/cuda_fp16.h include/cuda_bf16.h include/cccl/cuda/std/type_traits "lib/libcudart.so.${CUDA_VERSION%%.*}"; do
+      [[ -e "$cu/$f" ]] || die "the CUDA packages are incomplete: $cu/$f is missing"
+    done
+    "$cu/bin/nvcc" --version | grep -q "release ${CUDA_VERSION}" ||
+      die "$cu/bin/nvcc is not CUDA ${CUDA_VERSION}"
+    touch "$cuda_stamp"
+    say "installed nvcc: $cu/bin/nvcc"
+  fi
+fi
 link .venv "$venv"
 link .libtorch "$site/torch"
 say "libtorch: $repo/.libtorch -> $site/torch"

@@ -2,7 +2,8 @@
 //! AMP bookkeeping in one read pass over the gradients.
 //!
 //! The same compiled library is loadable from Python (`torch.ops.load_library`), so PyTorch
-//! tests drive the very op this crate calls. CPU kernel only so far.
+//! tests drive the very op this crate calls. CPU kernel, plus a CUDA kernel (csrc/ops_cuda.cu)
+//! with the `cuda` feature.
 use crate::error::Result;
 use crate::ffi;
 use tch::Tensor;

@@ -1,0 +1,172 @@
+//! The `cuda` feature's half of build.rs: compiles `csrc/ops_cuda.cu` with nvcc into an object
+//! that the ops library links next to `csrc/ops.cpp`. Without the feature nothing here runs, so
+//! a CPU build never needs a CUDA compiler.
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What the ops library's link needs from the CUDA build.
+pub struct Cuda {
+    /// The compiled kernels, placed before the libraries on the link line.
+    pub object: PathBuf,
+    /// Libraries and rpaths, after ops.cpp's own.
+    pub link_args: Vec<String>,
+}
+
+/// Compiles the CUDA kernels against the libtorch in `lib_dir`.
+pub fn compile(includes: &[PathBuf], lib_dir: &Path, abi: &str, out_dir: &Path) -> Result<Cuda> {
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    // `.libtorch/lib` is a link into the venv: resolve it to find the venv's nvidia/ packages.
+    let lib_dir = std::fs::canonicalize(lib_dir)
+        .with_context(|| format!("resolving {}", lib_dir.display()))?;
+    let site = lib_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let nvcc = find_nvcc(site.as_deref())?;
+
+    let object = out_dir.join("ops_cuda.o");
+    let mut cmd = Command::new(&nvcc);
+    cmd.args(["-c", "csrc/ops_cuda.cu", "-o"])
+        .arg(&object)
+        .args(nvcc_flags()?)
+        .arg(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"));
+    for dir in includes {
+        cmd.arg(format!("-I{}", dir.display()));
+    }
+    cmd.args(gencode()?);
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", nvcc.display()))?;
+    if !status.success() {
+        bail!(
+            "compiling csrc/ops_cuda.cu with {} failed ({status})",
+            nvcc.display()
+        );
+    }
+
+    let (cudart_dir, cudart) = find_cudart(site.as_deref(), &nvcc)?;
+    Ok(Cuda {
+        object,
+        link_args: vec![
+            // The object calls c10's CUDA stream and guard helpers; libtorch_cuda holds the
+            // CUDA dispatch key's kernels the registration sits next to.
+            "-ltorch_cuda".into(),
+            "-lc10_cuda".into(),
+            format!("-L{}", cudart_dir.display()),
+            // Only the versioned runtime ships in the wheels (no libcudart.so link), and it is
+            // the very runtime libtorch_cuda loads.
+            format!("-l:{cudart}"),
+            format!("-Wl,-rpath,{}", cudart_dir.display()),
+        ],
+    })
+}
+
+/// csrc/nvcc.flags without its comments (shared with scripts/gpu/prepare.sh).
+fn nvcc_flags() -> Result<Vec<String>> {
+    let text = std::fs::read_to_string("csrc/nvcc.flags").context("reading csrc/nvcc.flags")?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
+}
+
+/// `NVCC`, else the CUDA compiler `scripts/provision.sh --cuda` installs next to torch
+/// (`site-packages/nvidia/cu13/bin/nvcc`).
+fn find_nvcc(site: Option<&Path>) -> Result<PathBuf> {
+    if let Some(nvcc) = std::env::var_os("NVCC") {
+        let nvcc = PathBuf::from(nvcc);
+        if !nvcc.is_file() {
+            bail!("NVCC={} does not exist", nvcc.display());
+        }
+        return Ok(nvcc);
+    }
+    if let Some(nvcc) = site.and_then(|s| {
+        nvidia_dirs(s)
+            .map(|d| d.join("bin/nvcc"))
+            .find(|p| p.is_file())
+    }) {
+        return Ok(nvcc);
+    }
+    bail!(
+        "the `cuda` feature needs nvcc from the CUDA version torch was built with (13.0 for \
+         torch 2.13.0+cu130). Run `scripts/provision.sh --cuda` (installs it next to torch from \
+         the package registry), or set NVCC=/path/to/nvcc."
+    )
+}
+
+/// `site-packages/nvidia/cu*`: where the CUDA wheels install.
+fn nvidia_dirs(site: &Path) -> impl Iterator<Item = PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(site.join("nvidia"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cu"))
+        })
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+}
+
+/// The CUDA runtime to link by its versioned name: torch's own (the wheel's), else the one
+/// next to nvcc.
+fn find_cudart(site: Option<&Path>, nvcc: &Path) -> Result<(PathBuf, String)> {
+    let toolkit = nvcc.parent().and_then(Path::parent).map(Path::to_path_buf);
+    let candidates = site
+        .into_iter()
+        .flat_map(|s| nvidia_dirs(s).map(|d| d.join("lib")))
+        .chain(
+            toolkit
+                .iter()
+                .flat_map(|t| [t.join("lib64"), t.join("lib")]),
+        );
+    for dir in candidates {
+        let names = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        let mut found: Vec<String> = names
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.strip_prefix("libcudart.so.")
+                    .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        found.sort();
+        if let Some(name) = found.pop() {
+            return Ok((dir, name));
+        }
+    }
+    bail!(
+        "no CUDA runtime (libcudart.so.<major>) found next to torch or {}",
+        nvcc.display()
+    )
+}
+
+/// Device code for the GPUs the crate targets: SASS for A100 (sm_80) and H100/H200 (sm_90),
+/// plus compute_90 PTX that newer GPUs compile at load time. `CUDA_COMPUTE_CAP=90` (or
+/// `80,90`) builds only those, for a faster compile.
+fn gencode() -> Result<Vec<String>> {
+    let caps: Vec<u32> = match std::env::var("CUDA_COMPUTE_CAP") {
+        Ok(v) => v
+            .split([',', ';', ' '])
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.trim().replace('.', "").parse().with_context(|| {
+                    format!("CUDA_COMPUTE_CAP={v}: expected numbers like 90 or 80,90")
+                })
+            })
+            .collect::<Result<_>>()?,
+        Err(_) => vec![80, 90],
+    };
+    let max = *caps.iter().max().context("CUDA_COMPUTE_CAP is empty")?;
+    let mut args: Vec<String> = caps
+        .iter()
+        .map(|c| format!("-gencode=arch=compute_{c},code=sm_{c}"))
+        .collect();
+    args.push(format!("-gencode=arch=compute_{max},code=compute_{max}"));
+    Ok(args)
+}
