@@ -2,8 +2,10 @@
 unscale alone and native unscale followed by _foreach_norm, on 126 M gradients in 64 tensors,
 for float32, bfloat16 and float16. Medians of several repetitions, ratios side by side.
 
-    LIBTORCH=$PWD/.venv/lib/python3.11/site-packages/torch cargo build && \
-        .venv/bin/python scripts/bench_op.py target/debug/build/tch-fabric-*/out/libtch_fabric_ops.so
+    cargo build && .venv/bin/python scripts/bench_op.py
+
+(the newest target/*/build/tch-fabric-*/out/libtch_fabric_ops.so, or the path given as argument;
+a glob on the command line may expand to a stale build first).
 
 Each repetition first restores the gradients from a pristine copy (untimed), so every timed
 call unscales the same realistic values (randn * 1024, unscaled by 1/1024): without that the
@@ -16,13 +18,15 @@ tensor) suffer far more from preemption than the fused op (one region per call),
 medians flatter the fused op when the machine is busy and the minima are the fairer ratio.
 """
 import glob
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-lib = sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob("target/*/build/tch-fabric-*/out/libtch_fabric_ops.so"))[-1]
+args = [a for a in sys.argv[1:] if a != "-v"]
+lib = args[0] if args else max(glob.glob("target/*/build/tch-fabric-*/out/libtch_fabric_ops.so"), key=os.path.getmtime)
 torch.ops.load_library(lib)
 N, T, REPS = 126_000_000, 64, 9
 
@@ -41,6 +45,7 @@ def bench(cases, pristine, grads):
             {name: min(t) * 1e3 for name, t in times.items()})
 
 
+print(lib)
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {N // 1_000_000} M elements in {T} tensors, "
       f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
 HEAD = ("| dtype | native unscale ms | native unscale + _foreach_norm ms | fused pass ms | fused / unscale "

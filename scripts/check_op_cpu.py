@@ -2,7 +2,10 @@
 `_amp_foreach_non_finite_check_and_unscale_`, on every SIMD path the CPU has (scalar, AVX2,
 AVX-512, forced in turn with TCH_FABRIC_OPS_ISA).
 
-    .venv/bin/python scripts/check_op_cpu.py target/debug/build/tch-fabric-*/out/libtch_fabric_ops.so
+    .venv/bin/python scripts/check_op_cpu.py [path of libtch_fabric_ops.so]
+
+(default: the newest target/*/build/tch-fabric-*/out/libtch_fabric_ops.so; tests/ops.rs passes
+tch_fabric::ops::OPS_LIBRARY).
 
 Exits non-zero (and says what) on any failure. Checked:
 - unscale=true: bits equal to the native kernel's for float32, bfloat16 and float16 (and
@@ -20,6 +23,7 @@ Exits non-zero (and says what) on any failure. Checked:
 - determinism: the same sum bits run to run, with 1, 2 and 3 threads, and on every SIMD path;
 - an empty list, empty tensors, bad arguments.
 """
+import glob
 import math
 import os
 import sys
@@ -27,7 +31,10 @@ import time
 
 import torch
 
-torch.ops.load_library(sys.argv[1])
+lib = sys.argv[1] if len(sys.argv) > 1 else max(glob.glob("target/*/build/tch-fabric-*/out/libtch_fabric_ops.so"),
+                                                key=os.path.getmtime)
+print(lib, flush=True)
+torch.ops.load_library(lib)
 op = torch.ops.tch_fabric.unscale_sumsq_
 
 failures = []
