@@ -78,6 +78,8 @@ fn build_ops_library(includes: &[PathBuf], lib_dir: &Path) -> Result<PathBuf> {
         // at::parallel_for is a header template over `#pragma omp parallel`: without OpenMP it
         // runs on one thread. The OpenMP runtime is libtorch's own libgomp.so.1 (same soname).
         .flag("-fopenmp")
+        // Lets sqrt vectorise in the AdamW kernel (the op never reads errno).
+        .flag("-fno-math-errno")
         .get_compiler()
         .to_command();
     // The `cuda` feature adds the CUDA kernels (csrc/ops_cuda.cu, see build_cuda.rs).

@@ -564,13 +564,103 @@ at::Tensor clip_divisor(const at::Tensor &found_inf, const at::Tensor &sumsq, co
 
 }  // namespace
 
+
+// tch_fabric::adamw_folded_: AdamW (decoupled weight decay) for float32 CPU tensors whose
+// gradients are still multiplied by `divisor` (loss scale / clip coefficient). PyTorch's
+// _fused_adamw_ given grad_scale divides the gradients and writes them back, one more pass over
+// memory than the step needs; this kernel reads them and writes only param, exp_avg and
+// exp_avg_sq. Skips everything (including the step count) when found_inf is non-zero. The
+// state_steps are 0-dim float32 tensors already counting this step (FusedAdamW adds 1 first).
+// Same formula as PyTorch's CPU kernel; the rounding of the division differs at float32's last
+// bit, as anywhere the gradients are divided instead of unscaled and multiplied.
+namespace {
+
+struct AdamwScalars {
+  float decay;        // 1 - lr * weight_decay
+  float beta1, beta2, one_minus_beta1, one_minus_beta2;
+  float step_size;    // lr / (1 - beta1^step)
+  float bc2_sqrt;     // sqrt(1 - beta2^step)
+  float eps, inv_divisor_sign;  // -1 with maximize
+  float divisor;
+};
+
+// Vectorised by the compiler for each ISA; sqrt vectorises because the library is built with
+// -fno-math-errno (build.rs, scripts/gpu/prepare.sh).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void adamw_folded_range(
+    float *__restrict param, const float *__restrict grad, float *__restrict m,
+    float *__restrict v, int64_t n, AdamwScalars k) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = (grad[i] / k.divisor) * k.inv_divisor_sign;
+    const float p = param[i] * k.decay;
+    const float mi = m[i] * k.beta1 + g * k.one_minus_beta1;
+    const float vi = v[i] * k.beta2 + g * g * k.one_minus_beta2;
+    const float denom = std::sqrt(vi) / k.bc2_sqrt + k.eps;
+    param[i] = p - k.step_size * mi / denom;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+void adamw_folded_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
+                      double beta1, double beta2, double weight_decay, double eps, bool maximize,
+                      const at::Tensor &divisor, const at::Tensor &found_inf) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  state_steps.size() == n,
+              "adamw_folded_: tensor lists of different lengths");
+  TORCH_CHECK(divisor.numel() == 1 && divisor.scalar_type() == at::kFloat && divisor.device().is_cpu(),
+              "adamw_folded_: divisor must be a 1-element float32 CPU tensor");
+  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat &&
+                  found_inf.device().is_cpu(),
+              "adamw_folded_: found_inf must be a 1-element float32 CPU tensor");
+  for (size_t t = 0; t < n; ++t) {
+    for (const at::Tensor *x : {&params[t], &grads[t], &exp_avgs[t], &exp_avg_sqs[t]}) {
+      TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->is_contiguous() &&
+                      x->numel() == params[t].numel(),
+                  "adamw_folded_: every tensor must be a contiguous float32 CPU tensor of its "
+                  "parameter's size");
+    }
+  }
+  if (found_inf.item<float>() != 0.f) return;
+  const float div = divisor.item<float>();
+  for (size_t t = 0; t < n; ++t) {
+    const double step = state_steps[t].item<double>();
+    AdamwScalars k;
+    k.decay = static_cast<float>(1.0 - lr * weight_decay);
+    k.beta1 = static_cast<float>(beta1);
+    k.beta2 = static_cast<float>(beta2);
+    k.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+    k.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    k.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
+    k.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    k.eps = static_cast<float>(eps);
+    k.inv_divisor_sign = maximize ? -1.f : 1.f;
+    k.divisor = div;
+    float *p = params[t].data_ptr<float>();
+    const float *g = grads[t].const_data_ptr<float>();
+    float *m = exp_avgs[t].data_ptr<float>();
+    float *v = exp_avg_sqs[t].data_ptr<float>();
+    at::parallel_for(0, params[t].numel(), kChunk, [&](int64_t begin, int64_t end) {
+      adamw_folded_range(p + begin, g + begin, m + begin, v + begin, end - begin, k);
+    });
+  }
+}
+
+}  // namespace
+
 TORCH_LIBRARY(tch_fabric, m) {
   m.def("unscale_sumsq_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale, bool unscale) -> Tensor");
   m.def("clip_divisor(Tensor found_inf, Tensor sumsq, Tensor scale, float max_norm) -> Tensor");
+  m.def(
+      "adamw_folded_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] "
+      "exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float weight_decay, "
+      "float eps, bool maximize, Tensor divisor, Tensor found_inf) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tch_fabric, CPU, m) {
   m.impl("unscale_sumsq_", &unscale_sumsq_cpu);
+  m.impl("adamw_folded_", &adamw_folded_cpu);
 }
 
 TORCH_LIBRARY_IMPL(tch_fabric, CompositeExplicitAutograd, m) {

@@ -250,6 +250,22 @@ char *tf_unscale_sumsq(const tf_tensor *grads, size_t n, tf_tensor found_inf, tf
   })
 }
 
+char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                      const tf_tensor *exp_avg_sqs, const tf_tensor *state_steps, size_t n,
+                      double lr, double beta1, double beta2, double weight_decay, double eps,
+                      int32_t maximize, tf_tensor divisor, tf_tensor found_inf) {
+  TF_PROTECT({
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tch_fabric::adamw_folded_", "")
+                         .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                     at::TensorList, double, double, double, double, double, bool,
+                                     const at::Tensor &, const at::Tensor &)>();
+    op.call(to_vector(params, n), to_vector(grads, n), to_vector(exp_avgs, n),
+            to_vector(exp_avg_sqs, n), to_vector(state_steps, n), lr, beta1, beta2, weight_decay,
+            eps, maximize != 0, deref(divisor), deref(found_inf));
+  })
+}
+
 char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
                       tf_tensor *out) {
   TF_PROTECT({

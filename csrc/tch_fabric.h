@@ -80,6 +80,11 @@ char *tf_grads_set_to_none(const tf_tensor *params, size_t n);
  * of squares. Fails with a clear message when the ops library is not loaded. */
 char *tf_unscale_sumsq(const tf_tensor *grads, size_t n, tf_tensor found_inf, tf_tensor inv_scale,
                        int32_t unscale, tf_tensor *out);
+/* tch_fabric::adamw_folded_ through the dispatcher (see csrc/ops.cpp). */
+char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                      const tf_tensor *exp_avg_sqs, const tf_tensor *state_steps, size_t n,
+                      double lr, double beta1, double beta2, double weight_decay, double eps,
+                      int32_t maximize, tf_tensor divisor, tf_tensor found_inf);
 /* tch_fabric::clip_divisor through the dispatcher. */
 char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
                       tf_tensor *out);

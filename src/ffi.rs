@@ -80,6 +80,22 @@ extern "C" {
         unscale: i32,
         out: *mut CTensor,
     ) -> *mut c_char;
+    fn tf_adamw_folded(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        state_steps: *const CTensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        maximize: i32,
+        divisor: CTensor,
+        found_inf: CTensor,
+    ) -> *mut c_char;
     fn tf_clip_divisor(
         found_inf: CTensor,
         sumsq: CTensor,
@@ -351,6 +367,54 @@ pub(crate) fn unscale_sumsq(
     })?;
     // SAFETY: on success the shim stored a fresh `new at::Tensor`, which tch now owns.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `tch_fabric::adamw_folded_` (float32 CPU, no AMSGrad): AdamW on gradients still
+/// multiplied by `divisor`, writing only the parameters and moments.
+pub(crate) fn adamw_folded(
+    l: &AdamLists<'_>,
+    h: &AdamHyper,
+    divisor: &Tensor,
+    found_inf: &Tensor,
+) -> Result<()> {
+    let n = l.params.len();
+    let lens = [
+        l.grads.len(),
+        l.exp_avgs.len(),
+        l.exp_avg_sqs.len(),
+        l.steps.len(),
+    ];
+    if lens.iter().any(|&k| k != n) || h.amsgrad {
+        return Err(Error::Native {
+            op: "tch_fabric::adamw_folded_",
+            message: "tensor lists of different lengths, or AMSGrad".into(),
+        });
+    }
+    let (p, g, m, v, s) = (
+        ptrs(&l.params),
+        ptrs(&l.grads),
+        ptrs(&l.exp_avgs),
+        ptrs(&l.exp_avg_sqs),
+        ptrs(&l.steps),
+    );
+    check("tch_fabric::adamw_folded_", unsafe {
+        tf_adamw_folded(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n,
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            i32::from(h.maximize),
+            ptr(divisor),
+            ptr(found_inf),
+        )
+    })
 }
 
 pub(crate) fn clip_divisor(

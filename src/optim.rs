@@ -30,6 +30,12 @@ struct AdamState {
 /// AdamW with decoupled weight decay, computed by libtorch's `_fused_adamw_` exactly as
 /// `torch.optim.AdamW(params, fused=True)` computes it, on CPU and CUDA.
 ///
+/// After folded clipping under `16-mixed` (see [`crate::GradScalerConfig::fold_clipping`]),
+/// float32 CPU parameters take tch-fabric's own AdamW kernel (`tch_fabric::adamw_folded_`):
+/// the same formula, but it reads the still-scaled gradients without writing them back
+/// unscaled as `_fused_adamw_` does, which saves a pass over memory. The gradients then keep
+/// their scaled values after the step.
+///
 /// ```
 /// use tch::{nn, nn::Module, Device, Kind, Tensor};
 /// use tch_fabric::FusedAdamW;
@@ -134,6 +140,18 @@ impl FusedAdamW {
         grad_scale: Option<&Tensor>,
         found_inf: Option<&Tensor>,
     ) -> Result<()> {
+        self.fused_step_with(grad_scale, found_inf, false)
+    }
+
+    /// `folded`: `grad_scale` is a folded-clipping divisor and the gradients need not be
+    /// unscaled afterwards, so float32 CPU groups take tch-fabric's kernel, which does not
+    /// write them back.
+    fn fused_step_with(
+        &mut self,
+        grad_scale: Option<&Tensor>,
+        found_inf: Option<&Tensor>,
+        folded: bool,
+    ) -> Result<()> {
         let amsgrad = self.hyper.amsgrad;
         for slot in &mut self.slots {
             if slot.state.is_none() && slot.param.grad().defined() {
@@ -163,7 +181,7 @@ impl FusedAdamW {
                 None => groups.push((key, vec![i])),
             }
         }
-        for ((device, _), idx) in groups {
+        for ((device, kind), idx) in groups {
             let st = |i: usize| self.slots[i].state.as_ref().expect("created above");
             let lists = AdamLists {
                 params: idx.iter().map(|&i| &self.slots[i].param).collect(),
@@ -181,7 +199,19 @@ impl FusedAdamW {
             // PyTorch counts the step first and takes a skipped step back afterwards, on the
             // device, so a skip never advances the count and nothing waits for the host.
             ffi::foreach_add_scalar(&lists.steps, 1.0)?;
-            ffi::fused_adamw(&lists, &self.hyper, scale.as_ref(), inf.as_ref())?;
+            let own_kernel = folded
+                && !amsgrad
+                && device == Device::Cpu
+                && kind == Kind::Float
+                && idx
+                    .iter()
+                    .all(|&i| self.slots[i].param.is_contiguous() && grads[i].is_contiguous());
+            match (&scale, &inf) {
+                (Some(divisor), Some(found)) if own_kernel => {
+                    ffi::adamw_folded(&lists, &self.hyper, divisor, found)?
+                }
+                _ => ffi::fused_adamw(&lists, &self.hyper, scale.as_ref(), inf.as_ref())?,
+            }
             if let Some(inf) = &inf {
                 ffi::foreach_sub_tensor(&lists.steps, inf)?;
             }
@@ -301,6 +331,10 @@ impl ScalerOptimizer for FusedAdamW {
 
     fn step_scaled(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) -> Result<()> {
         self.fused_step(grad_scale, Some(found_inf))
+    }
+
+    fn step_folded(&mut self, divisor: &Tensor, found_inf: &Tensor) -> Result<()> {
+        self.fused_step_with(Some(divisor), Some(found_inf), true)
     }
 }
 

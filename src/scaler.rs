@@ -458,6 +458,17 @@ pub trait ScalerOptimizer {
             "this optimizer does not support AMP scaling; use step_unscaled".into(),
         ))
     }
+
+    /// The step after folded clipping: the gradients are still multiplied by `divisor`
+    /// (`scale / clip_coef`) and nothing needs them unscaled afterwards, so an optimizer may
+    /// skip writing them back. Defaults to [`ScalerOptimizer::step_scaled`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ScalerOptimizer::step_scaled`].
+    fn step_folded(&mut self, divisor: &Tensor, found_inf: &Tensor) -> Result<()> {
+        self.step_scaled(Some(divisor), found_inf)
+    }
 }
 
 /// The trainable variables of `vs` with their names, in creation order with each module's weight
@@ -1193,12 +1204,14 @@ impl GradScaler {
                 sum
             }
         };
-        let grad_scale = match stage {
-            Stage::Folded => rec.divisor.take(),
-            Stage::Unscaled => None,
-            _ => Some(scale.f_mul_scalar(1)?),
-        };
-        opt.step_scaled(grad_scale.as_ref(), &found_inf)?;
+        match stage {
+            Stage::Folded => {
+                let divisor = rec.divisor.take().expect("a folded record has a divisor");
+                opt.step_folded(&divisor, &found_inf)?;
+            }
+            Stage::Unscaled => opt.step_scaled(None, &found_inf)?,
+            _ => opt.step_scaled(Some(&scale.f_mul_scalar(1)?), &found_inf)?,
+        }
         self.record(id).stage = Stage::Stepped;
         let sync_free = self
             .config

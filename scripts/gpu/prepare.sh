@@ -61,8 +61,9 @@ gencode+=("-gencode=arch=compute_${max},code=compute_${max}")
 
 mapfile -t nvcc_flags < <(grep -vE '^\s*(#|$)' "$repo/csrc/nvcc.flags")
 includes=("-I$torch_dir/include" "-I$torch_dir/include/torch/csrc/api/include")
-# -fopenmp as in build.rs: at::parallel_for in ops.cpp is OpenMP underneath.
-common=(-std=c++17 -O3 -fPIC -fopenmp "-D_GLIBCXX_USE_CXX11_ABI=$abi" -DGLOG_USE_GLOG_EXPORT)
+# -fopenmp and -fno-math-errno as in build.rs: at::parallel_for in ops.cpp is OpenMP underneath,
+# and the AdamW kernel's sqrt vectorises only without errno.
+common=(-std=c++17 -O3 -fPIC -fopenmp -fno-math-errno "-D_GLIBCXX_USE_CXX11_ABI=$abi" -DGLOG_USE_GLOG_EXPORT)
 obj=$(mktemp -d)
 trap 'rm -rf "$obj"' EXIT
 
