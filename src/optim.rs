@@ -119,11 +119,7 @@ impl FusedAdamW {
     /// Drops the gradients, as PyTorch's `zero_grad()` (`set_to_none=True`): their memory is
     /// free until the next backward, which lowers peak memory.
     pub fn zero_grad(&mut self) {
-        let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
-        // Resetting a gradient handle cannot fail for a parameter tensor.
-        if let Err(e) = ffi::grads_set_to_none(&params) {
-            log::error!("zero_grad: {e}");
-        }
+        drop_grads(self.slots.iter().map(|s| &s.param));
     }
 
     /// One step on the gradients as they are (no scaler).
@@ -170,17 +166,12 @@ impl FusedAdamW {
         }
         // Parameters without gradients are left out, grouped per (device, dtype) as PyTorch.
         let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
-        let mut groups: Vec<((Device, Kind), Vec<usize>)> = Vec::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            if !grads[i].defined() {
-                continue;
-            }
-            let key = (s.param.device(), s.param.kind());
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, v)) => v.push(i),
-                None => groups.push((key, vec![i])),
-            }
-        }
+        let groups = group_indices(
+            self.slots
+                .iter()
+                .zip(&grads)
+                .map(|(s, g)| g.defined().then(|| (s.param.device(), s.param.kind()))),
+        );
         for ((device, kind), idx) in groups {
             let st = |i: usize| self.slots[i].state.as_ref().expect("created above");
             let lists = AdamLists {
@@ -472,10 +463,7 @@ impl FusedSgd {
 
     /// Drops the gradients (`zero_grad(set_to_none=True)`).
     pub fn zero_grad(&mut self) {
-        let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
-        if let Err(e) = ffi::grads_set_to_none(&params) {
-            log::error!("zero_grad: {e}");
-        }
+        drop_grads(self.slots.iter().map(|s| &s.param));
     }
 
     /// One step on the gradients as they are (no scaler).
@@ -506,17 +494,12 @@ impl FusedSgd {
                 }
             }
         }
-        let mut groups: Vec<((Device, Kind, bool), Vec<usize>)> = Vec::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            if !grads[i].defined() {
-                continue;
-            }
-            let key = (s.param.device(), s.param.kind(), fresh[i]);
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, v)) => v.push(i),
-                None => groups.push((key, vec![i])),
-            }
-        }
+        let groups = group_indices(self.slots.iter().zip(&grads).zip(&fresh).map(
+            |((s, g), &first)| {
+                g.defined()
+                    .then(|| (s.param.device(), s.param.kind(), first))
+            },
+        ));
         for ((device, _, first), idx) in groups {
             let params: Vec<&Tensor> = idx.iter().map(|&i| &self.slots[i].param).collect();
             let g: Vec<&Tensor> = idx.iter().map(|&i| &grads[i]).collect();
@@ -597,6 +580,29 @@ impl FusedSgd {
             ));
         }
         Ok(out)
+    }
+}
+
+/// Indices grouped by key in first-seen order (`None`: left out), as PyTorch groups tensors
+/// per device and dtype for one fused kernel call each.
+fn group_indices<K: PartialEq>(keys: impl Iterator<Item = Option<K>>) -> Vec<(K, Vec<usize>)> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for (i, key) in keys.enumerate() {
+        let Some(key) = key else { continue };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    groups
+}
+
+/// `zero_grad(set_to_none=True)` over `params`.
+fn drop_grads<'a>(params: impl Iterator<Item = &'a Tensor>) {
+    let params: Vec<&Tensor> = params.collect();
+    // Resetting a gradient handle cannot fail for a parameter tensor.
+    if let Err(e) = ffi::grads_set_to_none(&params) {
+        log::error!("zero_grad: {e}");
     }
 }
 
