@@ -1,7 +1,7 @@
 // libtorch's c10d for tch-fabric: a TCPStore rendezvous, a Gloo process group, and the few
 // collectives the crate needs (all-reduce, broadcast, barrier). Every entry point catches C++
-// exceptions and returns the message (see TF_PROTECT in shim.cpp).
-#include "tch_fabric.h"
+// exceptions and returns the message (TF_PROTECT_WITH, protect.h).
+#include "protect.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -63,7 +63,7 @@ static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 184,
 
 namespace {
 
-char *dup_message(const char *msg) { return strdup(msg == nullptr ? "unknown C++ error" : msg); }
+using tch_fabric_shim::deref;
 
 // c10's what() carries a C++ backtrace of dozens of frames; users need the message.
 const char *message_of(const std::exception &e) {
@@ -71,11 +71,6 @@ const char *message_of(const std::exception &e) {
     return c10_error->what_without_backtrace();
   }
   return e.what();
-}
-
-const at::Tensor &deref(tf_tensor t) {
-  if (t == nullptr) throw std::invalid_argument("tch-fabric shim: null tensor");
-  return *static_cast<at::Tensor *>(t);
 }
 
 struct ProcessGroup {
@@ -115,15 +110,7 @@ void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds 
 
 }  // namespace
 
-#define TF_PROTECT(...)               \
-  try {                               \
-    __VA_ARGS__                       \
-    return nullptr;                   \
-  } catch (const std::exception &e) { \
-    return dup_message(message_of(e));     \
-  } catch (...) {                     \
-    return dup_message(nullptr);      \
-  }
+#define TF_PROTECT(...) TF_PROTECT_WITH(message_of, __VA_ARGS__)
 
 extern "C" {
 

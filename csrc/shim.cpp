@@ -1,6 +1,6 @@
 // The C++ half of tch-fabric's FFI. Each entry point is wrapped in TF_PROTECT so that no C++
 // exception crosses into Rust: the message is returned as a heap string instead.
-#include "tch_fabric.h"
+#include "protect.h"
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -16,10 +16,7 @@
 
 namespace {
 
-char *dup_message(const char *msg) {
-  char *out = strdup(msg == nullptr ? "unknown C++ error" : msg);
-  return out;
-}
+using tch_fabric_shim::deref;
 
 c10::DeviceType device_type_from(int32_t device_type) {
   switch (device_type) {
@@ -40,11 +37,6 @@ c10::ScalarType scalar_type_from(int32_t dtype) {
   return static_cast<c10::ScalarType>(dtype);
 }
 
-const at::Tensor &deref(tf_tensor t) {
-  if (t == nullptr) throw std::invalid_argument("tch-fabric shim: null tensor");
-  return *static_cast<at::Tensor *>(t);
-}
-
 std::vector<at::Tensor> to_vector(const tf_tensor *list, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
@@ -54,18 +46,10 @@ std::vector<at::Tensor> to_vector(const tf_tensor *list, size_t n) {
 
 }  // namespace
 
-// Catches everything: c10::Error derives from std::exception, anything else is reported as
-// unknown rather than unwinding into Rust (which would abort the process).
-// Variadic so that bodies may contain commas (template arguments).
-#define TF_PROTECT(...)                  \
-  try {                                  \
-    __VA_ARGS__                          \
-    return nullptr;                      \
-  } catch (const std::exception &e) {    \
-    return dup_message(e.what());        \
-  } catch (...) {                        \
-    return dup_message(nullptr);         \
-  }
+static const char *full_message(const std::exception &e) { return e.what(); }
+
+// Every entry point: exceptions come back as their full message (see protect.h).
+#define TF_PROTECT(...) TF_PROTECT_WITH(full_message, __VA_ARGS__)
 
 extern "C" {
 

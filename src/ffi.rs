@@ -238,6 +238,26 @@ pub(crate) struct AdamLists<'a> {
     pub steps: Vec<&'a Tensor>,
 }
 
+impl AdamLists<'_> {
+    /// Every list has one entry per parameter (`max_exp_avg_sqs` only when `with_max`).
+    fn check_lengths(&self, op: &'static str, with_max: bool) -> Result<()> {
+        let n = self.params.len();
+        let lens = [
+            self.grads.len(),
+            self.exp_avgs.len(),
+            self.exp_avg_sqs.len(),
+            self.steps.len(),
+        ];
+        if lens.iter().any(|&k| k != n) || (with_max && self.max_exp_avg_sqs.len() != n) {
+            return Err(Error::Native {
+                op,
+                message: "tensor lists of different lengths".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Hyper-parameters of one `_fused_adamw_` call.
 #[derive(Debug, Clone)]
 pub(crate) struct AdamHyper {
@@ -257,18 +277,7 @@ pub(crate) fn fused_adamw(
     found_inf: Option<&Tensor>,
 ) -> Result<()> {
     let n = l.params.len();
-    let lens = [
-        l.grads.len(),
-        l.exp_avgs.len(),
-        l.exp_avg_sqs.len(),
-        l.steps.len(),
-    ];
-    if lens.iter().any(|&k| k != n) || (h.amsgrad && l.max_exp_avg_sqs.len() != n) {
-        return Err(Error::Native {
-            op: "_fused_adamw_",
-            message: "tensor lists of different lengths".into(),
-        });
-    }
+    l.check_lengths("_fused_adamw_", h.amsgrad)?;
     let (p, g, m, v, vm, s) = (
         ptrs(&l.params),
         ptrs(&l.grads),
@@ -378,16 +387,11 @@ pub(crate) fn adamw_folded(
     found_inf: &Tensor,
 ) -> Result<()> {
     let n = l.params.len();
-    let lens = [
-        l.grads.len(),
-        l.exp_avgs.len(),
-        l.exp_avg_sqs.len(),
-        l.steps.len(),
-    ];
-    if lens.iter().any(|&k| k != n) || h.amsgrad {
+    l.check_lengths("tch_fabric::adamw_folded_", false)?;
+    if h.amsgrad {
         return Err(Error::Native {
             op: "tch_fabric::adamw_folded_",
-            message: "tensor lists of different lengths, or AMSGrad".into(),
+            message: "AMSGrad is not supported by this kernel".into(),
         });
     }
     let (p, g, m, v, s) = (
