@@ -99,6 +99,7 @@ fn tmp(name: &str) -> std::path::PathBuf {
 }
 
 fn parity(mixed: bool) {
+    let _serial = common::exclusive();
     tch::set_num_threads(1);
     let (x, y) = data();
     let f = fabric(mixed);
@@ -194,6 +195,7 @@ fn run(
 #[test]
 fn resume_from_a_checkpoint_is_exact() {
     // Same thread count for both runs (other tests in this binary set it too).
+    let _serial = common::exclusive();
     tch::set_num_threads(1);
     let ckpt = tmp("resume.safetensors");
     let f1 = fabric(true);

@@ -127,6 +127,7 @@ fn tmp(name: &str) -> std::path::PathBuf {
 
 /// Trains here and in PyTorch from the same weights; returns the worst weight difference.
 fn parity(mixed: bool, sync_free: bool, options: (f64, f64, f64, bool)) -> f64 {
+    let _serial = common::exclusive();
     tch::set_num_threads(1);
     let (x, y) = data();
     let f = fabric(mixed, sync_free);
@@ -220,6 +221,7 @@ fn the_sync_free_step_queues_and_counts_skips_on_the_device() {
 
 #[test]
 fn resume_from_a_checkpoint_is_exact() {
+    let _serial = common::exclusive();
     tch::set_num_threads(1);
     let ckpt = tmp("resume.safetensors");
     let run = |resume: bool, seed: i64| {
