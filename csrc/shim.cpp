@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/core/DefaultDtype.h>
 
 #include <algorithm>
@@ -42,6 +43,34 @@ std::vector<at::Tensor> to_vector(const tf_tensor *list, size_t n) {
   out.reserve(n);
   for (size_t i = 0; i < n; ++i) out.push_back(deref(list[i]));
   return out;
+}
+
+// Counting of dispatcher calls on one thread (tf_op_count_begin / _end): every op invocation,
+// and the top-level ones (made from outside any other op) apart.
+struct OpCounts {
+  std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> by_name;  // (all, top level)
+  int64_t depth = 0;
+};
+thread_local OpCounts *t_counts = nullptr;
+thread_local at::CallbackHandle t_count_handle = at::INVALID_CALLBACK_HANDLE;
+
+std::unique_ptr<at::ObserverContext> count_start(const at::RecordFunction &fn) {
+  if (t_counts == nullptr) return nullptr;
+  std::string name = fn.name();
+  auto &list = t_counts->by_name;
+  auto it = std::find_if(list.begin(), list.end(), [&](const auto &e) { return e.first == name; });
+  if (it == list.end()) {
+    list.push_back({name, {0, 0}});
+    it = list.end() - 1;
+  }
+  it->second.first += 1;
+  if (t_counts->depth == 0) it->second.second += 1;
+  t_counts->depth += 1;
+  return nullptr;
+}
+
+void count_end(const at::RecordFunction &, at::ObserverContext *) {
+  if (t_counts != nullptr) t_counts->depth -= 1;
 }
 
 }  // namespace
@@ -259,6 +288,32 @@ char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, dou
             .findSchemaOrThrow("tch_fabric::clip_divisor", "")
             .typed<at::Tensor(const at::Tensor &, const at::Tensor &, const at::Tensor &, double)>();
     *out = new at::Tensor(op.call(deref(found_inf), deref(sumsq), deref(scale), max_norm));
+  })
+}
+
+char *tf_op_count_begin() {
+  TF_PROTECT({
+    if (t_counts != nullptr) throw std::runtime_error("op counting is already on for this thread");
+    t_counts = new OpCounts();
+    t_count_handle = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&count_start, &count_end).scopes({at::RecordScope::FUNCTION}));
+  })
+}
+
+char *tf_op_count_end(char **report) {
+  TF_PROTECT({
+    *report = nullptr;
+    if (t_counts == nullptr) throw std::runtime_error("op counting is not on for this thread");
+    at::removeCallback(t_count_handle);
+    t_count_handle = at::INVALID_CALLBACK_HANDLE;
+    std::string out;
+    for (const auto &e : t_counts->by_name) {
+      out += e.first + "\t" + std::to_string(e.second.first) + "\t" +
+             std::to_string(e.second.second) + "\n";
+    }
+    delete t_counts;
+    t_counts = nullptr;
+    *report = strdup(out.c_str());
   })
 }
 

@@ -89,6 +89,12 @@ char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_
 char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
                       tf_tensor *out);
 
+/* Counts the dispatcher calls (ATen ops, tch_fabric ops) made on the calling thread between
+ * begin and end. *report receives "name\tall\ttop_level\n" lines (free with tf_free_error):
+ * all = every invocation, top_level = those not made from inside another op. */
+char *tf_op_count_begin(void);
+char *tf_op_count_end(char **report);
+
 /* A c10d process group (csrc/dist.cpp): a TCPStore rendezvous plus a Gloo backend. */
 typedef void *tf_process_group;
 

@@ -19,7 +19,9 @@ use anyhow::Result;
 use clap::Parser;
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
-use tch_fabric::{Clip, Fabric, FabricOptimizer, FusedAdamW, GradScalerConfig};
+use tch_fabric::{
+    count_ops, Clip, Fabric, FabricOptimizer, FusedAdamW, GradScalerConfig, OpCounts,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -32,6 +34,9 @@ struct Args {
     /// Timed steps per configuration (interleaved).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Print the op counts per op name.
+    #[arg(long)]
+    verbose: bool,
 }
 
 /// A "model" whose loss is `sum_i <p_i, G_i>`, so backward leaves `scale * G_i` in each
@@ -81,6 +86,11 @@ fn setup(kind: &str, args: &Args) -> Result<Setup> {
 
 /// One iteration; returns the seconds of the part after backward (clip + step + update).
 fn iteration(s: &mut Setup) -> Result<f64> {
+    Ok(iteration_counted(s, false)?.0)
+}
+
+/// [`iteration`], optionally counting the libtorch ops of the part after backward.
+fn iteration_counted(s: &mut Setup, count: bool) -> Result<(f64, Option<OpCounts>)> {
     s.opt.zero_grad();
     let vars = s.vs.trainable_variables();
     let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
@@ -89,11 +99,20 @@ fn iteration(s: &mut Setup) -> Result<f64> {
     }
     s.fabric.backward(&loss)?;
     let t0 = Instant::now();
-    let _norm = s
-        .fabric
-        .clip_gradients_on_device(&mut s.opt, Clip::norm(1.0))?;
-    s.opt.step()?;
-    Ok(t0.elapsed().as_secs_f64())
+    let after_backward = |s: &mut Setup| -> Result<()> {
+        let _norm = s
+            .fabric
+            .clip_gradients_on_device(&mut s.opt, Clip::norm(1.0))?;
+        s.opt.step()?;
+        Ok(())
+    };
+    if count {
+        let (r, counts) = count_ops(|| after_backward(s))?;
+        r?;
+        return Ok((t0.elapsed().as_secs_f64(), Some(counts)));
+    }
+    after_backward(s)?;
+    Ok((t0.elapsed().as_secs_f64(), None))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -111,6 +130,23 @@ fn main() -> Result<()> {
         args.tensors,
         args.reps
     );
+    // The libtorch ops one step calls (independent of the machine's speed): top-level calls
+    // are those the step asked for; the total includes ops nested inside them.
+    println!("| step | libtorch calls (top-level) | all ops |");
+    println!("|---|---|---|");
+    for kind in kinds {
+        let mut s = setup(kind, &args)?;
+        iteration(&mut s)?;
+        let (_, counts) = iteration_counted(&mut s, true)?;
+        let counts = counts.expect("counted");
+        println!("| {kind} | {} | {} |", counts.top_level(), counts.total());
+        if args.verbose {
+            for (name, (all, top)) in &counts.by_name {
+                println!("|   {name} | {top} | {all} |");
+            }
+        }
+    }
+    println!();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     // One configuration alive at a time keeps memory at one model's worth; interleaving the
     // repetitions spreads the machine's noise over all three.

@@ -109,6 +109,8 @@ extern "C" {
         norm_type: f64,
         out: *mut CTensor,
     ) -> *mut c_char;
+    fn tf_op_count_begin() -> *mut c_char;
+    fn tf_op_count_end(report: *mut *mut c_char) -> *mut c_char;
     fn tf_pg_new(
         backend: *const c_char,
         master_addr: *const c_char,
@@ -454,6 +456,22 @@ pub(crate) fn foreach_sub_tensor(tensors: &[&Tensor], other: &Tensor) -> Result<
     check("_foreach_sub_", unsafe {
         tf_foreach_sub_tensor(p.as_ptr(), p.len(), ptr(other))
     })
+}
+
+pub(crate) fn op_count_begin() -> Result<()> {
+    check("op_count_begin", unsafe { tf_op_count_begin() })
+}
+
+/// The report of `tf_op_count_end`: "name\tall\ttop_level" lines.
+pub(crate) fn op_count_end() -> Result<String> {
+    let mut report: *mut c_char = std::ptr::null_mut();
+    check("op_count_end", unsafe { tf_op_count_end(&mut report) })?;
+    // SAFETY: on success the shim stored a strdup'ed string that we own.
+    let text = unsafe { CStr::from_ptr(report) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { tf_free_error(report) };
+    Ok(text)
 }
 
 /// c10's `ScalarType` number of a tch [`tch::Kind`] (tch keeps its own conversion private).

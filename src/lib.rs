@@ -75,6 +75,7 @@ mod module;
 pub mod ops;
 mod optim;
 mod precision;
+mod profile;
 mod scaler;
 
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
@@ -93,6 +94,7 @@ pub use memory::{memory_stats, MemorySource, MemoryStats};
 pub use module::FabricModule;
 pub use optim::{FusedAdamW, FusedSgd, IntoTrainOptimizer, TrainOptimizer};
 pub use precision::Precision;
+pub use profile::{count_ops, OpCounts};
 pub use scaler::{
     next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,
     ScalePolicy, ScalerOptimizer, StepOutcome,
