@@ -1,6 +1,18 @@
-//! Compiles the C++ shim in `csrc/` against the libtorch that torch-sys found, and makes the
-//! crate's own binaries, tests and examples find libtorch at run time (rpath) and keep
-//! `libtorch_cuda` linked (no `--as-needed`), so a GPU machine sees CUDA.
+//! Compiles the C++ in `csrc/` against the libtorch that torch-sys found:
+//!
+//! - the shim (`shim.cpp`, `dist.cpp`) and the `tch_fabric::` ops (`ops.cpp`, plus
+//!   `ops_cuda.cu` with the `cuda` feature) as static libraries inside this crate's rlib. The
+//!   ops archive is linked whole (`+whole-archive`): it holds only `TORCH_LIBRARY`
+//!   registrations that nothing references, which a linker would otherwise drop. Every final
+//!   binary of every crate that depends on tch-fabric gets the ops that way, with nothing in
+//!   its own build script (`cargo:rustc-link-lib` reaches dependents; `rustc-link-arg` does not);
+//! - the same ops objects as a shared library, `libtch_fabric_ops.so`, for Python
+//!   (`torch.ops.load_library(tch_fabric::ops::OPS_LIBRARY)`), so tests drive the very op this
+//!   crate runs from both sides.
+//!
+//! This package's own binaries, tests and examples also get an rpath to libtorch and keep
+//! `libtorch_cuda` linked (no `--as-needed`), so they run without `LD_LIBRARY_PATH` and see
+//! CUDA on a GPU machine; dependents set that up themselves (README, "Use it from your crate").
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +22,7 @@ mod cuda;
 
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=csrc");
+    println!("cargo:rerun-if-changed=build_cuda.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
 
@@ -34,74 +47,122 @@ fn main() -> Result<()> {
             includes[0].display()
         );
     }
+    let abi = cxx11_abi()?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
 
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .std("c++17")
-        .includes(&includes)
-        .include("csrc")
-        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi()?.as_str())
-        .define("GLOG_USE_GLOG_EXPORT", None)
-        // libtorch's own headers are not warning-clean; our code is kept clean by review.
-        .warnings(false)
+    cxx(&includes, &abi)
         .file("csrc/shim.cpp")
         .file("csrc/dist.cpp")
         .compile("tch_fabric_shim");
 
-    let ops = build_ops_library(&includes, &lib_dir)?;
+    let cuda = match std::env::var_os("CARGO_FEATURE_CUDA") {
+        Some(_) => Some(cuda::compile(&includes, &lib_dir, &abi, &out_dir)?),
+        None => None,
+    };
+    let mut objects = ops_build(&includes, &abi).compile_intermediates();
+    if let Some(cuda) = &cuda {
+        objects.push(cuda.object.clone());
+    }
+    // The static copy for Rust: whole, so the registrations survive the final link.
+    cxx(&includes, &abi)
+        .objects(&objects)
+        .link_lib_modifier("+whole-archive")
+        .compile("tch_fabric_ops");
+    // `#pragma omp parallel` inside at::parallel_for (see ops_build) calls the OpenMP runtime.
+    println!("cargo:rustc-link-lib=dylib=gomp");
+    if let Some(cuda) = &cuda {
+        // The kernels call c10's CUDA stream and guard helpers; libtorch_cuda holds the CUDA
+        // dispatch key's kernels the registration sits next to.
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!(
+            "cargo:rustc-link-search=native={}",
+            cuda.cudart_dir.display()
+        );
+        // Only the versioned runtime ships in the wheels (no libcudart.so link), and it is the
+        // very runtime libtorch_cuda loads.
+        println!("cargo:rustc-link-lib=dylib:+verbatim={}", cuda.cudart);
+    }
+
+    let ops = link_shared_ops(&objects, &lib_dir, cuda.as_ref(), &out_dir)?;
     println!("cargo:rustc-env=TCH_FABRIC_OPS_LIB={}", ops.display());
 
+    let mut runtime_dirs = vec![lib_dir.clone()];
+    if let Some(cuda) = &cuda {
+        runtime_dirs.push(cuda.cudart_dir.clone());
+    }
+    // For dependents' build scripts (`DEP_TCH_FABRIC_RPATH`), should they want an rpath: the
+    // folders a binary linking tch-fabric loads libraries from.
+    let joined: Vec<String> = runtime_dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    println!("cargo:rpath={}", joined.join(":"));
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
-        link_args(&lib_dir, ops.parent().expect("in OUT_DIR"));
+        own_targets_link_args(&lib_dir, &runtime_dirs);
     }
     Ok(())
 }
 
-/// Builds `csrc/ops.cpp` (the `tch_fabric` custom ops) as a shared library: the crate's own
-/// binaries link it (loading it registers the ops with libtorch's dispatcher), and Python
-/// tests load the very same file with `torch.ops.load_library`.
-fn build_ops_library(includes: &[PathBuf], lib_dir: &Path) -> Result<PathBuf> {
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
-    let out = out_dir.join("libtch_fabric_ops.so");
-    let mut cmd = cc::Build::new()
-        .cpp(true)
+/// A C++17 build against libtorch's headers with its ABI.
+fn cxx(includes: &[PathBuf], abi: &str) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true)
         .pic(true)
         .std("c++17")
         .includes(includes)
-        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi()?.as_str())
+        .include("csrc")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi)
         .define("GLOG_USE_GLOG_EXPORT", None)
-        // The kernel is the hot path of the AMP step: optimise it even in debug builds.
-        .opt_level(3)
+        // libtorch's own headers are not warning-clean; our code is kept clean by review.
+        .warnings(false);
+    b
+}
+
+/// The build of `csrc/ops.cpp`, the hot path of the AMP step: optimised in every profile.
+fn ops_build(includes: &[PathBuf], abi: &str) -> cc::Build {
+    let mut b = cxx(includes, abi);
+    b.opt_level(3)
         .debug(false)
-        .warnings(false)
         // at::parallel_for is a header template over `#pragma omp parallel`: without OpenMP it
         // runs on one thread. The OpenMP runtime is libtorch's own libgomp.so.1 (same soname).
         .flag("-fopenmp")
         // Lets sqrt vectorise in the AdamW kernel (the op never reads errno).
         .flag("-fno-math-errno")
+        .file("csrc/ops.cpp");
+    b
+}
+
+/// Links the ops objects into `libtch_fabric_ops.so` for Python. Never loaded by a Rust
+/// binary of this crate: those hold the static copy, and a second `TORCH_LIBRARY(tch_fabric)`
+/// in one process is an error.
+fn link_shared_ops(
+    objects: &[PathBuf],
+    lib_dir: &Path,
+    cuda: Option<&cuda::Cuda>,
+    out_dir: &Path,
+) -> Result<PathBuf> {
+    let out = out_dir.join("libtch_fabric_ops.so");
+    let mut cmd = cc::Build::new()
+        .cpp(true)
+        .flag("-fopenmp")
         .get_compiler()
         .to_command();
-    // The `cuda` feature adds the CUDA kernels (csrc/ops_cuda.cu, see build_cuda.rs).
-    let cuda = match std::env::var_os("CARGO_FEATURE_CUDA") {
-        Some(_) => Some(cuda::compile(includes, lib_dir, &cxx11_abi()?, &out_dir)?),
-        None => None,
-    };
-    cmd.arg("-shared").arg("-o").arg(&out).arg("csrc/ops.cpp");
-    if let Some(cuda) = &cuda {
-        cmd.arg(&cuda.object);
-    }
+    cmd.arg("-shared").arg("-o").arg(&out).args(objects);
     cmd.arg(format!("-L{}", lib_dir.display()))
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .args(["-ltorch_cpu", "-lc10"]);
-    if let Some(cuda) = &cuda {
-        cmd.args(&cuda.link_args);
+    if let Some(cuda) = cuda {
+        cmd.args(["-ltorch_cuda", "-lc10_cuda"])
+            .arg(format!("-L{}", cuda.cudart_dir.display()))
+            .arg(format!("-l:{}", cuda.cudart))
+            .arg(format!("-Wl,-rpath,{}", cuda.cudart_dir.display()));
     }
     let status = cmd
         .status()
-        .context("running the C++ compiler for csrc/ops.cpp")?;
+        .context("running the C++ compiler to link libtch_fabric_ops.so")?;
     if !status.success() {
-        bail!("compiling csrc/ops.cpp failed ({status})");
+        bail!("linking libtch_fabric_ops.so failed ({status})");
     }
     Ok(out)
 }
@@ -132,16 +193,14 @@ fn cxx11_abi() -> Result<String> {
     Ok(std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string()))
 }
 
-/// `rustc-link-arg` reaches only this package's binaries, tests and examples; downstream crates
-/// add the same three lines to their own build.rs (see the README).
-fn link_args(lib_dir: &Path, ops_dir: &Path) {
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", ops_dir.display());
+/// `rustc-link-arg` reaches only this package's binaries, tests and examples: an rpath to
+/// libtorch (and CUDA's runtime), and libtorch_cuda kept linked so a GPU machine sees CUDA.
+fn own_targets_link_args(lib_dir: &Path, runtime_dirs: &[PathBuf]) {
+    for dir in runtime_dirs {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+    }
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
-    // Loading the ops library is what registers the `tch_fabric::` ops.
-    println!("cargo:rustc-link-arg=-L{}", ops_dir.display());
-    println!("cargo:rustc-link-arg=-ltch_fabric_ops");
     // libtorch.so already needs libtorch_cuda.so in the CUDA wheels; naming it too keeps CUDA
     // registered even with a libtorch whose libtorch.so does not.
     if lib_dir.join("libtorch_cuda.so").exists() {

@@ -1,16 +1,18 @@
 //! The `cuda` feature's half of build.rs: compiles `csrc/ops_cuda.cu` with nvcc into an object
-//! that the ops library links next to `csrc/ops.cpp`. Without the feature nothing here runs, so
+//! that goes into the ops libraries next to `csrc/ops.cpp`. Without the feature nothing here runs, so
 //! a CPU build never needs a CUDA compiler.
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// What the ops library's link needs from the CUDA build.
+/// What the ops libraries' links need from the CUDA build.
 pub struct Cuda {
-    /// The compiled kernels, placed before the libraries on the link line.
+    /// The compiled kernels.
     pub object: PathBuf,
-    /// Libraries and rpaths, after ops.cpp's own.
-    pub link_args: Vec<String>,
+    /// The folder of the CUDA runtime torch uses.
+    pub cudart_dir: PathBuf,
+    /// Its file name (versioned, e.g. `libcudart.so.13`: the wheels ship no unversioned link).
+    pub cudart: String,
 }
 
 /// Compiles the CUDA kernels against the libtorch in `lib_dir`.
@@ -49,17 +51,8 @@ pub fn compile(includes: &[PathBuf], lib_dir: &Path, abi: &str, out_dir: &Path) 
     let (cudart_dir, cudart) = find_cudart(site.as_deref(), &nvcc)?;
     Ok(Cuda {
         object,
-        link_args: vec![
-            // The object calls c10's CUDA stream and guard helpers; libtorch_cuda holds the
-            // CUDA dispatch key's kernels the registration sits next to.
-            "-ltorch_cuda".into(),
-            "-lc10_cuda".into(),
-            format!("-L{}", cudart_dir.display()),
-            // Only the versioned runtime ships in the wheels (no libcudart.so link), and it is
-            // the very runtime libtorch_cuda loads.
-            format!("-l:{cudart}"),
-            format!("-Wl,-rpath,{}", cudart_dir.display()),
-        ],
+        cudart_dir,
+        cudart,
     })
 }
 

@@ -1,6 +1,6 @@
 // libtorch's c10d for tch-fabric: a TCPStore rendezvous, a Gloo process group, and the few
 // collectives the crate needs (all-reduce, broadcast, barrier). Every entry point catches C++
-// exceptions and returns the message (TF_PROTECT_WITH, protect.h).
+// exceptions and returns the message (TF_PROTECT, protect.h).
 #include "protect.h"
 
 #include <ATen/ATen.h>
@@ -65,13 +65,6 @@ namespace {
 
 using tch_fabric_shim::deref;
 
-// c10's what() carries a C++ backtrace of dozens of frames; users need the message.
-const char *message_of(const std::exception &e) {
-  if (const auto *c10_error = dynamic_cast<const c10::Error *>(&e)) {
-    return c10_error->what_without_backtrace();
-  }
-  return e.what();
-}
 
 struct ProcessGroup {
   c10::intrusive_ptr<c10d::Store> store;
@@ -110,7 +103,6 @@ void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds 
 
 }  // namespace
 
-#define TF_PROTECT(...) TF_PROTECT_WITH(message_of, __VA_ARGS__)
 
 extern "C" {
 
@@ -152,7 +144,7 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
           std::string(rank == 0 ? "rank 0 could not serve" : "could not join") +
           " the rendezvous at " + addr + ":" + std::to_string(master_port) + " (world size " +
           std::to_string(world_size) + ", timeout " + std::to_string(rendezvous.count()) +
-          " ms): " + message_of(e));
+          " ms): " + tch_fabric_shim::message_of(e));
     }
     auto options = c10::make_intrusive<c10d::ProcessGroupGloo::Options>(rendezvous);
     options->devices.push_back(gloo_device(addr));
@@ -163,7 +155,7 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
       throw std::runtime_error("Gloo could not connect the " + std::to_string(world_size) +
                                " ranks (this is rank " + std::to_string(rank) + ", timeout " +
                                std::to_string(rendezvous.count()) +
-                               " ms; do all ranks agree on WORLD_SIZE?): " + message_of(e));
+                               " ms; do all ranks agree on WORLD_SIZE?): " + tch_fabric_shim::message_of(e));
     }
     // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
     *out = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms)};

@@ -1,6 +1,7 @@
 // tch-fabric's custom op, registered with libtorch's dispatcher under the `tch_fabric`
-// namespace. The same file is linked into the Rust crate (whole-archive, so the registration
-// runs) and built as a shared library that Python loads with torch.ops.load_library.
+// namespace. The same objects are linked into the Rust crate (a whole-archive static library,
+// so the registration runs in every binary that links it) and into a shared library that Python
+// loads with torch.ops.load_library (build.rs).
 //
 // tch_fabric::unscale_sumsq_(grads, found_inf, inv_scale, unscale) -> sumsq
 //   One read pass over a list of gradients (float32, float16, bfloat16, mixed):
@@ -24,9 +25,9 @@
 //   mostly check for inf/NaN through the chunk sums: see pick(). at::parallel_for needs the
 //   file compiled with -fopenmp (build.rs), else it runs on one thread.
 //
-// tch_fabric::clip_divisor(found_inf, sumsq, scale, max_norm) -> divisor
-//   PyTorch's clip coefficient from the norm, folded with the loss scale into one divisor that
-//   stays on the device: scale / min(max_norm / (sqrt(sumsq) + 1e-6), 1).
+// tch_fabric::clip_divisor(sumsq, scale, max_norm) -> (norm, divisor)
+//   The global norm sqrt(sumsq), and PyTorch's clip coefficient from it folded with the loss
+//   scale into one divisor that stays on the device: scale / min(max_norm / (norm + 1e-6), 1).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -494,7 +495,9 @@ at::Tensor unscale_sumsq_cpu(at::TensorList grads, at::Tensor &found_inf, const 
               "found_inf must be a 1-element float32 tensor");
   TORCH_CHECK(inv_scale.numel() == 1 && inv_scale.scalar_type() == at::kFloat,
               "inv_scale must be a 1-element float32 tensor");
-  const float inv = inv_scale.item<float>();
+  // A CPU kernel reads its CPU scalar directly (item() would dispatch two more ops).
+  const float inv = inv_scale.device().is_cpu() ? *inv_scale.const_data_ptr<float>()
+                                                : inv_scale.item<float>();
   const Isa isa = chosen_isa();
 
   // Contiguous working tensors (copies of the non-contiguous gradients, written back after).
@@ -554,12 +557,11 @@ at::Tensor unscale_sumsq_cpu(at::TensorList grads, at::Tensor &found_inf, const 
   return at::full({}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
 }
 
-at::Tensor clip_divisor(const at::Tensor &found_inf, const at::Tensor &sumsq, const at::Tensor &scale,
-                        double max_norm) {
-  (void)found_inf;  // the divisor is only used by a step that found_inf already skips
+std::tuple<at::Tensor, at::Tensor> clip_divisor(const at::Tensor &sumsq, const at::Tensor &scale,
+                                                 double max_norm) {
   at::Tensor total = sumsq.sqrt();
   at::Tensor coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-  return scale / coef;
+  return {total, scale / coef};
 }
 
 }  // namespace
@@ -615,6 +617,9 @@ void adamw_folded_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                   found_inf.device().is_cpu(),
               "adamw_folded_: found_inf must be a 1-element float32 CPU tensor");
   for (size_t t = 0; t < n; ++t) {
+    TORCH_CHECK(state_steps[t].numel() == 1 && state_steps[t].scalar_type() == at::kFloat &&
+                    state_steps[t].device().is_cpu(),
+                "adamw_folded_: every state step must be a 1-element float32 CPU tensor");
     for (const at::Tensor *x : {&params[t], &grads[t], &exp_avgs[t], &exp_avg_sqs[t]}) {
       TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->is_contiguous() &&
                       x->numel() == params[t].numel(),
@@ -622,10 +627,11 @@ void adamw_folded_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                   "parameter's size");
     }
   }
-  if (found_inf.item<float>() != 0.f) return;
-  const float div = divisor.item<float>();
+  // CPU scalars are read directly: item() would dispatch two more ops per tensor.
+  if (*found_inf.const_data_ptr<float>() != 0.f) return;
+  const float div = *divisor.const_data_ptr<float>();
   for (size_t t = 0; t < n; ++t) {
-    const double step = state_steps[t].item<double>();
+    const double step = *state_steps[t].const_data_ptr<float>();
     AdamwScalars k;
     k.decay = static_cast<float>(1.0 - lr * weight_decay);
     k.beta1 = static_cast<float>(beta1);
@@ -651,7 +657,7 @@ void adamw_folded_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
 TORCH_LIBRARY(tch_fabric, m) {
   m.def("unscale_sumsq_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale, bool unscale) -> Tensor");
-  m.def("clip_divisor(Tensor found_inf, Tensor sumsq, Tensor scale, float max_norm) -> Tensor");
+  m.def("clip_divisor(Tensor sumsq, Tensor scale, float max_norm) -> (Tensor norm, Tensor divisor)");
   m.def(
       "adamw_folded_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] "
       "exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float weight_decay, "

@@ -1,5 +1,6 @@
 // The C++ half of tch-fabric's FFI. Each entry point is wrapped in TF_PROTECT so that no C++
-// exception crosses into Rust: the message is returned as a heap string instead.
+// exception crosses into Rust: the message (without c10's backtrace) is returned as a heap
+// string instead.
 #include "protect.h"
 
 #include <ATen/ATen.h>
@@ -7,6 +8,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/DefaultDtype.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -73,12 +76,20 @@ void count_end(const at::RecordFunction &, at::ObserverContext *) {
   if (t_counts != nullptr) t_counts->depth -= 1;
 }
 
+void fill_meta(const at::Tensor &t, tf_tensor_meta *m) {
+  *m = tf_tensor_meta{};
+  m->defined = t.defined() ? 1 : 0;
+  if (!t.defined()) return;
+  m->device_type = static_cast<int32_t>(t.device().type());
+  m->device_index = t.device().index();
+  m->dtype = static_cast<int32_t>(t.scalar_type());
+  m->sparse = t.is_sparse() ? 1 : 0;
+  m->contiguous = (!t.is_sparse() && t.is_contiguous()) ? 1 : 0;
+  m->numel = t.numel();
+  m->impl = reinterpret_cast<uintptr_t>(t.unsafeGetTensorImpl());
+}
+
 }  // namespace
-
-static const char *full_message(const std::exception &e) { return e.what(); }
-
-// Every entry point: exceptions come back as their full message (see protect.h).
-#define TF_PROTECT(...) TF_PROTECT_WITH(full_message, __VA_ARGS__)
 
 extern "C" {
 
@@ -155,40 +166,34 @@ char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t
   })
 }
 
-char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_tensor *out) {
+char *tf_grad_total_norm(const tf_tensor *grads, const size_t *group_sizes, size_t n_groups,
+                         double norm_type, tf_tensor *out) {
   TF_PROTECT({
     *out = nullptr;
-    if (n == 0) {
+    std::vector<at::Tensor> norms;
+    size_t offset = 0;
+    std::optional<c10::Device> first_device;
+    for (size_t k = 0; k < n_groups; ++k) {
+      auto group = to_vector(grads + offset, group_sizes[k]);
+      offset += group_sizes[k];
+      if (group.empty()) continue;
+      if (!first_device) first_device = group[0].device();
+      // PyTorch takes the foreach path on CPU and CUDA (_device_has_foreach_support), whose
+      // reductions may sum in another order than linalg.vector_norm: use it too, for the same
+      // bits.
+      auto type = group[0].device().type();
+      if (type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA) {
+        auto r = at::_foreach_norm(group, norm_type);
+        norms.insert(norms.end(), r.begin(), r.end());
+      } else {
+        for (auto &g : group) norms.push_back(at::linalg_vector_norm(g, norm_type));
+      }
+    }
+    if (norms.empty()) {
       *out = new at::Tensor(at::zeros({}, at::kFloat));
       return nullptr;
     }
-    // Group by (device, dtype) in first-seen order, as _group_tensors_by_device_and_dtype.
-    std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>, std::vector<at::Tensor>>> groups;
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor &g = deref(grads[i]);
-      auto key = std::make_pair(g.device(), g.scalar_type());
-      auto it = std::find_if(groups.begin(), groups.end(),
-                             [&](const auto &e) { return e.first == key; });
-      if (it == groups.end()) {
-        groups.push_back({key, {g}});
-      } else {
-        it->second.push_back(g);
-      }
-    }
-    // PyTorch takes the foreach path on CPU and CUDA (_device_has_foreach_support), whose
-    // reductions may sum in another order than linalg.vector_norm: use it too, for the same bits.
-    std::vector<at::Tensor> norms;
-    for (auto &group : groups) {
-      auto type = group.first.first.type();
-      if (type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA) {
-        auto r = at::_foreach_norm(group.second, norm_type);
-        norms.insert(norms.end(), r.begin(), r.end());
-      } else {
-        for (auto &g : group.second) norms.push_back(at::linalg_vector_norm(g, norm_type));
-      }
-    }
-    auto first_device = deref(grads[0]).device();
-    for (auto &t : norms) t = t.to(first_device);
+    for (auto &t : norms) t = t.to(*first_device);
     *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), norm_type));
   })
 }
@@ -236,8 +241,77 @@ char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value) {
 char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other) {
   TF_PROTECT({
     auto list = to_vector(tensors, n);
-    const at::Tensor &o = deref(other);
-    for (auto &t : list) t.sub_(o);
+    // torch.optim's fused step: torch._foreach_sub_(steps, [found_inf] * len(steps)).
+    std::vector<at::Tensor> others(n, deref(other));
+    at::_foreach_sub_(list, others);
+  })
+}
+
+char *tf_foreach_mul_tensor(const tf_tensor *tensors, size_t n, tf_tensor other) {
+  TF_PROTECT({
+    auto list = to_vector(tensors, n);
+    at::_foreach_mul_(list, deref(other));
+  })
+}
+
+char *tf_foreach_clamp(const tf_tensor *tensors, size_t n, double min, double max) {
+  TF_PROTECT({
+    auto list = to_vector(tensors, n);
+    at::_foreach_clamp_min_(list, min);
+    at::_foreach_clamp_max_(list, max);
+  })
+}
+
+char *tf_tensor_meta_list(const tf_tensor *tensors, size_t n, tf_tensor_meta *out) {
+  TF_PROTECT({
+    for (size_t i = 0; i < n; ++i) fill_meta(deref(tensors[i]), &out[i]);
+  })
+}
+
+char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_tensor_meta *meta) {
+  TF_PROTECT({
+    for (size_t i = 0; i < n; ++i) grads[i] = nullptr;
+    try {
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor &g = deref(params[i]).grad();
+        fill_meta(g, &meta[i]);
+        if (g.defined()) grads[i] = new at::Tensor(g);
+      }
+    } catch (...) {
+      for (size_t i = 0; i < n; ++i) delete static_cast<at::Tensor *>(grads[i]);
+      for (size_t i = 0; i < n; ++i) grads[i] = nullptr;
+      throw;
+    }
+  })
+}
+
+char *tf_load_cuda(int32_t *loaded) {
+  TF_PROTECT({
+    *loaded = 0;
+    // libtorch_cuda.so registers CUDA with libtorch when it is loaded. A binary linked with
+    // --as-needed (a dependent crate's, by default) drops it, so load it by hand from the
+    // folder of the libtorch_cpu.so this process uses.
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void *>(&at::globalContext), &info) != 0 && info.dli_fname) {
+      std::string path(info.dli_fname);
+      auto slash = path.rfind('/');
+      std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+      void *handle = dlopen((dir + "libtorch_cuda.so").c_str(), RTLD_NOW | RTLD_GLOBAL);
+      *loaded = handle != nullptr ? 1 : 0;
+    }
+  })
+}
+
+char *tf_op_has_kernel(const char *name, int32_t device_type, int32_t *out) {
+  TF_PROTECT({
+    *out = 0;
+    if (name == nullptr) throw std::invalid_argument("tch-fabric shim: null op name");
+    auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName(name, ""));
+    if (op) {
+      auto key = device_type_from(device_type) == c10::DeviceType::CUDA ? c10::DispatchKey::CUDA
+                                                                         : c10::DispatchKey::CPU;
+      *out = op->hasKernelForDispatchKey(key) ? 1 : 0;
+    }
   })
 }
 
@@ -254,7 +328,7 @@ char *tf_unscale_sumsq(const tf_tensor *grads, size_t n, tf_tensor found_inf, tf
                        int32_t unscale, tf_tensor *out) {
   TF_PROTECT({
     *out = nullptr;
-    static auto op = c10::Dispatcher::singleton()
+    static const auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("tch_fabric::unscale_sumsq_", "")
                          .typed<at::Tensor(at::TensorList, at::Tensor &, const at::Tensor &, bool)>();
     auto list = to_vector(grads, n);
@@ -268,7 +342,7 @@ char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_
                       double lr, double beta1, double beta2, double weight_decay, double eps,
                       int32_t maximize, tf_tensor divisor, tf_tensor found_inf) {
   TF_PROTECT({
-    static auto op = c10::Dispatcher::singleton()
+    static const auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("tch_fabric::adamw_folded_", "")
                          .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                      at::TensorList, double, double, double, double, double, bool,
@@ -279,15 +353,18 @@ char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_
   })
 }
 
-char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
-                      tf_tensor *out) {
+char *tf_clip_divisor(tf_tensor sumsq, tf_tensor scale, double max_norm, tf_tensor *norm,
+                      tf_tensor *divisor) {
   TF_PROTECT({
-    *out = nullptr;
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("tch_fabric::clip_divisor", "")
-            .typed<at::Tensor(const at::Tensor &, const at::Tensor &, const at::Tensor &, double)>();
-    *out = new at::Tensor(op.call(deref(found_inf), deref(sumsq), deref(scale), max_norm));
+    *norm = nullptr;
+    *divisor = nullptr;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("tch_fabric::clip_divisor", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(
+                                   const at::Tensor &, const at::Tensor &, double)>();
+    auto [n, d] = op.call(deref(sumsq), deref(scale), max_norm);
+    *norm = new at::Tensor(n);
+    *divisor = new at::Tensor(d);
   })
 }
 

@@ -26,7 +26,35 @@ typedef struct {
   int32_t cache_enabled;
 } tf_autocast_state;
 
+/* What Rust needs to know about a tensor, read in one call (tch's accessors panic on an
+ * undefined tensor and take one call each). For an undefined tensor only `defined` (0) is set.
+ * device_type and dtype are c10's numbers; impl identifies the TensorImpl (shallow copies of
+ * one tensor share it). */
+typedef struct {
+  int32_t defined;
+  int32_t device_type;
+  int32_t device_index;
+  int32_t dtype;
+  int32_t sparse;
+  int32_t contiguous;
+  int64_t numel;
+  uintptr_t impl;
+} tf_tensor_meta;
+
 void tf_free_error(char *err);
+
+/* Metadata of n tensors into out[0..n]. */
+char *tf_tensor_meta_list(const tf_tensor *tensors, size_t n, tf_tensor_meta *out);
+/* The gradients of n parameters: grads[i] receives a new tensor (tch frees it) or NULL when the
+ * parameter has no gradient, meta[i] its metadata. On error nothing is allocated. */
+char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_tensor_meta *meta);
+/* Loads libtorch_cuda.so from the folder of the process's libtorch_cpu.so, so that CUDA is
+ * registered even in a binary whose linker dropped it (--as-needed). *loaded is 1 when it is
+ * loaded now (or was already), 0 when there is none (a CPU-only libtorch). */
+char *tf_load_cuda(int32_t *loaded);
+/* Whether the dispatcher has a kernel of op `name` (e.g. "tch_fabric::unscale_sumsq_") for a
+ * device type (0 = CPU, 1 = CUDA); 0 too when the op is unknown. */
+char *tf_op_has_kernel(const char *name, int32_t device_type, int32_t *out);
 
 /* Whether libtorch has an autocast implementation for this device type. */
 char *tf_autocast_available(int32_t device_type, int32_t *out);
@@ -47,10 +75,13 @@ char *tf_default_dtype_set(int32_t dtype);
 char *tf_amp_foreach_non_finite_check_and_unscale(const tf_tensor *grads, size_t n,
                                                   tf_tensor found_inf, tf_tensor inv_scale);
 
-/* torch.nn.utils.get_total_norm(grads, norm_type): per-tensor norms (torch._foreach_norm on
- * CPU and CUDA, linalg.vector_norm elsewhere, as PyTorch picks), stacked on the first gradient's
- * device, then their norm. *out receives a new tensor (tch frees it). An empty list gives 0. */
-char *tf_grad_total_norm(const tf_tensor *grads, size_t n, double norm_type, tf_tensor *out);
+/* torch.nn.utils.get_total_norm(grads, norm_type) over gradients already grouped by (device,
+ * dtype): `grads` holds the groups one after another, group k has group_sizes[k] tensors.
+ * Per-tensor norms (torch._foreach_norm per group on CPU and CUDA, linalg.vector_norm
+ * elsewhere, as PyTorch picks), stacked on the first gradient's device, then their norm.
+ * *out receives a new tensor (tch frees it). No gradients give 0. */
+char *tf_grad_total_norm(const tf_tensor *grads, const size_t *group_sizes, size_t n_groups,
+                         double norm_type, tf_tensor *out);
 
 /* torch._fused_adamw_ over n parameters (max_exp_avg_sqs has n entries when amsgrad, else
  * it is ignored). grad_scale and found_inf may be NULL. */
@@ -67,10 +98,14 @@ char *tf_fused_sgd(const tf_tensor *params, const tf_tensor *grads, const tf_ten
                    int32_t nesterov, int32_t maximize, int32_t is_first_step, tf_tensor grad_scale,
                    tf_tensor found_inf);
 
-/* torch._foreach_add_(tensors, other) and torch._foreach_sub_(tensors, other): the step-count
- * bookkeeping of fused optimizers, kept on the device. */
+/* torch._foreach_add_(tensors, value) and torch._foreach_sub_(tensors, [other] * n): the
+ * step-count bookkeeping of fused optimizers, kept on the device. */
 char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value);
 char *tf_foreach_sub_tensor(const tf_tensor *tensors, size_t n, tf_tensor other);
+/* torch._foreach_mul_(tensors, other) with a 0-dim tensor: clip_grad_norm_'s scaling. */
+char *tf_foreach_mul_tensor(const tf_tensor *tensors, size_t n, tf_tensor other);
+/* torch._foreach_clamp_min_ then _foreach_clamp_max_: clip_grad_value_. */
+char *tf_foreach_clamp(const tf_tensor *tensors, size_t n, double min, double max);
 
 /* Optimizer.zero_grad(set_to_none=True): every gradient becomes undefined (its memory is freed
  * until the next backward allocates it again). */
@@ -85,9 +120,9 @@ char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_
                       const tf_tensor *exp_avg_sqs, const tf_tensor *state_steps, size_t n,
                       double lr, double beta1, double beta2, double weight_decay, double eps,
                       int32_t maximize, tf_tensor divisor, tf_tensor found_inf);
-/* tch_fabric::clip_divisor through the dispatcher. */
-char *tf_clip_divisor(tf_tensor found_inf, tf_tensor sumsq, tf_tensor scale, double max_norm,
-                      tf_tensor *out);
+/* tch_fabric::clip_divisor through the dispatcher: *norm and *divisor receive new tensors. */
+char *tf_clip_divisor(tf_tensor sumsq, tf_tensor scale, double max_norm, tf_tensor *norm,
+                      tf_tensor *divisor);
 
 /* Counts the dispatcher calls (ATen ops, tch_fabric ops) made on the calling thread between
  * begin and end. *report receives "name\tall\ttop_level\n" lines (free with tf_free_error):

@@ -18,9 +18,9 @@
 use anyhow::Result;
 use clap::Parser;
 use std::time::Instant;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 use tch_fabric::{
-    count_ops, Clip, Fabric, FabricOptimizer, FusedAdamW, GradScalerConfig, OpCounts,
+    count_ops, Clip, Fabric, FabricOptimizer, FusedAdamW, GradScalerConfig, OpCounts, TchOptimizer,
 };
 
 #[derive(Parser)]
@@ -70,10 +70,10 @@ fn setup(kind: &str, args: &Args) -> Result<Setup> {
     // The "model" is the identity: only its parameters in `vs` matter here.
     let identity = nn::func(|x| x.shallow_clone());
     let opt = if kind == "tch-adamw" {
-        let o = nn::AdamW::default().wd(0.01).build(&vs, 1e-3)?;
+        let o = TchOptimizer::new(&vs, nn::AdamW::default().wd(0.01), 1e-3)?;
         fabric.setup(identity, &mut vs, o)?.1
     } else {
-        let o = FusedAdamW::new(&vs, 1e-3);
+        let o = FusedAdamW::new(&vs, 1e-3)?;
         fabric.setup(identity, &mut vs, o)?.1
     };
     Ok(Setup {
@@ -91,7 +91,7 @@ fn iteration(s: &mut Setup) -> Result<f64> {
 
 /// [`iteration`], optionally counting the libtorch ops of the part after backward.
 fn iteration_counted(s: &mut Setup, count: bool) -> Result<(f64, Option<OpCounts>)> {
-    s.opt.zero_grad();
+    s.opt.zero_grad()?;
     let vars = s.vs.trainable_variables();
     let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for (p, g) in vars.iter().zip(&s.targets) {
@@ -100,9 +100,7 @@ fn iteration_counted(s: &mut Setup, count: bool) -> Result<(f64, Option<OpCounts
     s.fabric.backward(&loss)?;
     let t0 = Instant::now();
     let after_backward = |s: &mut Setup| -> Result<()> {
-        let _norm = s
-            .fabric
-            .clip_gradients_on_device(&mut s.opt, Clip::norm(1.0))?;
+        let _norm = s.fabric.clip_gradients(&mut s.opt, Clip::norm(1.0))?;
         s.opt.step()?;
         Ok(())
     };

@@ -7,8 +7,8 @@
 //!     (another --precision conflicts with the code and is refused, as in Lightning; a Fabric
 //!     built without a precision takes the CLI's)
 use anyhow::Result;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
-use tch_fabric::{Fabric, Precision};
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::{Fabric, Precision, TchOptimizer};
 
 fn main() -> Result<()> {
     // tch-fabric reports Lightning's warnings (CPU fp16 fallback, legacy spellings) via `log`.
@@ -30,16 +30,16 @@ fn main() -> Result<()> {
         .add(nn::linear(vs.root() / "l1", 32, 64, Default::default()))
         .add_fn(|x| x.gelu("none"))
         .add(nn::linear(vs.root() / "l2", 64, 10, Default::default()));
-    let optimizer = nn::AdamW::default().build(&vs, 1e-3)?;
+    let optimizer = TchOptimizer::new(&vs, nn::AdamW::default(), 1e-3)?;
 
     // # Here, Fabric sets up the `model.forward` for precision auto-casting
     // model, optimizer = fabric.setup(model, optimizer)
     let (model, mut optimizer) = fabric.setup(model, &mut vs, optimizer)?;
 
-    let input = fabric.to_device(&Tensor::randn([64, 32], (Kind::Float, Device::Cpu)));
-    let target = fabric.to_device(&Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)));
+    let input = fabric.to_device(&Tensor::randn([64, 32], (Kind::Float, Device::Cpu)))?;
+    let target = fabric.to_device(&Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)))?;
     for step in 0..20 {
-        optimizer.zero_grad();
+        optimizer.zero_grad()?;
         // # Precision casting gets handled in your forward, no code changes required
         // output = model.forward(input)
         let output = model.forward(&input);

@@ -7,8 +7,8 @@
 //! a GradScaler); `-true` precisions convert the weights and inputs.
 use anyhow::Result;
 use clap::Parser;
-use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
-use tch_fabric::{autocast, AmpOptimizer, GradScaler, GradScalerConfig, Precision};
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::{autocast, GradScaler, GradScalerConfig, Optimizer, Precision, TchOptimizer};
 
 #[derive(Parser)]
 struct Args {
@@ -36,7 +36,7 @@ fn main() -> Result<()> {
     if !precision.is_mixed() {
         vs.set_kind(precision.param_dtype());
     }
-    let mut opt = AmpOptimizer::new(nn::AdamW::default().build(&vs, 1e-2)?, &vs);
+    let mut opt = TchOptimizer::new(&vs, nn::AdamW::default(), 1e-2)?;
     let mut scaler =
         GradScaler::new(GradScalerConfig::default().enabled(precision.needs_grad_scaler()))?;
 
@@ -53,7 +53,7 @@ fn main() -> Result<()> {
             let out = model.forward(&x.to_kind(precision.input_dtype()));
             out.to_kind(Kind::Float).mse_loss(&y, Reduction::Mean)
         };
-        opt.zero_grad();
+        opt.zero_grad()?;
         scaler.scale(&loss)?.backward();
         let outcome = scaler.step(&mut opt)?;
         scaler.update()?;
@@ -61,7 +61,7 @@ fn main() -> Result<()> {
             println!(
                 "[{precision}] step {step:4}  loss {:.6}  scale {}{}",
                 loss.double_value(&[]),
-                scaler.get_scale(),
+                scaler.get_scale()?,
                 if outcome.is_skipped() {
                     "  (skipped)"
                 } else {
@@ -72,8 +72,8 @@ fn main() -> Result<()> {
     }
     println!(
         "[{precision}] steps taken {}, skipped {}",
-        scaler.steps_taken(),
-        scaler.steps_skipped()
+        scaler.steps_taken()?,
+        scaler.steps_skipped()?
     );
     Ok(())
 }

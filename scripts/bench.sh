@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/provision.sh
-cargo build --release --example bench
+cargo build --release -p tch-fabric-cli --example bench
 exec .venv/bin/python scripts/bench.py "$@"

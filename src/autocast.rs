@@ -1,7 +1,7 @@
 //! Autocast scopes on CPU and CUDA, with PyTorch's enter/exit order.
 use crate::default_dtype::DefaultDtypeGuard;
 use crate::error::{Error, Result};
-use crate::ffi;
+use crate::native;
 use crate::precision::Precision;
 use std::marker::PhantomData;
 use tch::{Device, Kind};
@@ -46,10 +46,10 @@ pub fn autocast(device: Device, kind: Kind) -> Result<AutocastGuard> {
 ///
 /// [`Error::UnsupportedAutocast`] for a device other than CPU / CUDA.
 pub fn autocast_state(device: Device) -> Result<AutocastState> {
-    let s = ffi::autocast_get(device_type(device, None)?)?;
+    let s = native::autocast_get(device_type(device, None)?)?;
     Ok(AutocastState {
         enabled: s.enabled != 0,
-        dtype: ffi::kind_from_c10(s.dtype),
+        dtype: native::kind_from_c10(s.dtype),
         cache_enabled: s.cache_enabled != 0,
     })
 }
@@ -126,16 +126,16 @@ impl Autocast {
                  (for float32 or float64 use a -true precision, or .enabled(false) with one of these)",
             ));
         }
-        if !ffi::autocast_available(device_type)? {
+        if !native::autocast_available(device_type)? {
             return Err(unsupported(
                 self.device,
                 Some(self.kind),
                 "this libtorch has no autocast for the device",
             ));
         }
-        let saved = ffi::autocast_enter(
+        let saved = native::autocast_enter(
             device_type,
-            ffi::c10_scalar_type(self.kind),
+            native::c10_scalar_type(self.kind),
             self.enabled,
             self.cache_enabled,
         )?;
@@ -175,25 +175,36 @@ pub struct AutocastGuard {
 }
 
 /// What a guard undoes. [`crate::Fabric::autocast`] hands out the precision's scope, which is
-/// an autocast only for mixed precisions (as Lightning's `forward_context`).
+/// an autocast only for mixed precisions (as Lightning's `forward_context`), and the
+/// process-wide default-dtype switch only where a Fabric opted into it.
 #[derive(Debug)]
 enum Scope {
     Autocast {
         device_type: i32,
-        saved: ffi::AutocastState,
+        saved: crate::ffi::AutocastState,
     },
     DefaultDtype(#[allow(dead_code)] DefaultDtypeGuard),
     Nothing,
 }
 
 impl AutocastGuard {
-    /// The scope Lightning's `precision.forward_context()` opens: autocast for mixed
-    /// precisions, the default dtype switched for `-true` and `64-true`, nothing for `32-true`.
-    pub(crate) fn for_precision(precision: Precision, device: Device) -> Result<Self> {
+    /// The precision's scope: autocast for mixed precisions, nothing otherwise. Lightning's
+    /// `forward_context()` also switches the process-wide default dtype for `-true` and
+    /// `64-true`; that only happens with `default_dtype_scope` (the opt-in
+    /// [`crate::FabricBuilder::process_wide_default_dtype`]), since every thread of the process
+    /// sees it.
+    pub(crate) fn for_precision(
+        precision: Precision,
+        device: Device,
+        default_dtype_scope: bool,
+    ) -> Result<Self> {
         let scope = match (precision, precision.autocast_dtype()) {
             (_, Some(kind)) => return Autocast::new(device, kind).enter(),
             (Precision::F32True, None) => Scope::Nothing,
-            (p, None) => Scope::DefaultDtype(DefaultDtypeGuard::new(p.param_dtype())?),
+            (p, None) if default_dtype_scope => {
+                Scope::DefaultDtype(DefaultDtypeGuard::new(p.param_dtype())?)
+            }
+            (_, None) => Scope::Nothing,
         };
         Ok(AutocastGuard {
             scope,
@@ -207,7 +218,7 @@ impl Drop for AutocastGuard {
         // The exit only touches thread-local flags and cannot fail for a device type that
         // entered successfully; if libtorch ever disagrees, report it rather than panic in drop.
         if let Scope::Autocast { device_type, saved } = &self.scope {
-            if let Err(e) = ffi::autocast_exit(*device_type, saved) {
+            if let Err(e) = native::autocast_exit(*device_type, saved) {
                 log::error!("leaving an autocast scope failed: {e}");
             }
         }
@@ -225,11 +236,11 @@ fn unsupported(device: Device, kind: Option<Kind>, reason: &str) -> Error {
 /// c10's device type for an autocast device, checking that a CUDA device exists.
 fn device_type(device: Device, kind: Option<Kind>) -> Result<i32> {
     match device {
-        Device::Cpu => Ok(ffi::DEVICE_TYPE_CPU),
+        Device::Cpu => Ok(native::DEVICE_TYPE_CPU),
         Device::Cuda(index) => {
             let count = tch::Cuda::device_count();
             if index < count as usize {
-                Ok(ffi::DEVICE_TYPE_CUDA)
+                Ok(native::DEVICE_TYPE_CUDA)
             } else if count == 0 {
                 Err(unsupported(
                     device,

@@ -1,16 +1,235 @@
-//! Checkpoint files: one safetensors file holding the weights (readable by Python's
-//! `safetensors`), with the precision, the GradScaler state (PyTorch's keys) and the user's own
-//! state as JSON in the header's metadata. Written atomically: a temporary file in the same
-//! folder, synced, then renamed over the target.
-use crate::error::{Error, Result};
+//! Checkpoints: what [`crate::Fabric::save`] writes and [`crate::Fabric::load`] checks and
+//! restores.
+//!
+//! - The file: one safetensors file holding the tensors (readable by Python's `safetensors`),
+//!   with the precision, the GradScaler state (PyTorch's keys) and the user's own state as JSON
+//!   in the header's metadata. Written atomically: a temporary file in the same folder, synced,
+//!   then renamed over the target.
+//! - The key layout: a model's variables under their VarStore names (`fc.weight`), prefixed
+//!   with the model's setup name when it has one (`generator.fc.weight`); optimizer `i`'s state
+//!   as `optimizer.<i>.<param>.<field>`.
+//! - Loading: every check runs before anything changes ([`plan_load`]), then [`apply`].
+use crate::error::{Error, Op, Result};
+use crate::native;
+use crate::optim::Optimizer;
+use crate::params::lock_vars;
 use crate::precision::Precision;
-use crate::scaler::GradScalerState;
+use crate::scaler::{GradScaler, GradScalerState};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use tch::{nn, Device, Kind, Tensor};
+
+/// The key prefix of optimizer state: `optimizer.<index>.<param>.<field>`.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// An optimizer set up with a Fabric, shared between the Fabric (checkpoints) and its
+/// [`crate::FabricOptimizer`].
+pub(crate) type SharedOptimizer = Rc<RefCell<Box<dyn Optimizer>>>;
+
+/// A model set up with a Fabric, as checkpoints see it: the VarStore's variables (trainable or
+/// not, read when saving or loading) under an optional setup name.
+#[derive(Debug)]
+pub(crate) struct Model {
+    pub name: Option<String>,
+    pub vars: Arc<Mutex<nn::Variables>>,
+}
+
+impl Model {
+    /// The checkpoint key of one of its variables.
+    fn key(&self, var: &str) -> String {
+        match &self.name {
+            Some(n) => format!("{n}.{var}"),
+            None => var.to_string(),
+        }
+    }
+
+    /// (key, tensor) of every variable, sorted by key.
+    pub(crate) fn entries(&self) -> Result<Vec<(String, Tensor)>> {
+        let vars = lock_vars(&self.vars)?;
+        let mut out: Vec<(String, Tensor)> = vars
+            .named_variables
+            .iter()
+            .map(|(n, t)| (self.key(n), t.shallow_clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// Refuses a model whose keys would collide with a model already set up or with the optimizer
+/// keys.
+pub(crate) fn check_new_model(models: &[Model], new: &Model) -> Result<()> {
+    if let Some(name) = &new.name {
+        if name.is_empty() || name.contains('.') || format!("{name}.") == OPTIMIZER_PREFIX {
+            return Err(Error::InvalidConfig {
+                field: "model name",
+                value: format!("'{name}'"),
+                allowed: "a non-empty name without '.', other than 'optimizer'",
+            });
+        }
+    }
+    let keys = new.entries()?;
+    for other in models {
+        for (key, _) in other.entries()? {
+            if keys.iter().any(|(k, _)| *k == key) {
+                return Err(Error::Usage(format!(
+                    "parameter '{key}' was already set up with this Fabric: give the model its \
+                     own name (`fabric.setup_named(\"generator\", ...)`) so that its checkpoint \
+                     keys stay apart, or its own VarStore path"
+                )));
+            }
+        }
+    }
+    if let Some((key, _)) = keys.iter().find(|(k, _)| k.starts_with(OPTIMIZER_PREFIX)) {
+        return Err(Error::Usage(format!(
+            "variable '{key}' starts with '{OPTIMIZER_PREFIX}', which checkpoints reserve for \
+             optimizer state: use another VarStore path or a model name"
+        )));
+    }
+    Ok(())
+}
+
+/// Every tensor a checkpoint holds: the models' variables, then each optimizer's state.
+pub(crate) fn collect(
+    models: &[Model],
+    optimizers: &[SharedOptimizer],
+) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = Vec::new();
+    for m in models {
+        tensors.extend(m.entries()?);
+    }
+    for (i, opt) in optimizers.iter().enumerate() {
+        for (name, t) in opt.borrow().state_tensors()? {
+            tensors.push((format!("{OPTIMIZER_PREFIX}{i}.{name}"), t));
+        }
+    }
+    Ok(tensors)
+}
+
+/// A checked load: what [`apply`] will change.
+pub(crate) struct Plan {
+    /// (destination variable, source tensor) for every model variable.
+    weights: Vec<(Tensor, Tensor)>,
+    /// Each optimizer's state.
+    optimizer_states: Vec<Vec<(String, Tensor)>>,
+    /// The scaler state to load, when both sides have one.
+    scaler: Option<GradScalerState>,
+}
+
+/// Checks `contents` against the models, optimizers and scaler of a Fabric, changing nothing.
+pub(crate) fn plan_load(
+    path: &Path,
+    contents: &Contents,
+    models: &[Model],
+    optimizers: &[SharedOptimizer],
+    scaler: Option<&GradScaler>,
+    precision: Precision,
+) -> Result<Plan> {
+    let bad = |reason: String| fail(path, reason);
+    let mut weights = Vec::new();
+    let mut claimed: Vec<&str> = Vec::new();
+    for m in models {
+        for (key, p) in m.entries()? {
+            let (k, t) = contents
+                .tensors
+                .get_key_value(&key)
+                .ok_or_else(|| bad(format!("parameter '{key}' is not in the checkpoint")))?;
+            let (want, got) = (native::shape(&p)?, native::shape(t)?);
+            if want != got {
+                return Err(bad(format!(
+                    "parameter '{key}' has shape {got:?} in the checkpoint but {want:?} in the model"
+                )));
+            }
+            claimed.push(k);
+            weights.push((p, t.shallow_clone()));
+        }
+    }
+    let mut optimizer_states: Vec<Vec<(String, Tensor)>> =
+        optimizers.iter().map(|_| Vec::new()).collect();
+    for (key, t) in &contents.tensors {
+        if claimed.contains(&key.as_str()) {
+            continue;
+        }
+        let slot = key.strip_prefix(OPTIMIZER_PREFIX).and_then(|rest| {
+            let (i, name) = rest.split_once('.')?;
+            Some((i.parse::<usize>().ok()?, name))
+        });
+        match slot {
+            Some((i, name)) if i < optimizer_states.len() => {
+                optimizer_states[i].push((name.to_string(), t.shallow_clone()))
+            }
+            _ => return Err(bad(format!(
+                "tensor '{key}' in the checkpoint matches no parameter or optimizer of this Fabric"
+            ))),
+        }
+    }
+    for (i, (opt, st)) in optimizers.iter().zip(&optimizer_states).enumerate() {
+        opt.borrow()
+            .check_state(st)
+            .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
+    }
+    let scaler_state = match (&contents.scaler, scaler) {
+        (Some(s), Some(scaler)) => {
+            scaler.check_state_dict(s)?;
+            Some(s.clone())
+        }
+        (None, Some(_)) => {
+            log::info!(
+                "checkpoint {} has no GradScaler state ({}): keeping the current scale",
+                path.display(),
+                contents.precision
+            );
+            None
+        }
+        (Some(_), None) => {
+            log::info!(
+                "checkpoint {} holds a GradScaler state that {precision} does not use",
+                path.display()
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    if contents.precision != precision {
+        log::info!(
+            "checkpoint {} was saved with {}; converting its weights to {precision}",
+            path.display(),
+            contents.precision
+        );
+    }
+    Ok(Plan {
+        weights,
+        optimizer_states,
+        scaler: scaler_state,
+    })
+}
+
+/// Applies a checked load.
+pub(crate) fn apply(
+    plan: Plan,
+    optimizers: &[SharedOptimizer],
+    scaler: Option<&mut GradScaler>,
+) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        for (dst, src) in &plan.weights {
+            dst.shallow_clone().f_copy_(src).op("copy_")?;
+        }
+        Ok(())
+    })?;
+    for (opt, st) in optimizers.iter().zip(&plan.optimizer_states) {
+        opt.borrow_mut().load_state(st)?;
+    }
+    if let (Some(s), Some(scaler)) = (&plan.scaler, scaler) {
+        scaler.load_state_dict(s)?;
+    }
+    Ok(())
+}
 
 const KEY_FORMAT: &str = "tch_fabric.format";
 const FORMAT: &str = "1";
@@ -88,18 +307,21 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 }
 
 fn view_of(name: &str, t: &Tensor, path: &Path) -> Result<OwnedView> {
-    let kind = t.f_kind()?;
-    let dtype = dtype_of(kind).ok_or_else(|| {
+    let m = native::meta(t)?.ok_or_else(|| fail(path, format!("tensor '{name}' is undefined")))?;
+    let dtype = dtype_of(m.kind).ok_or_else(|| {
         fail(
             path,
-            format!("tensor '{name}' has unsupported dtype {kind:?}"),
+            format!("tensor '{name}' has unsupported dtype {:?}", m.kind),
         )
     })?;
-    let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut data, numel)?;
-    let shape = t.size().into_iter().map(|d| d as usize).collect();
+    let t = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .op("to cpu")?;
+    let numel = usize::try_from(m.numel).unwrap_or(0);
+    let mut data = vec![0u8; numel * m.kind.elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut data, numel).op("copy_data")?;
+    let shape = native::shape(&t)?.into_iter().map(|d| d as usize).collect();
     Ok(OwnedView { dtype, shape, data })
 }
 
@@ -207,7 +429,7 @@ pub(crate) fn read(path: &Path) -> Result<Contents> {
             )
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind).op("from_data")?;
         tensors.insert(name, t);
     }
     Ok(Contents {

@@ -1,8 +1,11 @@
 //! libtorch's process-wide default floating dtype (`torch.get_default_dtype` /
 //! `torch.set_default_dtype`), which tch does not bind. Lightning's `-true` and `64-true`
-//! precisions switch it around the forward so that tensors created there get the right dtype.
+//! precisions switch it around the forward so that tensors created there without a dtype get
+//! the precision's; a [`crate::Fabric`] does so only when asked
+//! ([`crate::FabricBuilder::process_wide_default_dtype`]), because every thread of the process
+//! sees the switch.
 use crate::error::{Error, Result};
-use crate::ffi;
+use crate::native;
 use tch::Kind;
 
 /// The dtype factory functions use for floating tensors when none is given.
@@ -11,11 +14,13 @@ use tch::Kind;
 ///
 /// [`Error::Native`] if libtorch reports a dtype tch does not know.
 pub fn default_dtype() -> Result<Kind> {
-    let st = ffi::default_dtype_get()?;
-    ffi::kind_from_c10(st).ok_or_else(|| Error::Native {
-        op: "default_dtype_get",
-        message: format!("unexpected default scalar type {st}"),
-    })
+    let st = native::default_dtype_get()?;
+    native::kind_from_c10(st)
+        .filter(|k| matches!(k, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double))
+        .ok_or_else(|| Error::Native {
+            op: "default_dtype_get",
+            message: format!("unexpected default scalar type {st}"),
+        })
 }
 
 /// Sets the default floating dtype for the whole process (all threads), as
@@ -35,13 +40,15 @@ pub fn set_default_dtype(kind: Kind) -> Result<()> {
             allowed: "one of Half, BFloat16, Float, Double",
         });
     }
-    ffi::default_dtype_set(ffi::c10_scalar_type(kind))
+    native::default_dtype_set(native::c10_scalar_type(kind))
 }
 
-/// Switches the default floating dtype until dropped, then restores the previous one.
+/// Switches the process-wide default floating dtype until dropped, then restores the previous
+/// one.
 ///
-/// The default dtype is process-wide in libtorch: two threads switching it at once see each
-/// other's values, exactly as in PyTorch.
+/// The default dtype is global to the process in libtorch: every other thread sees the switch
+/// while the guard lives, and two threads switching it at once see each other's values, exactly
+/// as in PyTorch.
 ///
 /// ```
 /// use tch::{Kind, Tensor};

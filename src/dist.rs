@@ -1,12 +1,13 @@
 //! Data-parallel training across processes on libtorch's c10d: the rendezvous read from the
 //! environment (as torchrun and `fabric run` set it), a [`ProcessGroup`] with the collectives
 //! DDP needs, coalesced gradient buckets, and a [`DistributedSampler`].
-use crate::error::{Error, Result};
-use crate::ffi::{PgConfig, RawProcessGroup, RawReduceOp};
+use crate::error::{Error, Op, Result};
+use crate::native::{self, PgConfig, RawProcessGroup, RawReduceOp};
+use crate::params::group_by;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The size of one coalesced bucket (PyTorch DDP's default `bucket_cap_mb`).
 pub const BUCKET_BYTES: usize = 25 * 1024 * 1024;
@@ -259,7 +260,8 @@ impl ProcessGroup {
         };
         raw.all_reduce(tensor, op.into())?;
         if op == ReduceOp::Mean {
-            let _ = tch::no_grad(|| tensor.shallow_clone().f_div_scalar_(self.world_size as f64))?;
+            let _ = tch::no_grad(|| tensor.shallow_clone().f_div_scalar_(self.world_size as f64))
+                .op("div_")?;
         }
         Ok(())
     }
@@ -364,26 +366,21 @@ pub(crate) fn default_group(
 /// Packs `tensors` into buckets (same dtype and device, at most [`BUCKET_BYTES`] unless one
 /// tensor alone is larger), runs `f` on each flat buffer and copies the result back.
 fn for_each_bucket(tensors: &[Tensor], mut f: impl FnMut(&Tensor) -> Result<()>) -> Result<()> {
-    let mut groups: Vec<((Kind, tch::Device), Vec<&Tensor>)> = Vec::new();
-    for t in tensors.iter().filter(|t| t.defined()) {
-        let key = (t.kind(), t.device());
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.push(t),
-            None => groups.push((key, vec![t])),
-        }
-    }
+    let metas = native::metas(tensors)?;
+    let groups = group_by(metas.iter().map(|m| m.map(|m| (m.kind, m.device))));
     tch::no_grad(|| {
-        for (_, group) in groups {
+        for ((kind, _), group) in groups {
             let mut bucket: Vec<&Tensor> = Vec::new();
             let mut bytes = 0usize;
-            for t in group {
-                let size = t.numel() * t.kind().elt_size_in_bytes();
+            for i in group {
+                let numel = metas[i].map_or(0, |m| usize::try_from(m.numel).unwrap_or(0));
+                let size = numel * kind.elt_size_in_bytes();
                 if !bucket.is_empty() && bytes + size > BUCKET_BYTES {
                     run_bucket(&bucket, &mut f)?;
                     bucket.clear();
                     bytes = 0;
                 }
-                bucket.push(t);
+                bucket.push(&tensors[i]);
                 bytes += size;
             }
             if !bucket.is_empty() {
@@ -398,14 +395,18 @@ fn run_bucket(bucket: &[&Tensor], f: &mut impl FnMut(&Tensor) -> Result<()>) -> 
     let views: Vec<Tensor> = bucket
         .iter()
         .map(|t| t.f_reshape([-1]))
-        .collect::<Result<_, _>>()?;
-    let flat = Tensor::f_cat(&views, 0)?;
+        .collect::<Result<_, _>>()
+        .op("reshape")?;
+    let flat = Tensor::f_cat(&views, 0).op("cat")?;
     f(&flat)?;
     let mut offset = 0i64;
-    for t in bucket {
-        let n = t.numel() as i64;
-        let part = flat.f_narrow(0, offset, n)?.f_view(t.size().as_slice())?;
-        t.shallow_clone().f_copy_(&part)?;
+    for (t, v) in bucket.iter().zip(&views) {
+        let n = native::shape(v)?.first().copied().unwrap_or(0);
+        let part = flat
+            .f_narrow(0, offset, n)
+            .and_then(|p| p.f_view_as(t))
+            .op("narrow")?;
+        t.shallow_clone().f_copy_(&part).op("copy_")?;
         offset += n;
     }
     Ok(())
@@ -596,6 +597,7 @@ mod tests {
 
     #[test]
     fn buckets_group_by_dtype_and_cap_their_size() {
+        use tch::Kind;
         let small = |k: Kind| Tensor::ones([4], (k, tch::Device::Cpu));
         let big = Tensor::zeros([BUCKET_BYTES as i64 / 4], (Kind::Float, tch::Device::Cpu));
         let tensors = vec![
@@ -608,7 +610,7 @@ mod tests {
         let mut sizes = Vec::new();
         for_each_bucket(&tensors, |flat| {
             sizes.push((flat.kind(), flat.numel()));
-            let _ = flat.shallow_clone().f_add_scalar_(1.0)?;
+            let _ = flat.shallow_clone().f_add_scalar_(1.0).op("add_")?;
             Ok(())
         })
         .unwrap();

@@ -48,22 +48,20 @@ pub enum Error {
     #[error("cannot load state: {0}")]
     InvalidState(String),
 
-    /// A call made in the wrong order, with PyTorch's message where PyTorch has one.
+    /// A call made in the wrong order or on the wrong object, with PyTorch's message where
+    /// PyTorch has one.
     #[error("{0}")]
     Usage(String),
 
-    /// A C++ exception raised inside libtorch, caught by the shim.
+    /// An error raised inside libtorch: a C++ exception caught by the shim, or an error tch
+    /// reported. The message is libtorch's, without its C++ backtrace.
     #[error("libtorch error in {op}: {message}")]
     Native {
-        /// The shim entry point (or ATen op) that failed.
+        /// The operation that failed (the shim entry point, ATen op or tch call).
         op: &'static str,
         /// libtorch's message.
         message: String,
     },
-
-    /// An error reported by tch.
-    #[error(transparent)]
-    Tch(#[from] tch::TchError),
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
@@ -107,5 +105,60 @@ impl fmt::Display for Suggestion<'_> {
             Some(s) => write!(f, ". Did you mean '{s}'?"),
             None => Ok(()),
         }
+    }
+}
+
+impl Error {
+    /// [`Error::Native`] for a message from libtorch, cut before the C++ backtrace c10 appends
+    /// ("Exception raised from ... (most recent call first): frame #0 ...").
+    pub(crate) fn native(op: &'static str, message: &str) -> Error {
+        let message = match message.find("\nException raised from ") {
+            Some(end) => &message[..end],
+            None => message,
+        };
+        Error::Native {
+            op,
+            message: message.trim_end().to_string(),
+        }
+    }
+}
+
+/// Names the operation of a fallible tch call: `t.f_to_kind(k).op("to_kind")?`.
+pub(crate) trait Op<T> {
+    /// The error as [`Error::Native`] naming `op`, without libtorch's C++ backtrace.
+    fn op(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> Op<T> for std::result::Result<T, tch::TchError> {
+    fn op(self, op: &'static str) -> Result<T> {
+        self.map_err(|e| {
+            let message = match &e {
+                tch::TchError::Torch(m) => m.clone(),
+                other => other.to_string(),
+            };
+            Error::native(op, &message)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_messages_lose_the_cpp_backtrace() {
+        let raw = "Expected all tensors to be on the same device\nException raised from \
+                   check at aten/src/ATen/x.cpp:10 (most recent call first):\nframe #0: c10::f()";
+        assert_eq!(
+            Error::native("add", raw).to_string(),
+            "libtorch error in add: Expected all tensors to be on the same device"
+        );
+        let e = tch::Tensor::f_zeros([2], (tch::Kind::Float, tch::Device::Cpu))
+            .and_then(|a| a.f_mm(&a))
+            .op("mm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("libtorch error in mm: "), "{e}");
+        assert!(!e.contains("frame #"), "{e}");
     }
 }

@@ -16,14 +16,14 @@
 //! let fabric = Fabric::builder().precision("bf16-mixed").accelerator("cpu").build()?;
 //! let mut vs = nn::VarStore::new(fabric.device());
 //! let model = nn::linear(vs.root() / "fc", 8, 4, Default::default());
-//! let optimizer = FusedAdamW::new(&vs, 1e-3);               // torch.optim.AdamW(fused=True)
+//! let optimizer = FusedAdamW::new(&vs, 1e-3)?;              // torch.optim.AdamW(fused=True)
 //! let (model, mut optimizer) = fabric.setup(model, &mut vs, optimizer)?;
 //!
 //! let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
 //! let y = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
 //! for _ in 0..3 {
-//!     optimizer.zero_grad();
-//!     let out = model.forward(&x);                  // bfloat16 compute, float32 output
+//!     optimizer.zero_grad()?;
+//!     let out = x.apply(&model);                    // bfloat16 compute, float32 output
 //!     let loss = {
 //!         let _autocast = fabric.autocast()?;       // with fabric.autocast():
 //!         out.mse_loss(&y, Reduction::Mean)
@@ -40,27 +40,34 @@
 //! The building blocks work on their own: [`autocast`] is `torch.autocast` (CPU and CUDA),
 //! [`GradScaler`] is `torch.amp.GradScaler`, bit for bit.
 //!
-//! ## What is here
+//! ## What is where
 //!
-//! - [`Precision`]: `"64-true"`, `"32-true"`, `"16-mixed"`, `"bf16-mixed"`, `"16-true"`,
-//!   `"bf16-true"` and Lightning's legacy spellings, with the dtypes each implies.
-//! - [`Fabric`], [`FabricModule`], [`FabricOptimizer`]: Lightning Fabric's facade (setup,
-//!   forward conversions, `autocast`, `backward`, `clip_gradients`, checkpoints).
-//! - [`autocast`], [`Autocast`], [`AutocastGuard`]: `torch.autocast` for CPU and CUDA, nesting
-//!   and panic-safe.
-//! - [`DefaultDtypeGuard`]: `torch.set_default_dtype` as a scope.
-//! - [`GradScaler`]: `torch.amp.GradScaler` with the same bits, plus opt-in safety
-//!   ([`ScalePolicy`], [`StepOutcome`], skip counters, bfloat16 gradients on CUDA).
-//! - [`FusedAdamW`]: `torch.optim.AdamW(fused=True)`, AMP-aware, state saved in checkpoints.
-//! - [`FusedSgd`]: `torch.optim.SGD(fused=True)`, likewise.
-//! - [`clip_grad_norm`], [`clip_grad_value`]: PyTorch's clipping with PyTorch's rounding.
-//! - [`LrScheduler`]: a schedule that does not advance on skipped steps.
-//! - Data-parallel training on several processes (DDP) over libtorch's c10d: `fabric run
-//!   --devices N` starts the ranks, [`Fabric`] joins their [`ProcessGroup`] (Gloo), broadcasts
-//!   the weights, averages gradients in coalesced buckets and keeps every rank's loss scale
-//!   equal; [`DistributedSampler`] splits the data.
+//! One module per concept; each uses only those listed before it.
 //!
-//! Errors are one enum, [`Error`]; nothing here panics on bad input.
+//! | module | what it holds |
+//! |---|---|
+//! | `error` | [`Error`], the crate's one error type |
+//! | `ffi`, `native` | the C++ shim's declarations (the only `extern "C"`), and safe wrappers over them |
+//! | `precision` | [`Precision`]: Lightning's values, parsed and queried |
+//! | `default_dtype`, `autocast` | the process-wide default dtype ([`DefaultDtypeGuard`]); [`autocast`] scopes |
+//! | [`ops`], `profile` | the `tch_fabric::` custom ops; [`count_ops`] |
+//! | `params` | [`Params`] (an optimizer's parameters in PyTorch's order) and [`GradBatch`] (their gradients, fetched and grouped once per step) |
+//! | `clip` | [`Clip`] and PyTorch's clipping functions |
+//! | `optim` | the [`Optimizer`] trait, [`FusedAdamW`], [`FusedSgd`], [`TchOptimizer`] |
+//! | `scaler` | [`GradScaler`]: its config, scale policy, state, and the passes over gradients |
+//! | `checkpoint` | the checkpoint file, its key layout, and the checks before a load |
+//! | `dist` | [`ProcessGroup`] (c10d), [`DistEnv`], [`DistributedSampler`] |
+//! | `fabric` | the facade on top: [`Fabric`]; [`FabricModule`] (the precision's conversions around a model) and [`FabricOptimizer`]; [`FabricBuilder`] resolves options, environment and device |
+//! | `lr_scheduler`, `memory` | [`LrScheduler`]; [`memory_stats`] |
+//!
+//! An AMP step goes one way: [`Params::grads`] fetches the gradients once; clipping, the
+//! [`GradScaler`] and the [`Optimizer`] all work on that [`GradBatch`].
+//!
+//! Errors are one enum, [`Error`]; nothing here panics on bad input or a libtorch failure
+//! (the one exception is tch's `Module::forward`, which cannot return an error: use
+//! [`FabricModule::try_forward`]). No call changes process-wide libtorch state except those
+//! named so ([`set_default_dtype`], [`DefaultDtypeGuard`],
+//! [`FabricBuilder::process_wide_default_dtype`], seeding).
 
 mod autocast;
 mod checkpoint;
@@ -70,16 +77,18 @@ mod dist;
 mod error;
 mod fabric;
 mod ffi;
+mod lr_scheduler;
 mod memory;
-mod module;
+mod native;
 pub mod ops;
 mod optim;
+mod params;
 mod precision;
 mod profile;
 mod scaler;
 
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
-pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip};
+pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip, ClipMethod, GradNorm};
 pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
 pub use dist::{
     DistEnv, DistributedSampler, ProcessGroup, ProcessGroupOptions, ReduceOp, BUCKET_BYTES,
@@ -87,15 +96,15 @@ pub use dist::{
 };
 pub use error::{Error, Result};
 pub use fabric::{
-    Fabric, FabricBuilder, FabricOptimizer, IntoPrecision, LrScheduler, PrecisionArg,
-    BACKWARD_MESSAGE,
+    Convert, Description, Fabric, FabricBuilder, FabricModule, FabricOptimizer, IntoPrecision,
+    PrecisionArg, BACKWARD_MESSAGE,
 };
+pub use lr_scheduler::LrScheduler;
 pub use memory::{memory_stats, MemorySource, MemoryStats};
-pub use module::FabricModule;
-pub use optim::{FusedAdamW, FusedSgd, IntoTrainOptimizer, TrainOptimizer};
+pub use optim::{Amp, FusedAdamW, FusedSgd, Optimizer, TchOptimizer};
+pub use params::{GradBatch, GradGroup, Params};
 pub use precision::Precision;
 pub use profile::{count_ops, OpCounts};
 pub use scaler::{
-    next_optimizer_id, AmpOptimizer, AtMinScale, GradScaler, GradScalerConfig, GradScalerState,
-    ScalePolicy, ScalerOptimizer, StepOutcome,
+    AtMinScale, GradScaler, GradScalerConfig, GradScalerState, ScalePolicy, StepOutcome,
 };

@@ -1,7 +1,7 @@
 //! Counting the native (dispatcher) calls a piece of code makes: what an AMP step costs in
 //! libtorch ops, independent of the machine's speed.
 use crate::error::{Error, Result};
-use crate::ffi;
+use crate::native;
 use std::collections::BTreeMap;
 
 /// How often each libtorch op (ATen or `tch_fabric::`) was called, as seen by libtorch's
@@ -40,14 +40,14 @@ impl OpCounts {
 ///
 /// [`Error::Usage`] when counting is already on for this thread (nested `count_ops`).
 pub fn count_ops<T>(f: impl FnOnce() -> T) -> Result<(T, OpCounts)> {
-    ffi::op_count_begin().map_err(|e| match e {
+    native::op_count_begin().map_err(|e| match e {
         Error::Native { message, .. } => Error::Usage(message),
         other => other,
     })?;
     let counting = Counting;
     let out = f();
     std::mem::forget(counting);
-    let report = ffi::op_count_end()?;
+    let report = native::op_count_end()?;
     let mut counts = OpCounts::default();
     for line in report.lines() {
         let mut parts = line.rsplitn(3, '\t');
@@ -67,6 +67,6 @@ struct Counting;
 
 impl Drop for Counting {
     fn drop(&mut self) {
-        let _ = ffi::op_count_end();
+        let _ = native::op_count_end();
     }
 }

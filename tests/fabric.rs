@@ -1,14 +1,15 @@
 //! The Fabric facade: setup per precision, the forward's conversions, the autocast scope,
 //! backward, clipping, stepping with a scaler, several optimizers, schedules, bad input.
 use std::cell::RefCell;
-use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::{
     default_dtype, Clip, Error, Fabric, GradScalerConfig, LrScheduler, Precision, StepOutcome,
-    BACKWARD_MESSAGE,
+    TchOptimizer, BACKWARD_MESSAGE,
 };
 
-/// The default dtype is process-wide: tests that switch it (a `-true` forward or scope) or
-/// look at it take this lock so parallel tests do not see each other's value.
+/// The default dtype is process-wide: tests that switch it (the opt-in default-dtype scope of
+/// `-true` precisions) or look at it take this lock so parallel tests do not see each other's
+/// value.
 static DEFAULT_DTYPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn dtype_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -71,19 +72,20 @@ fn x() -> Tensor {
 fn setup_and_forward_follow_lightning_for_every_precision() {
     let _lock = dtype_lock();
     use Kind::*;
-    // precision, parameter kind, (input seen, matmul kind, default dtype inside), output kind
+    // precision, parameter kind, (input seen, matmul kind, default dtype inside), output kind.
+    // The default dtype stays float32: the -true precisions change no process-wide state.
     let table = [
-        ("64-true", Double, (Double, Double, Double), Float),
+        ("64-true", Double, (Double, Double, Float), Float),
         ("32-true", Float, (Float, Float, Float), Float),
         ("bf16-mixed", Float, (BFloat16, BFloat16, Float), Float),
-        ("16-true", Half, (Half, Half, Half), Float),
-        ("bf16-true", BFloat16, (BFloat16, BFloat16, BFloat16), Float),
+        ("16-true", Half, (Half, Half, Float), Float),
+        ("bf16-true", BFloat16, (BFloat16, BFloat16, Float), Float),
     ];
     for (p, param, seen, out) in table {
         let fabric = cpu(p);
         let mut vs = nn::VarStore::new(Device::Cpu);
         let model = Probe::new(&vs);
-        let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+        let opt = TchOptimizer::new(&vs, nn::Sgd::default(), 0.1).unwrap();
         let (model, _opt) = fabric.setup(model, &mut vs, opt).unwrap();
         assert_eq!(vs.variables()["w"].kind(), param, "{p}: parameters");
         let y = model.forward(&x());
@@ -101,13 +103,42 @@ fn setup_and_forward_follow_lightning_for_every_precision() {
     }
 }
 
+/// Lightning's default-dtype switch around `-true` forwards, when asked for, is process-wide:
+/// another thread sees it while the forward runs, and it is restored afterwards.
+#[test]
+fn the_opt_in_default_dtype_scope_is_lightnings_and_process_wide() {
+    let _lock = dtype_lock();
+    for (p, dtype) in [("64-true", Kind::Double), ("bf16-true", Kind::BFloat16)] {
+        let fabric = Fabric::builder()
+            .precision(p)
+            .accelerator("cpu")
+            .process_wide_default_dtype(true)
+            .build()
+            .unwrap();
+        assert!(fabric.to_string().contains("process-wide"), "{fabric}");
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let model = Probe::new(&vs);
+        let model = fabric.setup_module(model, &mut vs).unwrap();
+        let _ = model.forward(&x());
+        assert_eq!(model.module().seen.borrow()[0].2, dtype, "{p}: inside");
+        {
+            let _scope = fabric.autocast().unwrap();
+            let elsewhere = std::thread::spawn(|| default_dtype().unwrap())
+                .join()
+                .unwrap();
+            assert_eq!(elsewhere, dtype, "{p}: another thread sees the switch");
+        }
+        assert_eq!(default_dtype().unwrap(), Kind::Float, "{p}: restored");
+    }
+}
+
 #[test]
 fn input_conversion_can_be_turned_off() {
     let _lock = dtype_lock();
     let fabric = cpu("bf16-mixed");
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = Probe::new(&vs);
-    let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let opt = TchOptimizer::new(&vs, nn::Sgd::default(), 0.1).unwrap();
     let (model, _opt) = fabric.setup(model, &mut vs, opt).unwrap();
     let model = model.convert_inputs(false);
     let y = model.try_forward(&x()).unwrap();
@@ -122,7 +153,7 @@ fn input_conversion_can_be_turned_off() {
     let vs = nn::VarStore::new(Device::Cpu);
     let emb = nn::embedding(vs.root() / "e", 10, 3, Default::default());
     let mut vs = vs;
-    let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let opt = TchOptimizer::new(&vs, nn::Sgd::default(), 0.1).unwrap();
     let (emb, _opt) = fabric.setup(emb, &mut vs, opt).unwrap();
     let out = emb.forward(&Tensor::from_slice(&[1i64, 2]));
     assert_eq!(out.kind(), Kind::Float);
@@ -140,7 +171,11 @@ fn fabric_autocast_is_the_precisions_scope() {
     {
         let fabric = cpu("64-true");
         let _ac = fabric.autocast().unwrap();
-        assert_eq!(default_dtype().unwrap(), Kind::Double);
+        assert_eq!(
+            default_dtype().unwrap(),
+            Kind::Float,
+            "nothing process-wide by default"
+        );
     }
     {
         let fabric = cpu("32-true");
@@ -176,10 +211,10 @@ fn precision_values_as_lightning_accepts_them() {
         .build()
         .unwrap();
     assert_eq!(f.precision(), Precision::Bf16Mixed);
-    assert_eq!(f.loss_scale(), 1.0);
+    assert_eq!(f.loss_scale().unwrap(), 1.0);
     let f = cpu_fp16(65536.0);
     assert_eq!(f.precision(), Precision::F16Mixed);
-    assert_eq!(f.loss_scale(), 65536.0);
+    assert_eq!(f.loss_scale().unwrap(), 65536.0);
     assert_eq!(
         Fabric::new("32-true").unwrap().precision(),
         Precision::F32True
@@ -243,7 +278,7 @@ fn linear_setup(
 ) {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = nn::linear(vs.root() / prefix, 4, 2, Default::default());
-    let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let opt = TchOptimizer::new(&vs, nn::Sgd::default(), 0.1).unwrap();
     let (m, o) = fabric.setup(model, &mut vs, opt).unwrap();
     (m, o, vs)
 }
@@ -271,7 +306,7 @@ fn plain_backward_under_a_mixed_precision_is_refused_at_the_step() {
             vs.variables()["fc.weight"].equal(&before),
             "{p}: no step was taken"
         );
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         fabric.backward(&loss_of(&fabric, &m)).unwrap();
         opt.step().unwrap();
         assert!(!vs.variables()["fc.weight"].equal(&before), "{p}");
@@ -289,7 +324,7 @@ fn overflow_steps_are_skipped_reported_and_change_nothing() {
     let (m, mut opt, vs) = linear_setup(&fabric, "fc");
     let mut skipped = 0;
     for _ in 0..30 {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         let x = Tensor::full([2, 4], 1000.0, (Kind::Float, Device::Cpu));
         let out = m.forward(&x);
         let loss = {
@@ -301,7 +336,7 @@ fn overflow_steps_are_skipped_reported_and_change_nothing() {
         };
         fabric.backward(&loss).unwrap();
         let before = vs.variables()["fc.weight"].copy();
-        let scale = fabric.loss_scale();
+        let scale = fabric.loss_scale().unwrap();
         match opt.step().unwrap() {
             StepOutcome::Skipped {
                 scale_before,
@@ -312,7 +347,7 @@ fn overflow_steps_are_skipped_reported_and_change_nothing() {
                 assert_eq!(scale_before, scale);
                 assert_eq!(scale_after, scale / 2.0);
                 assert_eq!(
-                    fabric.loss_scale(),
+                    fabric.loss_scale().unwrap(),
                     scale / 2.0,
                     "updated at once: one optimizer"
                 );
@@ -326,7 +361,7 @@ fn overflow_steps_are_skipped_reported_and_change_nothing() {
         skipped > 3,
         "a 2^40 scale overflows float16 at first: {skipped}"
     );
-    assert_eq!(fabric.skipped_steps(), skipped);
+    assert_eq!(fabric.skipped_steps().unwrap(), skipped);
 }
 
 #[test]
@@ -343,13 +378,13 @@ fn several_optimizers_update_the_scale_once_per_iteration() {
     fabric.backward(&loss).unwrap();
     assert!(o1.step().unwrap().is_skipped());
     assert_eq!(
-        fabric.loss_scale(),
+        fabric.loss_scale().unwrap(),
         2f64.powi(40),
         "not updated before every optimizer stepped"
     );
     assert!(o2.step().unwrap().is_skipped());
     assert_eq!(
-        fabric.loss_scale(),
+        fabric.loss_scale().unwrap(),
         2f64.powi(39),
         "one back-off for the iteration (Lightning would back off twice)"
     );
@@ -360,14 +395,18 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
     let fabric = cpu_fp16(2f64.powi(40));
     let (m, mut opt, vs) = linear_setup(&fabric, "fc");
     let big = Tensor::full([2, 4], 1000.0, (Kind::Float, Device::Cpu));
-    opt.zero_grad();
+    opt.zero_grad().unwrap();
     let loss = {
         let out = m.forward(&big);
         let _ac = fabric.autocast().unwrap();
         out.pow_tensor_scalar(2).mean(Kind::Float)
     };
     fabric.backward(&loss).unwrap();
-    let norm = fabric.clip_gradients(&mut opt, Clip::norm(1.0)).unwrap();
+    let norm = fabric
+        .clip_gradients(&mut opt, Clip::norm(1.0))
+        .unwrap()
+        .value()
+        .unwrap();
     assert!(
         !norm.is_finite(),
         "the overflow is reported as a non-finite norm: {norm}"
@@ -375,7 +414,7 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
     // Clipping again in the same iteration does not hit "unscale_() has already been called".
     fabric.clip_gradients(&mut opt, Clip::norm(1.0)).unwrap();
     let e = fabric
-        .clip_gradients_strict(&mut opt, Clip::norm(1.0))
+        .clip_gradients(&mut opt, Clip::norm(1.0).error_if_nonfinite(true))
         .unwrap_err();
     assert!(
         e.to_string().starts_with(
@@ -391,8 +430,17 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
     let fabric = cpu("32-true");
     let (m, mut opt, _vs) = linear_setup(&fabric, "fc");
     fabric.backward(&loss_of(&fabric, &m)).unwrap();
-    let norm = fabric.clip_gradients(&mut opt, Clip::norm(1e-3)).unwrap();
-    let grads: Vec<Tensor> = opt.gradients().into_iter().map(|(_, g)| g).collect();
+    let norm = fabric
+        .clip_gradients(&mut opt, Clip::norm(1e-3))
+        .unwrap()
+        .value()
+        .unwrap();
+    let grads: Vec<Tensor> = opt
+        .gradients()
+        .unwrap()
+        .into_iter()
+        .map(|(_, g)| g)
+        .collect();
     let after = tch_fabric::total_norm(&grads, 2.0)
         .unwrap()
         .double_value(&[]);
@@ -401,7 +449,11 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
         "{norm} -> {after}"
     );
     // Value clipping clamps every element.
-    let norm = fabric.clip_gradients(&mut opt, Clip::Value(1e-5)).unwrap();
+    let norm = fabric
+        .clip_gradients(&mut opt, Clip::value(1e-5))
+        .unwrap()
+        .value()
+        .unwrap();
     assert!((norm - after).abs() < 1e-9);
     for g in &grads {
         assert!(g.abs().max().double_value(&[]) <= 1e-5 + 1e-12);
@@ -409,8 +461,8 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
     for bad in [
         Clip::norm(-1.0),
         Clip::norm(f64::NAN),
-        Clip::Value(-0.5),
-        Clip::Value(f64::INFINITY),
+        Clip::value(-0.5),
+        Clip::value(f64::INFINITY),
     ] {
         let e = fabric.clip_gradients(&mut opt, bad).unwrap_err();
         assert!(matches!(e, Error::InvalidConfig { .. }), "{bad:?}: {e}");
@@ -424,7 +476,7 @@ fn lr_schedule_does_not_advance_on_skipped_steps() {
     let mut sched = LrScheduler::new(|n| 0.1 / (1.0 + n as f64));
     let mut taken = 0;
     for _ in 0..20 {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         let big = Tensor::full([2, 4], 100.0, (Kind::Float, Device::Cpu));
         let loss = {
             let out = m.forward(&big);
@@ -439,8 +491,8 @@ fn lr_schedule_does_not_advance_on_skipped_steps() {
         sched.step(&outcome, &mut opt).unwrap();
     }
     assert_eq!(sched.steps(), taken);
-    assert_eq!(sched.steps() + fabric.skipped_steps(), 20);
-    assert!(fabric.skipped_steps() > 0);
+    assert_eq!(sched.steps() + fabric.skipped_steps().unwrap(), 20);
+    assert!(fabric.skipped_steps().unwrap() > 0);
 }
 
 #[test]
@@ -449,7 +501,7 @@ fn setting_up_the_same_names_twice_is_refused() {
     let (_m, _o, _vs) = linear_setup(&fabric, "fc");
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = nn::linear(vs.root() / "fc", 4, 2, Default::default());
-    let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let opt = TchOptimizer::new(&vs, nn::Sgd::default(), 0.1).unwrap();
     let e = fabric.setup(model, &mut vs, opt).unwrap_err();
     assert!(e.to_string().contains("already set up"), "{e}");
 }

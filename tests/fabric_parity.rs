@@ -175,7 +175,7 @@ fn train(case: &Value) -> Run {
     let data = read(&format!("{model_name}_data.safetensors"));
     let (x, y) = (get(&data, "x"), get(&data, "y"));
     let eps = case["eps"].as_f64().unwrap_or(1e-8);
-    let opt = FusedAdamW::new(&vs, 1e-2).eps(eps);
+    let opt = FusedAdamW::new(&vs, 1e-2).unwrap().eps(eps);
     let (model, mut opt): (FabricModule<BoxedModule>, _) =
         fabric.setup(BoxedModule(model), &mut vs, opt).unwrap();
 
@@ -187,7 +187,7 @@ fn train(case: &Value) -> Run {
         weights: vec![],
     };
     for _ in 0..case["losses"].as_array().unwrap().len() {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         let out = model.forward(&x);
         let loss = {
             let _ac = fabric.autocast().unwrap();
@@ -198,13 +198,15 @@ fn train(case: &Value) -> Run {
             run.norms.push(
                 fabric
                     .clip_gradients(&mut opt, Clip::norm(max_norm))
+                    .unwrap()
+                    .value()
                     .unwrap(),
             );
         }
         let outcome = opt.step().unwrap();
         run.losses.push(loss.double_value(&[]));
         run.stepped.push(outcome == StepOutcome::Stepped);
-        run.scales.push(fabric.loss_scale());
+        run.scales.push(fabric.loss_scale().unwrap());
     }
     let mut w: Vec<_> = vs.variables().into_iter().collect();
     w.sort_by(|a, b| a.0.cmp(&b.0));

@@ -7,7 +7,8 @@ mod common;
 
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::{
-    Clip, Fabric, FabricModule, FabricOptimizer, FusedSgd, GradScalerConfig, StepOutcome,
+    Amp, Clip, Fabric, FabricModule, FabricOptimizer, FusedSgd, GradScalerConfig, Optimizer,
+    StepOutcome,
 };
 
 const STEPS: usize = 30;
@@ -50,6 +51,7 @@ fn fabric(mixed: bool, sync_free: bool) -> Fabric {
 
 fn sgd(vs: &nn::VarStore, (momentum, dampening, wd, nesterov): (f64, f64, f64, bool)) -> FusedSgd {
     FusedSgd::new(vs, 0.01)
+        .unwrap()
         .momentum(momentum)
         .dampening(dampening)
         .weight_decay(wd)
@@ -71,7 +73,7 @@ fn step(
     y: &Tensor,
     clip: bool,
 ) -> StepOutcome {
-    opt.zero_grad();
+    opt.zero_grad().unwrap();
     let out = m.forward(x);
     let loss = {
         let _ac = fabric.autocast().unwrap();
@@ -114,9 +116,9 @@ for _ in range(steps):
     scaler.step(opt)
     scaler.update()
     stepped.append(not torch.equal(before, model[0].weight.detach()))
-sd = model.state_dict()
+sd = model.state_dict().unwrap()
 save_file({"l1.weight": sd["0.weight"], "l1.bias": sd["0.bias"], "l2.weight": sd["2.weight"], "l2.bias": sd["2.bias"]}, out_path)
-print(json.dumps({"stepped": stepped, "scale": scaler.get_scale()}))
+print(json.dumps({"stepped": stepped, "scale": scaler.get_scale().unwrap()}))
 "#;
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -173,13 +175,17 @@ fn parity(mixed: bool, sync_free: bool, options: (f64, f64, f64, bool)) -> f64 {
         let stepped: Vec<bool> = outcomes.iter().map(|o| !o.is_skipped()).collect();
         assert_eq!(stepped, torch_stepped, "the same steps are skipped");
     }
-    assert_eq!(f.skipped_steps(), skipped_torch, "skips counted ({tag})");
+    assert_eq!(
+        f.skipped_steps().unwrap(),
+        skipped_torch,
+        "skips counted ({tag})"
+    );
     if mixed {
         assert!(
             skipped_torch > 0,
             "2^24 overflows float16 gradients at first"
         );
-        assert_eq!(f.loss_scale(), report["scale"].as_f64().unwrap());
+        assert_eq!(f.loss_scale().unwrap(), report["scale"].as_f64().unwrap());
     }
     let torch_w = Tensor::read_safetensors(&out).unwrap();
     let mut worst = 0.0f64;
@@ -243,13 +249,13 @@ fn resume_from_a_checkpoint_is_exact() {
             step(&f, &m, &mut opt, &x, &y, true);
         }
         assert_eq!(
-            opt.state_tensors().len(),
+            opt.state_tensors().unwrap().len(),
             4,
             "a momentum buffer per parameter"
         );
         let mut w: Vec<_> = vs.variables().into_iter().collect();
         w.sort_by(|a, b| a.0.cmp(&b.0));
-        (w, f.scaler_state())
+        (w, f.scaler_state().unwrap())
     };
     let (full, full_scaler) = run(false, 3);
     let (resumed, resumed_scaler) = run(true, 99);
@@ -268,22 +274,25 @@ fn bad_hyper_parameters_are_errors_that_change_nothing() {
         .sum(Kind::Float);
     loss.backward();
     let before: Vec<Tensor> = vs.trainable_variables().iter().map(|t| t.copy()).collect();
+    // The constructor refuses a bad rate at once; the builder's values are checked by step.
+    let err = FusedSgd::new(&vs, -0.1).unwrap_err().to_string();
+    assert!(err.contains("Invalid learning rate"), "{err}");
     let cases = [
-        (FusedSgd::new(&vs, -0.1), "Invalid learning rate"),
         (
-            FusedSgd::new(&vs, 0.1).momentum(-1.0),
+            FusedSgd::new(&vs, 0.1).unwrap().momentum(-1.0),
             "Invalid momentum value",
         ),
         (
-            FusedSgd::new(&vs, 0.1).weight_decay(f64::NAN),
+            FusedSgd::new(&vs, 0.1).unwrap().weight_decay(f64::NAN),
             "Invalid weight_decay value",
         ),
         (
-            FusedSgd::new(&vs, 0.1).nesterov(true),
+            FusedSgd::new(&vs, 0.1).unwrap().nesterov(true),
             "Nesterov momentum requires a momentum and zero dampening",
         ),
         (
             FusedSgd::new(&vs, 0.1)
+                .unwrap()
                 .momentum(0.9)
                 .dampening(0.1)
                 .nesterov(true),
@@ -293,9 +302,9 @@ fn bad_hyper_parameters_are_errors_that_change_nothing() {
     for (mut opt, want) in cases {
         let err = opt.step().unwrap_err().to_string();
         assert!(err.contains(want), "{err}");
-        assert!(opt.state_tensors().is_empty());
+        assert!(opt.state_tensors().unwrap().is_empty());
     }
-    let mut ok = FusedSgd::new(&vs, 0.1);
+    let mut ok = FusedSgd::new(&vs, 0.1).unwrap();
     assert!(ok.set_lr(f64::INFINITY).is_err());
     assert_eq!(ok.lr(), 0.1, "a refused rate leaves the old one");
     for (a, b) in vs.trainable_variables().iter().zip(&before) {
@@ -306,8 +315,8 @@ fn bad_hyper_parameters_are_errors_that_change_nothing() {
         "l1.weight.momentum_buffer".to_string(),
         Tensor::zeros([3], (Kind::Float, Device::Cpu)),
     )];
-    assert!(ok.load_state_tensors(&bad).is_err());
-    assert!(ok.state_tensors().is_empty());
+    assert!(ok.load_state(&bad).is_err());
+    assert!(ok.state_tensors().unwrap().is_empty());
 }
 
 /// PyTorch creates SGD momentum buffers with `torch.empty_like` and fills them in the first
@@ -315,29 +324,48 @@ fn bad_hyper_parameters_are_errors_that_change_nothing() {
 /// start at zero and the next taken step starts them from the gradient.
 #[test]
 fn a_skipped_first_step_leaves_clean_momentum() {
-    use tch_fabric::ScalerOptimizer;
     let vs = nn::VarStore::new(Device::Cpu);
     let m = model(&vs);
-    let mut opt = FusedSgd::new(&vs, 0.1).momentum(0.9);
+    let mut opt = FusedSgd::new(&vs, 0.1).unwrap().momentum(0.9);
     let loss = m
         .forward(&Tensor::ones([2, 8], (Kind::Float, Device::Cpu)))
         .sum(Kind::Float);
     loss.backward();
     let before: Vec<Tensor> = vs.trainable_variables().iter().map(|t| t.copy()).collect();
     let inf = Tensor::ones([], (Kind::Float, Device::Cpu));
-    opt.step_scaled(None, &inf).unwrap();
+    let grads = opt.params().grads().unwrap();
+    opt.step_with(
+        &grads,
+        Amp::Scaled {
+            grad_scale: None,
+            found_inf: &inf,
+        },
+    )
+    .unwrap();
     for (a, b) in vs.trainable_variables().iter().zip(&before) {
         assert!(a.equal(b), "a skipped step changes no weight");
     }
-    for (name, buf) in opt.state_tensors() {
+    for (name, buf) in opt.state_tensors().unwrap() {
         assert_eq!(buf.abs().sum(Kind::Float).double_value(&[]), 0.0, "{name}");
     }
     let no_inf = Tensor::zeros([], (Kind::Float, Device::Cpu));
-    opt.step_scaled(None, &no_inf).unwrap();
-    let grads = opt.named_gradients();
-    for (name, buf) in opt.state_tensors() {
+    opt.step_with(
+        &grads,
+        Amp::Scaled {
+            grad_scale: None,
+            found_inf: &no_inf,
+        },
+    )
+    .unwrap();
+    for (name, buf) in opt.state_tensors().unwrap() {
         let param = name.trim_end_matches(".momentum_buffer");
-        let g = &grads.iter().find(|(n, _)| n == param).unwrap().1;
+        let i = opt
+            .params()
+            .names()
+            .iter()
+            .position(|n| n == param)
+            .unwrap();
+        let g = grads.get(i).unwrap();
         assert!(
             buf.equal(g),
             "{name}: the first taken step starts from the gradient"

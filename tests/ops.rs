@@ -151,8 +151,12 @@ fn sum_is_deterministic_and_overflow_is_found() {
 fn clip_divisor_folds_pytorchs_clip_coefficient_into_the_scale() {
     let sumsq = Tensor::full([], 36.0, (Kind::Float, Device::Cpu)); // norm 6
     let scale = Tensor::full([], 1024.0, (Kind::Float, Device::Cpu));
-    let found = Tensor::zeros([], (Kind::Float, Device::Cpu));
-    let d = clip_divisor(&found, &sumsq, &scale, 1.0).unwrap();
+    let (norm, d) = clip_divisor(&sumsq, &scale, 1.0).unwrap();
+    assert_eq!(
+        norm.double_value(&[]),
+        6.0,
+        "the norm comes with the divisor"
+    );
     let coef = (Tensor::full([], 6.0, (Kind::Float, Device::Cpu)) + 1e-6).reciprocal() * 1.0;
     let want = &scale / coef;
     assert!(
@@ -162,7 +166,7 @@ fn clip_divisor_folds_pytorchs_clip_coefficient_into_the_scale() {
         want.double_value(&[])
     );
     // No clipping needed: the divisor is the scale itself.
-    let d = clip_divisor(&found, &sumsq, &scale, 100.0).unwrap();
+    let (_, d) = clip_divisor(&sumsq, &scale, 100.0).unwrap();
     assert_eq!(d.double_value(&[]), 1024.0);
 }
 

@@ -1,7 +1,7 @@
 //! 10,000 steps with inf/NaN injected into random gradients: a skipped step never changes a
 //! weight, and exactly the injected steps are skipped (and diagnosed by parameter name).
-use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
-use tch_fabric::{AmpOptimizer, GradScaler, GradScalerConfig, StepOutcome};
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::{GradScaler, GradScalerConfig, Optimizer, StepOutcome, TchOptimizer};
 
 /// A small deterministic generator, so the injection pattern is the same on every run.
 struct Lcg(u64);
@@ -24,7 +24,7 @@ fn skipped_steps_change_nothing_and_only_injected_steps_skip() {
         .add(nn::linear(vs.root() / "l1", 8, 16, Default::default()))
         .add_fn(|x| x.tanh())
         .add(nn::linear(vs.root() / "l2", 16, 1, Default::default()));
-    let mut opt = AmpOptimizer::new(nn::Adam::default().build(&vs, 1e-3).unwrap(), &vs);
+    let mut opt = TchOptimizer::new(&vs, nn::Adam::default(), 1e-3).unwrap();
     let mut scaler = GradScaler::new(
         GradScalerConfig::default()
             .growth_interval(10)
@@ -33,16 +33,12 @@ fn skipped_steps_change_nothing_and_only_injected_steps_skip() {
     .unwrap();
     let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
     let y = Tensor::randn([16, 1], (Kind::Float, Device::Cpu));
-    let names: Vec<String> = opt
-        .parameter_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let names: Vec<String> = opt.params().names().to_vec();
     let mut rng = Lcg(2026);
     let mut injected_total = 0u64;
 
     for step in 0..10_000 {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         let loss = model.forward(&x).mse_loss(&y, Reduction::Mean);
         scaler.scale(&loss).unwrap().backward();
 
@@ -51,13 +47,8 @@ fn skipped_steps_change_nothing_and_only_injected_steps_skip() {
         if inject {
             injected_total += 1;
             target = names[(rng.next() as usize) % names.len()].clone();
-            let grad = opt
-                .parameters()
-                .iter()
-                .find(|(n, _)| *n == target)
-                .unwrap()
-                .1
-                .grad();
+            let i = names.iter().position(|n| *n == target).unwrap();
+            let grad = opt.params().tensors()[i].grad();
             let value = [f64::INFINITY, f64::NAN, f64::NEG_INFINITY][(rng.next() % 3) as usize];
             let flat = grad.view([-1]);
             let idx = (rng.next() as i64) % flat.size()[0];
@@ -66,14 +57,15 @@ fn skipped_steps_change_nothing_and_only_injected_steps_skip() {
             });
         }
 
-        let before: Vec<Tensor> = opt.parameters().iter().map(|(_, p)| p.copy()).collect();
+        let before: Vec<Tensor> = opt.params().tensors().iter().map(|p| p.copy()).collect();
         let outcome = scaler.step(&mut opt).unwrap();
         scaler.update().unwrap();
 
         assert_eq!(outcome.is_skipped(), inject, "step {step}");
         if let StepOutcome::Skipped { nonfinite, .. } = &outcome {
             assert_eq!(nonfinite, &vec![target.clone()], "step {step}");
-            for ((name, p), b) in opt.parameters().iter().zip(&before) {
+            let params = opt.params();
+            for ((name, p), b) in params.names().iter().zip(params.tensors()).zip(&before) {
                 assert!(
                     p.view_dtype(Kind::Int).equal(&b.view_dtype(Kind::Int)),
                     "step {step}: {name} changed on a skipped step"
@@ -81,11 +73,11 @@ fn skipped_steps_change_nothing_and_only_injected_steps_skip() {
             }
         }
     }
-    assert_eq!(scaler.steps_skipped(), injected_total);
-    assert_eq!(scaler.steps_taken(), 10_000 - injected_total);
+    assert_eq!(scaler.steps_skipped().unwrap(), injected_total);
+    assert_eq!(scaler.steps_taken().unwrap(), 10_000 - injected_total);
     assert!(injected_total > 300, "the pattern injects about 500 faults");
     // With a short growth interval the scale recovers between faults: it neither decayed to 0
     // (PyTorch's quirk, which would have made every later step NaN) nor overflowed.
-    let scale = scaler.get_scale();
+    let scale = scaler.get_scale().unwrap();
     assert!(scale > 1.0 && scale.is_finite(), "final scale {scale}");
 }

@@ -63,8 +63,8 @@ fn scale_and_tracker_match_pytorch_every_step() {
         let got = run(&mut scaler, &mut probe, flags);
         compare(name, &got, &expected(t));
         let skipped = got.iter().filter(|s| !s.2).count() as u64;
-        assert_eq!(scaler.steps_skipped(), skipped);
-        assert_eq!(scaler.steps_taken(), flags.len() as u64 - skipped);
+        assert_eq!(scaler.steps_skipped().unwrap(), skipped);
+        assert_eq!(scaler.steps_taken().unwrap(), flags.len() as u64 - skipped);
     }
 }
 
@@ -155,7 +155,7 @@ fn state_written_by_pytorch_loads_and_continues_identically() {
     // Loaded before the first scale(): the lazy initialisation uses the loaded values.
     let mut lazy = GradScaler::new(GradScalerConfig::default()).unwrap();
     lazy.load_state_dict(&state).unwrap();
-    assert_eq!(lazy.get_scale(), state.scale.unwrap());
+    assert_eq!(lazy.get_scale().unwrap(), state.scale.unwrap());
     compare(
         "resume (lazy)",
         &run(&mut lazy, &mut Probe::new(), flags),
@@ -186,7 +186,7 @@ fn state_written_here_loads_in_pytorch_and_continues_identically() {
     let mut scaler = GradScaler::new(config).unwrap();
     let mut probe = Probe::new();
     run(&mut scaler, &mut probe, b"0001200001");
-    let state = scaler.state_dict();
+    let state = scaler.state_dict().unwrap();
     let json = state.to_json();
     for key in [
         "\"scale\"",
@@ -204,7 +204,7 @@ state = json.loads(sys.stdin.readline())
 flags = sys.stdin.readline().strip()
 scaler = torch.amp.GradScaler("cpu")
 scaler.load_state_dict(state)
-echo = scaler.state_dict()
+echo = scaler.state_dict().unwrap()
 p = torch.nn.Parameter(torch.zeros(2))
 opt = torch.optim.SGD([p], lr=0.0)
 scaler.scale(torch.ones(()))

@@ -344,7 +344,7 @@ def sync_free_step(groups, found, scale, inv, max_norm=1.0):
     found.zero_()
     grads = [g for grp in groups for g in grp["grads"]]
     sumsq = op(grads, found, inv, False)
-    divisor = torch.ops.tch_fabric.clip_divisor(found, sumsq, scale, max_norm)
+    _norm, divisor = torch.ops.tch_fabric.clip_divisor(sumsq, scale, max_norm)
     for grp in groups:
         torch._foreach_add_(grp["steps"], 1)
         torch._fused_adamw_(grp["params"], grp["grads"], grp["exp_avgs"], grp["exp_avg_sqs"], [],

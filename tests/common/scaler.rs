@@ -1,11 +1,11 @@
 //! A one-parameter optimizer whose gradient the test sets directly, for driving a GradScaler
 //! through the same overflow pattern as the Python reference.
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
-use tch_fabric::{AmpOptimizer, GradScaler};
+use tch::{nn, Device, Kind, Tensor};
+use tch_fabric::{GradScaler, TchOptimizer};
 
 pub struct Probe {
     pub vs: nn::VarStore,
-    pub opt: AmpOptimizer,
+    pub opt: TchOptimizer,
     grad: Tensor,
 }
 
@@ -27,7 +27,7 @@ impl Probe {
         // One backward defines the gradient tensor; later steps overwrite it in place.
         p.sum(Kind::Float).backward();
         let grad = p.grad();
-        let opt = AmpOptimizer::new(nn::Sgd::default().build(&vs, 0.0).unwrap(), &vs);
+        let opt = TchOptimizer::new(&vs, nn::Sgd::default(), 0.0).unwrap();
         Probe { vs, opt, grad }
     }
 
@@ -50,7 +50,7 @@ pub fn run(scaler: &mut GradScaler, probe: &mut Probe, flags: &[u8]) -> Vec<(u32
             probe.set_grad(f);
             let outcome = scaler.step(&mut probe.opt).unwrap();
             scaler.update().unwrap();
-            let scale = scaler.get_scale() as f32;
+            let scale = scaler.get_scale().unwrap() as f32;
             if let tch_fabric::StepOutcome::Skipped { scale_after, .. } = outcome {
                 assert_eq!(
                     (scale_after as f32).to_bits(),
@@ -60,7 +60,7 @@ pub fn run(scaler: &mut GradScaler, probe: &mut Probe, flags: &[u8]) -> Vec<(u32
             }
             (
                 scale.to_bits(),
-                scaler.growth_tracker(),
+                scaler.growth_tracker().unwrap(),
                 !outcome.is_skipped(),
             )
         })

@@ -106,7 +106,7 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     tch::manual_seed(7 + 1000 * rank as i64);
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = mlp(&vs.root());
-    let opt = FusedAdamW::new(&vs, 1e-2);
+    let opt = FusedAdamW::new(&vs, 1e-2).unwrap();
     let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
     let rows: Vec<i64> = DistributedSampler::new(cfg.global_batch as usize, world, rank)?
         .shuffle(false)
@@ -124,7 +124,7 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
         }
         let (x, y) = global_batch(step, cfg.global_batch);
         let (x, y) = (x.index_select(0, &rows), y.index_select(0, &rows));
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         let out = model.forward(&x);
         let mut loss = {
             let _ac = fabric.autocast()?;
@@ -136,14 +136,14 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
         }
         fabric.backward(&loss)?;
         if inject && cfg.inject_after_backward {
-            let (_, g) = &opt.gradients()[0];
+            let (_, g) = &opt.gradients().unwrap()[0];
             let _ = g.shallow_clone().fill_(f64::INFINITY);
         }
         fabric.clip_gradients(&mut opt, Clip::norm(0.5))?;
         if opt.step()?.is_skipped() {
             skipped.push(step);
         }
-        scales.push(fabric.loss_scale());
+        scales.push(fabric.loss_scale().unwrap());
         if cfg.ckpt_every > 0 && (step + 1) % cfg.ckpt_every == 0 {
             fabric.save(cfg.out.join("ckpt.safetensors"), &(step + 1))?;
         }
@@ -370,7 +370,7 @@ fn a_crashing_rank_stops_the_others_and_keeps_the_last_checkpoint() {
     let fabric = Fabric::builder().accelerator("cpu").build().unwrap();
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = mlp(&vs.root());
-    let opt = FusedAdamW::new(&vs, 1e-2);
+    let opt = FusedAdamW::new(&vs, 1e-2).unwrap();
     let _ = fabric.setup(model, &mut vs, opt).unwrap();
     let step: usize = fabric.load(dir.join("ckpt.safetensors")).unwrap();
     assert_eq!(step, 10);

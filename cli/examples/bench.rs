@@ -9,7 +9,9 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
-use tch_fabric::{autocast, Fabric, FusedAdamW, GradScaler, GradScalerConfig, Precision};
+use tch_fabric::{
+    autocast, Fabric, FusedAdamW, GradScaler, GradScalerConfig, Optimizer, Precision,
+};
 
 #[path = "../src/bin/demo/model.rs"]
 mod model;
@@ -119,11 +121,11 @@ fn main() -> Result<()> {
                 .precision(args.precision.as_str())
                 .accelerator("cpu")
                 .build()?;
-            let opt = FusedAdamW::new(&vs, 1e-3);
+            let opt = FusedAdamW::new(&vs, 1e-3)?;
             let (net, mut opt) = fabric.setup(Boxed(net), &mut vs, opt)?;
             for i in 0..args.warmup + args.steps {
                 let t0 = Instant::now();
-                opt.zero_grad();
+                opt.zero_grad()?;
                 let out = net.forward(&x);
                 let loss = {
                     let _ac = fabric.autocast()?;
@@ -149,7 +151,7 @@ fn main() -> Result<()> {
                 Precision::Bf16True => vs.bfloat16(),
                 _ => {}
             }
-            let mut opt = FusedAdamW::new(&vs, 1e-3);
+            let mut opt = FusedAdamW::new(&vs, 1e-3)?;
             let mut scaler = GradScaler::new(
                 GradScalerConfig::default().enabled(precision.needs_grad_scaler()),
             )?;
@@ -160,7 +162,7 @@ fn main() -> Result<()> {
             };
             for i in 0..args.warmup + args.steps {
                 let t0 = Instant::now();
-                opt.zero_grad();
+                opt.zero_grad()?;
                 let loss = {
                     let _ac = precision
                         .autocast_dtype()

@@ -314,7 +314,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     let shape = [cfg.vocab, cfg.block, cfg.d_model, cfg.layers, cfg.heads];
     let mut vs = nn::VarStore::new(device);
     let gpt = model::Gpt::new(&vs.root(), cfg);
-    let opt = FusedAdamW::new(&vs, args.lr).eps(args.eps);
+    let opt = FusedAdamW::new(&vs, args.lr)?.eps(args.eps);
     let (model, mut opt) = fabric.setup(gpt, &mut vs, opt)?;
 
     let ids = Tensor::from_slice(&corpus.ids);
@@ -379,7 +379,8 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         // Every rank stops at the same step, or the others would wait for it in a collective.
         let stopping = if world > 1 {
             let flag = Tensor::from(i64::from(stop.load(Ordering::SeqCst)));
-            fabric.all_reduce(&flag, ReduceOp::Max)?.int64_value(&[]) != 0
+            fabric.all_reduce(&flag, ReduceOp::Max)?;
+            flag.f_int64_value(&[])? != 0
         } else {
             stop.load(Ordering::SeqCst)
         };
@@ -398,16 +399,16 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         } else {
             (x, y)
         };
-        opt.zero_grad();
+        opt.zero_grad()?;
         let loss = loss_of(&fabric, &model, &x, &y)?;
         fabric.backward(&loss)?;
-        fabric.clip_gradients(&mut opt, tch_fabric::Clip::norm(1.0))?;
+        let _norm = fabric.clip_gradients(&mut opt, tch_fabric::Clip::norm(1.0))?;
         let outcome = opt.step()?;
         // The loss of the whole global batch: the mean of the ranks' shard losses.
         let l = if world > 1 {
-            fabric
-                .all_reduce(&loss.detach(), ReduceOp::Mean)?
-                .f_double_value(&[])?
+            let mean = loss.f_detach_copy()?;
+            fabric.all_reduce(&mean, ReduceOp::Mean)?;
+            mean.f_double_value(&[])?
         } else {
             loss.f_double_value(&[])?
         };
@@ -424,7 +425,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         bar.set_message(format!(
             "loss {l:.3} | {:.1}k tok/s | scale {}{skipped}",
             tokens_per_step / dt / 1e3,
-            fabric.loss_scale()
+            fabric.loss_scale()?
         ));
         bar.inc(1);
         if (step + 1) % args.checkpoint_every == 0 {
@@ -466,8 +467,8 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         tokens_per_s: tokens_per_step / median,
         peak_mib: tch_fabric::memory_stats(Device::Cpu)
             .map_or(f64::NAN, |m| m.peak_bytes as f64 / (1024.0 * 1024.0)),
-        skipped: fabric.skipped_steps(),
-        loss_scale: fabric.loss_scale(),
+        skipped: fabric.skipped_steps()?,
+        loss_scale: fabric.loss_scale()?,
         steps: args.steps,
     };
     if !lead {

@@ -1,0 +1,159 @@
+//! [`FabricOptimizer`]: an optimizer set up with a [`super::Fabric`], stepping through its
+//! scaler.
+use super::{Core, BACKWARD_MESSAGE};
+use crate::checkpoint::SharedOptimizer;
+use crate::clip::{self, Clip};
+use crate::error::{Error, Result};
+use crate::optim::Amp;
+use crate::params::GradBatch;
+use crate::scaler::StepOutcome;
+use std::rc::Rc;
+use tch::Tensor;
+
+/// An optimizer set up by [`crate::Fabric::setup`] or [`crate::Fabric::setup_optimizers`].
+/// `step` unscales, skips on inf/NaN and updates the loss scale under `16-mixed`, and says what
+/// it did.
+#[derive(Debug)]
+pub struct FabricOptimizer {
+    opt: SharedOptimizer,
+    id: u64,
+    core: Rc<Core>,
+    /// `fabric.backward` calls seen at this optimizer's last step.
+    seen_backward: u64,
+    /// Without a scaler: the gradients a clip fetched, for the step of the same backward.
+    clipped: Option<(u64, GradBatch)>,
+}
+
+impl FabricOptimizer {
+    pub(crate) fn new(opt: SharedOptimizer, id: u64, core: Rc<Core>, seen_backward: u64) -> Self {
+        FabricOptimizer {
+            opt,
+            id,
+            core,
+            seen_backward,
+            clipped: None,
+        }
+    }
+
+    pub(crate) fn core(&self) -> &Rc<Core> {
+        &self.core
+    }
+
+    pub(crate) fn shared(&self) -> &SharedOptimizer {
+        &self.opt
+    }
+
+    /// Clipping without a scaler: the gradients as they are, kept for this iteration's step.
+    pub(crate) fn clip_unscaled(&mut self, clip: &Clip) -> Result<Tensor> {
+        let grads = self.opt.borrow().params().grads()?;
+        let norm = clip::clip_batch(&grads, clip)?;
+        let backward = self.core.state.borrow().backward_count;
+        self.clipped = Some((backward, grads));
+        Ok(norm)
+    }
+
+    /// One optimizer step. Under `16-mixed` a step whose gradients hold inf/NaN is skipped
+    /// (and reported), and the loss scale is updated once every optimizer of the Fabric has
+    /// stepped (see [`crate::Fabric::update_scale`]).
+    ///
+    /// # Errors
+    ///
+    /// Lightning's "requires you to call `fabric.backward(loss)`" under a mixed precision when
+    /// no `fabric.backward` ran since this optimizer's last step (a plain `loss.backward()`
+    /// would otherwise train on scaled gradients); [`Error::Usage`] when this optimizer already
+    /// stepped since the last scale update; the scaler's and the optimizer's errors, after
+    /// which nothing has changed.
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        let mut state = self.core.state.borrow_mut();
+        let st = &mut *state;
+        if self.core.precision().is_mixed() && st.backward_count == self.seen_backward {
+            return Err(Error::Usage(BACKWARD_MESSAGE.to_string()));
+        }
+        let backward = st.backward_count;
+        let outcome = match &mut st.scaler {
+            Some(scaler) => {
+                if scaler.has_stepped(self.id) {
+                    return Err(Error::Usage(
+                        "this optimizer already stepped since the last loss-scale update. The \
+                         scale updates once every optimizer set up with this Fabric has stepped; \
+                         a loop that does not step all of them in every iteration calls \
+                         `fabric.update_scale()` at the end of each iteration"
+                            .into(),
+                    ));
+                }
+                let outcome = scaler.step(&mut **self.opt.borrow_mut())?;
+                let all_stepped = st
+                    .optimizers
+                    .iter()
+                    .all(|o| scaler.has_stepped(o.borrow().params().id()));
+                if all_stepped {
+                    scaler.update()?;
+                }
+                outcome
+            }
+            None => {
+                let mut opt = self.opt.borrow_mut();
+                let grads = match self.clipped.take() {
+                    Some((b, grads)) if b == backward => grads,
+                    _ => opt.params().grads()?,
+                };
+                opt.step_with(&grads, Amp::None)?;
+                StepOutcome::Stepped
+            }
+        };
+        self.seen_backward = backward;
+        Ok(outcome)
+    }
+
+    /// Drops the gradients (`zero_grad(set_to_none=True)`), and what this iteration knew of
+    /// them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Native`] if libtorch refuses.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        self.clipped = None;
+        if let Some(s) = &mut self.core.state.borrow_mut().scaler {
+            s.forget_grads(self.id);
+        }
+        self.opt.borrow_mut().zero_grad()
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.opt.borrow().lr()
+    }
+
+    /// Sets the learning rate of every parameter group.
+    ///
+    /// # Errors
+    ///
+    /// The optimizer's error for a rate it refuses (nothing changes then).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.opt.borrow_mut().set_lr(lr)
+    }
+
+    /// The parameters' current gradients, with their names (parameters without one are left
+    /// out).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Native`] if libtorch cannot hand them out.
+    pub fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
+        let opt = self.opt.borrow();
+        let grads = opt.params().grads()?;
+        Ok(grads
+            .defined()
+            .map(|(i, g)| (opt.params().names()[i].clone(), g.shallow_clone()))
+            .collect())
+    }
+
+    /// The optimizer's own state as named tensors (empty for tch's optimizers).
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Optimizer::state_tensors`].
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.opt.borrow().state_tensors()
+    }
+}

@@ -1,0 +1,234 @@
+//! Optimizers: the one [`Optimizer`] trait the [`crate::GradScaler`] and [`crate::Fabric`]
+//! drive, implemented by [`FusedAdamW`] and [`FusedSgd`] (state owned here, over libtorch's
+//! fused kernels) and by [`TchOptimizer`] (tch's own optimizers, over libtorch's C++ ones).
+mod adamw;
+mod sgd;
+mod slots;
+mod tch_adapter;
+
+pub use adamw::FusedAdamW;
+pub use sgd::FusedSgd;
+pub use tch_adapter::TchOptimizer;
+
+use crate::error::{Error, Op, Result};
+use crate::native;
+use crate::params::{GradBatch, Params};
+use std::ops::Deref;
+use tch::{Device, Tensor};
+
+/// What the loss scaler asks of one optimizer step (decided by [`crate::GradScaler::step`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Amp<'a> {
+    /// Step on the gradients as they are (no scaler, or a scaler that unscaled them, found
+    /// them finite and lets the step happen).
+    None,
+    /// PyTorch's fused AMP step (`_step_supports_amp_scaling`): divide the gradients by
+    /// `grad_scale` when given, and change nothing at all where `found_inf` is non-zero,
+    /// without the host reading either.
+    Scaled {
+        /// The loss scale; `None` when the gradients were already unscaled.
+        grad_scale: Option<&'a Tensor>,
+        /// 1-element float32, non-zero when a gradient held inf/NaN.
+        found_inf: &'a Tensor,
+    },
+    /// After folded norm clipping: the gradients are still multiplied by `divisor` (`scale /
+    /// clip_coef`) and nothing needs them unscaled afterwards, so the step may leave them as
+    /// they are; skipped where `found_inf` is non-zero.
+    Folded {
+        /// `scale / clip_coef`, 1-element float32.
+        divisor: &'a Tensor,
+        /// 1-element float32, non-zero when a gradient held inf/NaN.
+        found_inf: &'a Tensor,
+    },
+}
+
+/// An optimizer [`crate::GradScaler`] and [`crate::Fabric`] can drive. Implement it to plug in
+/// another optimizer: [`Optimizer::params`] and [`Optimizer::step_with`] are the core; the
+/// rest has defaults.
+pub trait Optimizer: std::fmt::Debug {
+    /// The parameters it updates, in PyTorch's order.
+    fn params(&self) -> &Params;
+
+    /// One step over `grads`, the gradients of [`Optimizer::params`] fetched for this step, as
+    /// `amp` says. On error nothing may have changed: the scaler then keeps its state and the
+    /// step can be retried.
+    ///
+    /// # Errors
+    ///
+    /// The optimizer's error; [`Error::Usage`] for an [`Amp`] it does not support.
+    fn step_with(&mut self, grads: &GradBatch, amp: Amp<'_>) -> Result<()>;
+
+    /// One step on the gradients as they are (no scaler).
+    ///
+    /// # Errors
+    ///
+    /// As [`Optimizer::step_with`].
+    fn step(&mut self) -> Result<()> {
+        let grads = self.params().grads()?;
+        self.step_with(&grads, Amp::None)
+    }
+
+    /// Whether [`Optimizer::step_with`] takes [`Amp::Scaled`] and [`Amp::Folded`] (PyTorch's
+    /// `_step_supports_amp_scaling`, true for fused optimizers): the scaler then never waits
+    /// for the device.
+    fn supports_amp_scaling(&self) -> bool {
+        false
+    }
+
+    /// The learning rate.
+    fn lr(&self) -> f64;
+
+    /// Sets the learning rate (of every parameter group).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a rate the optimizer refuses (nothing changes then).
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// Drops the gradients (`zero_grad(set_to_none=True)`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Native`] if libtorch refuses.
+    fn zero_grad(&mut self) -> Result<()> {
+        self.params().zero_grad()
+    }
+
+    /// Checks the hyper-parameters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the first bad value and the allowed range.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The state to save with a checkpoint, as named tensors (none by default).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Native`] if libtorch cannot hand a tensor out.
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    /// Checks state for [`Optimizer::load_state`] without applying it (the dry run that lets
+    /// a checkpoint be refused before anything changes).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] naming the tensor that does not fit. By default any state is
+    /// refused: an optimizer without state would silently drop it.
+    fn check_state(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        match tensors.first() {
+            None => Ok(()),
+            Some((name, _)) => Err(Error::InvalidState(format!(
+                "{self:?} keeps no state in checkpoints, but the state has '{name}'"
+            ))),
+        }
+    }
+
+    /// Restores state saved by [`Optimizer::state_tensors`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Optimizer::check_state`]; nothing changes then.
+    fn load_state(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        self.check_state(tensors)
+    }
+}
+
+/// A tensor on the device a kernel needs: the caller's own when it is there already, else a
+/// copy.
+#[derive(Debug)]
+pub(crate) enum OnDevice<'a> {
+    Borrowed(&'a Tensor),
+    Owned(Tensor),
+}
+
+impl Deref for OnDevice<'_> {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        match self {
+            OnDevice::Borrowed(t) => t,
+            OnDevice::Owned(t) => t,
+        }
+    }
+}
+
+impl OnDevice<'_> {
+    /// An owned handle (shallow for a borrowed tensor).
+    pub(crate) fn into_owned(self) -> Tensor {
+        match self {
+            OnDevice::Borrowed(t) => t.shallow_clone(),
+            OnDevice::Owned(t) => t,
+        }
+    }
+}
+
+/// `t` on `device`: borrowed when it is there already (no dispatcher call), else copied.
+pub(crate) fn on_device(t: &Tensor, device: Device) -> Result<OnDevice<'_>> {
+    match native::meta(t)? {
+        Some(m) if m.device == device => Ok(OnDevice::Borrowed(t)),
+        _ => Ok(OnDevice::Owned(t.f_to_device(device).op("to")?)),
+    }
+}
+
+/// The AMP tensors of a fused step moved to one group's device: (grad_scale or divisor,
+/// found_inf).
+pub(crate) fn amp_on<'a>(
+    amp: &Amp<'a>,
+    device: Device,
+) -> Result<(Option<OnDevice<'a>>, Option<OnDevice<'a>>)> {
+    Ok(match *amp {
+        Amp::None => (None, None),
+        Amp::Scaled {
+            grad_scale,
+            found_inf,
+        } => (
+            grad_scale.map(|s| on_device(s, device)).transpose()?,
+            Some(on_device(found_inf, device)?),
+        ),
+        Amp::Folded { divisor, found_inf } => (
+            Some(on_device(divisor, device)?),
+            Some(on_device(found_inf, device)?),
+        ),
+    })
+}
+
+/// A finite, non-negative hyper-parameter, or PyTorch's error for it.
+pub(crate) fn non_negative(field: &'static str, v: f64, allowed: &'static str) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            field,
+            value: v.to_string(),
+            allowed,
+        })
+    }
+}
+
+/// The (device, dtype) groups a fused kernel takes: dense float tensors on CPU or CUDA. Checked
+/// for every group before any kernel runs, so a refused step changes nothing.
+pub(crate) fn check_fused_groups(op: &'static str, grads: &GradBatch) -> Result<()> {
+    if grads.has_sparse() {
+        return Err(Error::Usage(format!(
+            "{op}: sparse gradients are not supported"
+        )));
+    }
+    for g in grads.groups() {
+        let float = matches!(
+            g.kind,
+            tch::Kind::Float | tch::Kind::Double | tch::Kind::Half | tch::Kind::BFloat16
+        );
+        if !float || !(g.device == Device::Cpu || g.device.is_cuda()) {
+            return Err(Error::Usage(format!(
+                "{op}: parameters of dtype {:?} on {:?}: the fused kernel takes float32, \
+                 float64, float16 or bfloat16 tensors on CPU or CUDA",
+                g.kind, g.device
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Per-parameter optimizer state shared by the fused optimizers: a few named tensors per
+//! parameter, created at its first step (as PyTorch creates `optimizer.state[p]`), saved as
+//! `<param>.<field>` and loaded back with every check made before anything changes.
+use crate::error::{Error, Op, Result};
+use crate::native;
+use crate::params::{GradBatch, Params};
+use tch::{Kind, Tensor};
+
+/// The shape of one state tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// The parameter's shape, dtype and device (moments, momentum buffers).
+    LikeParam,
+    /// A 0-dim float32 on the parameter's device (the step count of fused optimizers).
+    Scalar,
+}
+
+/// One named state tensor of every parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Field {
+    pub name: &'static str,
+    pub shape: Shape,
+}
+
+/// New state for the parameters that step for the first time: (parameter index, tensors in
+/// field order). Used by the step and committed only once the step succeeded.
+pub(crate) type Fresh = Vec<(usize, Vec<Tensor>)>;
+
+/// State of every parameter of one optimizer, in [`Params`] order.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    fields: Vec<Field>,
+    state: Vec<Option<Vec<Tensor>>>,
+}
+
+impl Slots {
+    pub(crate) fn new(len: usize, fields: Vec<Field>) -> Slots {
+        Slots {
+            fields,
+            state: (0..len).map(|_| None).collect(),
+        }
+    }
+
+    /// Changes the fields (a builder option such as AMSGrad) while no parameter has state.
+    pub(crate) fn set_fields(&mut self, fields: Vec<Field>) {
+        if self.state.iter().all(Option::is_none) {
+            self.fields = fields;
+        }
+    }
+
+    /// Zero state for each parameter with a gradient and no state yet.
+    pub(crate) fn fresh(&self, params: &Params, grads: &GradBatch) -> Result<Fresh> {
+        let mut out = Vec::new();
+        if self.fields.is_empty() {
+            return Ok(out);
+        }
+        for (i, _) in grads.defined() {
+            if self.state[i].is_some() {
+                continue;
+            }
+            let p = &params.tensors()[i];
+            let device = grads.meta(i).map_or(tch::Device::Cpu, |m| m.device);
+            let tensors = self
+                .fields
+                .iter()
+                .map(|f| match f.shape {
+                    Shape::LikeParam => p.f_zeros_like().op("zeros_like"),
+                    Shape::Scalar => Tensor::f_zeros([], (Kind::Float, device)).op("zeros"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push((i, tensors));
+        }
+        Ok(out)
+    }
+
+    /// Parameter `i`'s state: existing, or from `fresh`.
+    pub(crate) fn of<'a>(&'a self, fresh: &'a Fresh, i: usize) -> Option<&'a [Tensor]> {
+        match &self.state[i] {
+            Some(s) => Some(s),
+            None => fresh
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(_, s)| s.as_slice()),
+        }
+    }
+
+    /// The tensor of `field` in a parameter's state.
+    pub(crate) fn field<'a>(&self, state: &'a [Tensor], field: &str) -> Option<&'a Tensor> {
+        self.fields
+            .iter()
+            .position(|f| f.name == field)
+            .map(|k| &state[k])
+    }
+
+    /// Keeps the state created for a step that succeeded.
+    pub(crate) fn commit(&mut self, fresh: Fresh) {
+        for (i, s) in fresh {
+            self.state[i] = Some(s);
+        }
+    }
+
+    /// Every parameter's state as `<param>.<field>` tensors (shallow handles).
+    pub(crate) fn state_tensors(&self, params: &Params) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, state) in params.names().iter().zip(&self.state) {
+            let Some(state) = state else { continue };
+            for (f, t) in self.fields.iter().zip(state) {
+                out.push((format!("{name}.{}", f.name), t.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// State from `tensors` for every parameter, copied to its device and dtype, without
+    /// applying it: a parameter has state when its first field is present, and then every
+    /// field must be there with the right shape. A tensor that belongs to no field of any
+    /// parameter is refused too.
+    pub(crate) fn prepare_load(
+        &self,
+        params: &Params,
+        tensors: &[(String, Tensor)],
+    ) -> Result<Vec<Option<Vec<Tensor>>>> {
+        let find = |key: &str| tensors.iter().find(|(n, _)| n == key).map(|(_, t)| t);
+        let first = self.fields.first().map(|f| f.name);
+        let mut used = 0;
+        let mut out = Vec::with_capacity(params.len());
+        for (name, p) in params.names().iter().zip(params.tensors()) {
+            let present = first.is_some_and(|f| find(&format!("{name}.{f}")).is_some());
+            if !present {
+                out.push(None);
+                continue;
+            }
+            let shape = native::shape(p)?;
+            let m = native::meta(p)?
+                .ok_or_else(|| Error::Usage(format!("parameter '{name}' is undefined")))?;
+            let (kind, device) = (m.kind, m.device);
+            let mut state = Vec::with_capacity(self.fields.len());
+            for f in &self.fields {
+                let key = format!("{name}.{}", f.name);
+                let t = find(&key)
+                    .ok_or_else(|| Error::InvalidState(format!("optimizer state lacks '{key}'")))?;
+                let got = native::shape(t)?;
+                let loaded = match f.shape {
+                    Shape::LikeParam if got != shape => {
+                        return Err(Error::InvalidState(format!(
+                            "optimizer state '{key}' has shape {got:?}, the parameter {shape:?}"
+                        )))
+                    }
+                    Shape::LikeParam => t.f_to_device_(device, kind, false, true),
+                    Shape::Scalar if got.iter().product::<i64>() != 1 => {
+                        return Err(Error::InvalidState(format!(
+                            "optimizer state '{key}' must hold one number, not shape {got:?}"
+                        )))
+                    }
+                    Shape::Scalar => t
+                        .f_to_device_(device, Kind::Float, false, true)
+                        .and_then(|t| t.f_reshape([])),
+                }
+                .op("load optimizer state")?;
+                state.push(loaded);
+                used += 1;
+            }
+            out.push(Some(state));
+        }
+        if used != tensors.len() {
+            let consumed = |key: &str| {
+                params.names().iter().zip(&out).any(|(n, st)| {
+                    st.is_some() && self.fields.iter().any(|f| key == format!("{n}.{}", f.name))
+                })
+            };
+            if let Some((key, _)) = tensors.iter().find(|(k, _)| !consumed(k)) {
+                let names: Vec<&str> = self.fields.iter().map(|f| f.name).collect();
+                return Err(Error::InvalidState(format!(
+                    "optimizer state '{key}' belongs to no complete state of this optimizer \
+                     (a parameter with state has all of {names:?})"
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies what [`Slots::prepare_load`] returned.
+    pub(crate) fn commit_load(&mut self, prepared: Vec<Option<Vec<Tensor>>>) {
+        self.state = prepared;
+    }
+}
