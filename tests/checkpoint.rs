@@ -119,7 +119,7 @@ print(json.dumps({
     "dtypes": sorted({str(v.dtype) for v in tensors.values()}),
     "precision": meta["tch_fabric.precision"],
     "state": json.loads(meta["tch_fabric.state"]),
-    "scale": scaler.get_scale().unwrap(),
+    "scale": scaler.get_scale(),
 }))
 "#;
     let out = common::run_python(code, &format!("{}\n", path.display()));

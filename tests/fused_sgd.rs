@@ -116,9 +116,9 @@ for _ in range(steps):
     scaler.step(opt)
     scaler.update()
     stepped.append(not torch.equal(before, model[0].weight.detach()))
-sd = model.state_dict().unwrap()
+sd = model.state_dict()
 save_file({"l1.weight": sd["0.weight"], "l1.bias": sd["0.bias"], "l2.weight": sd["2.weight"], "l2.bias": sd["2.bias"]}, out_path)
-print(json.dumps({"stepped": stepped, "scale": scaler.get_scale().unwrap()}))
+print(json.dumps({"stepped": stepped, "scale": scaler.get_scale()}))
 "#;
 
 fn tmp(name: &str) -> std::path::PathBuf {

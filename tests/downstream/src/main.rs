@@ -1,19 +1,139 @@
-fn main() -> anyhow::Result<()> {
-    use tch::{nn, nn::Module, Device, Kind, Tensor};
-    use tch_fabric::{Clip, Fabric, FusedAdamW};
+//! A user's program: it depends on tch-fabric by path, without default features and without a
+//! build script, and exercises what needs the crate's native parts. `.ci/run` builds and runs
+//! it (README, "Use it from your crate"); it exits non-zero when any check fails.
+//!
+//!     cd tests/downstream
+//!     LD_LIBRARY_PATH=$(realpath ../../.libtorch/lib) cargo run
+//!     LD_LIBRARY_PATH=... cargo run --features cuda     # also: the CUDA kernel is registered
+use anyhow::{ensure, Context, Result};
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::{Clip, Fabric, FusedAdamW, FusedSgd, GradScalerConfig, StepOutcome};
+
+fn main() -> Result<()> {
+    tch::manual_seed(0);
+    ops_are_registered()?;
+    fp16_adamw_with_clipping()?;
+    sgd_step()?;
+    checkpoint_round_trip()?;
+    println!("downstream: all checks passed");
+    Ok(())
+}
+
+/// The `tch_fabric::` ops reach this binary through the rlib: no build script here links them.
+fn ops_are_registered() -> Result<()> {
+    ensure!(
+        tch_fabric::ops::has_kernel(Device::Cpu)?,
+        "tch_fabric::unscale_sumsq_ has no CPU kernel in this binary"
+    );
+    let cuda = tch_fabric::ops::has_kernel(Device::Cuda(0))?;
+    ensure!(
+        cuda == cfg!(feature = "cuda"),
+        "CUDA kernel registered: {cuda}, but the cuda feature is {}",
+        if cfg!(feature = "cuda") { "on" } else { "off" }
+    );
+    println!("ops registered: cpu, cuda={cuda}");
+    Ok(())
+}
+
+fn mlp(vs: &nn::VarStore) -> nn::Sequential {
+    nn::seq()
+        .add(nn::linear(vs.root() / "l1", 8, 16, Default::default()))
+        .add_fn(|x| x.relu())
+        .add(nn::linear(vs.root() / "l2", 16, 4, Default::default()))
+}
+
+fn batch() -> (Tensor, Tensor) {
+    (
+        Tensor::randn([32, 8], (Kind::Float, Device::Cpu)),
+        Tensor::randn([32, 4], (Kind::Float, Device::Cpu)),
+    )
+}
+
+/// `16-mixed` as real float16 on CPU, `FusedAdamW`, 2-norm clipping: the folded step runs
+/// `tch_fabric::unscale_sumsq_` and `tch_fabric::clip_divisor`.
+fn fp16_adamw_with_clipping() -> Result<()> {
     let fabric = Fabric::builder()
         .precision("16-mixed")
         .accelerator("cpu")
         .cpu_fp16_autocast(true)
+        .grad_scaler(GradScalerConfig::default().init_scale(1024.0))
         .build()?;
+    println!("{fabric}");
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let model = nn::linear(vs.root() / "fc", 8, 4, Default::default());
-    let opt = FusedAdamW::new(&vs, 1e-3);
+    let model = mlp(&vs);
+    let opt = FusedAdamW::new(&vs, 1e-2)?;
     let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
-    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
-    let loss = model.forward(&x).pow_tensor_scalar(2).mean(Kind::Float);
-    fabric.backward(&loss)?;
-    fabric.clip_gradients(&mut opt, Clip::norm(1.0))?;
-    println!("{:?}", opt.step()?);
+    let (x, y) = batch();
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..20 {
+        opt.zero_grad()?;
+        let out = x.apply(&model);
+        let loss = {
+            let _autocast = fabric.autocast()?;
+            out.mse_loss(&y, Reduction::Mean)
+        };
+        fabric.backward(&loss)?;
+        let norm = fabric.clip_gradients(&mut opt, Clip::norm(1.0))?;
+        ensure!(norm.value()?.is_finite(), "a finite gradient norm");
+        ensure!(opt.step()? == StepOutcome::Stepped, "every step is taken");
+        last = loss.f_double_value(&[])?;
+        first.get_or_insert(last);
+    }
+    let first = first.context("trained")?;
+    ensure!(last < first, "16-mixed FusedAdamW: loss {first} -> {last}");
+    println!("16-mixed FusedAdamW + clipping: loss {first:.4} -> {last:.4}");
+    Ok(())
+}
+
+fn sgd_step() -> Result<()> {
+    let fabric = Fabric::builder().accelerator("cpu").build()?;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = mlp(&vs);
+    let opt = FusedSgd::new(&vs, 0.1)?.momentum(0.9);
+    let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+    let (x, y) = batch();
+    let before = vs.variables()["l1.weight"].copy();
+    fabric.backward(&model.forward(&x).mse_loss(&y, Reduction::Mean))?;
+    opt.step()?;
+    ensure!(
+        !vs.variables()["l1.weight"].equal(&before),
+        "FusedSgd changed the weights"
+    );
+    ensure!(opt.state_tensors()?.len() == 4, "one momentum buffer per parameter");
+    println!("FusedSgd step: ok");
+    Ok(())
+}
+
+fn checkpoint_round_trip() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tch-fabric-downstream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("ckpt.safetensors");
+    let fabric = Fabric::builder().accelerator("cpu").build()?;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = mlp(&vs);
+    let opt = FusedAdamW::new(&vs, 1e-2)?;
+    let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+    let (x, y) = batch();
+    fabric.backward(&model.forward(&x).mse_loss(&y, Reduction::Mean))?;
+    opt.step()?;
+    fabric.save(&path, &7u32)?;
+
+    let other = Fabric::builder().accelerator("cpu").build()?;
+    let mut vs2 = nn::VarStore::new(Device::Cpu);
+    let model2 = mlp(&vs2);
+    let opt2 = FusedAdamW::new(&vs2, 1e-2)?;
+    let (_model2, opt2) = other.setup(model2, &mut vs2, opt2)?;
+    let step: u32 = other.load(&path)?;
+    ensure!(step == 7, "the user state came back");
+    for (name, t) in vs.variables() {
+        ensure!(t.equal(&vs2.variables()[&name]), "{name} restored");
+    }
+    ensure!(
+        opt2.state_tensors()?.len() == opt.state_tensors()?.len(),
+        "the AdamW state came back"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    println!("checkpoint round trip: ok");
     Ok(())
 }
