@@ -164,9 +164,11 @@ pub(crate) fn plan_load(
             Some((i, name)) if i < optimizer_states.len() => {
                 optimizer_states[i].push((name.to_string(), t.shallow_clone()))
             }
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "tensor '{key}' in the checkpoint matches no parameter or optimizer of this Fabric"
-            ))),
+            )))
+            }
         }
     }
     for (i, (opt, st)) in optimizers.iter().zip(&optimizer_states).enumerate() {
