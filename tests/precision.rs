@@ -1,43 +1,9 @@
 //! `Precision`: every accepted value, aliases and their warnings, round trips, bad values.
-use std::sync::{Mutex, OnceLock};
+mod common;
+
+use common::warnings_of;
 use tch::Kind;
 use tch_fabric::{Error, Precision};
-
-/// Collects `log` records so the deprecation warnings can be checked.
-struct Capture(Mutex<Vec<String>>);
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record) {
-        if record.level() == log::Level::Warn {
-            self.0.lock().unwrap().push(record.args().to_string());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn capture() -> &'static Capture {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
-        log::set_logger(c).unwrap();
-        log::set_max_level(log::LevelFilter::Warn);
-        c
-    })
-}
-
-/// Warnings emitted while `f` ran (tests share one logger, so they take a lock).
-fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = capture();
-    c.0.lock().unwrap().clear();
-    let out = f();
-    let w = std::mem::take(&mut *c.0.lock().unwrap());
-    (out, w)
-}
 
 #[test]
 fn canonical_values_parse_display_and_round_trip() {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 /// The repository root.
 pub fn repo() -> &'static Path {
@@ -77,4 +78,40 @@ pub mod scaler;
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Collects `log` warnings so that tests can check them.
+pub struct Capture(Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        if record.level() == log::Level::Warn {
+            self.0.lock().unwrap().push(record.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+pub fn capture() -> &'static Capture {
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+        log::set_logger(c).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+        c
+    })
+}
+
+/// Warnings emitted while `f` ran (tests share one logger, so they take a lock).
+pub fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = capture();
+    c.0.lock().unwrap().clear();
+    let out = f();
+    let w = std::mem::take(&mut *c.0.lock().unwrap());
+    (out, w)
 }
