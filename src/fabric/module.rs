@@ -2,7 +2,7 @@
 //! them: inputs converted, the call inside the precision's scope, outputs converted back.
 use super::Settings;
 use crate::autocast::AutocastGuard;
-use crate::error::{Op, Result};
+use crate::error::{Error, Op, Result};
 use crate::precision::Precision;
 use std::cell::Cell;
 use tch::{nn, Kind, Tensor};
@@ -124,11 +124,18 @@ impl<M> FabricModule<M> {
         let precision = self.settings.precision;
         let input_kind = (self.convert_inputs && precision != Precision::F32True)
             .then(|| precision.input_dtype());
-        let inputs = inputs.convert(&mut |t| match input_kind {
-            Some(kind) if t.f_is_floating_point().op("is_floating_point")? => {
-                t.f_to_kind(kind).op("to_kind")
+        let inputs = inputs.convert(&mut |t| {
+            if !t.defined() {
+                return Err(Error::Usage(
+                    "FabricModule got an undefined tensor as input".into(),
+                ));
             }
-            _ => Ok(t.shallow_clone()),
+            match input_kind {
+                Some(kind) if t.f_is_floating_point().op("is_floating_point")? => {
+                    t.f_to_kind(kind).op("to_kind")
+                }
+                _ => Ok(t.shallow_clone()),
+            }
         })?;
         let out = {
             let _scope = AutocastGuard::for_precision(
@@ -139,7 +146,10 @@ impl<M> FabricModule<M> {
             f(&self.inner, inputs)
         };
         out.convert(&mut |t| {
-            if precision != Precision::F32True && t.f_is_floating_point().op("is_floating_point")? {
+            if precision != Precision::F32True
+                && t.defined()
+                && t.f_is_floating_point().op("is_floating_point")?
+            {
                 t.f_to_kind(Kind::Float).op("to_kind")
             } else {
                 Ok(t.shallow_clone())
