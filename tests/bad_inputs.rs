@@ -170,7 +170,7 @@ fn the_fabric_refuses_bad_tensors_files_and_settings() {
     let model = nn::linear(vs.root() / "fc", 3, 2, Default::default());
     let model = fabric.setup_module(model, &mut vs).unwrap();
     assert!(model.try_forward(&Tensor::new()).is_err());
-    assert!(model.run(&Tensor::new(), |_, x| x).is_err());
+    assert!(model.run(Tensor::new(), |_, x| x).is_err());
     let mut opt = fabric
         .setup_optimizers(FusedAdamW::new(&vs, 1e-3).unwrap())
         .unwrap();

@@ -216,7 +216,7 @@ impl Convert for &Tensor {
 impl Convert for &[Tensor] {
     type Output = Vec<Tensor>;
     fn convert(self, f: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
-        self.iter().map(|t| f(t)).collect()
+        self.iter().map(f).collect()
     }
 }
 

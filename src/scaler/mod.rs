@@ -106,7 +106,9 @@ impl Stage {
 /// Combines a freshly computed found_inf flag across processes in place (an all-reduce with
 /// max), so that every rank of a data-parallel run skips the same steps.
 #[derive(Clone)]
-pub(crate) struct FoundInfSync(pub(crate) Rc<dyn Fn(&Tensor) -> Result<()>>);
+pub(crate) struct FoundInfSync(pub(crate) Rc<SyncFn>);
+
+type SyncFn = dyn Fn(&Tensor) -> Result<()>;
 
 impl std::fmt::Debug for FoundInfSync {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -84,7 +84,7 @@ impl GradScalerState {
     ///
     /// # Errors
     ///
-    /// [`Error::Json`] for malformed JSON, wrong-typed values or unknown keys.
+    /// [`crate::Error::Json`] for malformed JSON, wrong-typed values or unknown keys.
     pub fn from_json(json: &str) -> Result<Self> {
         Ok(serde_json::from_str(json)?)
     }

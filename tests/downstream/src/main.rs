@@ -100,7 +100,10 @@ fn sgd_step() -> Result<()> {
         !vs.variables()["l1.weight"].equal(&before),
         "FusedSgd changed the weights"
     );
-    ensure!(opt.state_tensors()?.len() == 4, "one momentum buffer per parameter");
+    ensure!(
+        opt.state_tensors()?.len() == 4,
+        "one momentum buffer per parameter"
+    );
     println!("FusedSgd step: ok");
     Ok(())
 }
