@@ -288,7 +288,30 @@ pub(crate) struct AdamLists<'a> {
     pub steps: Vec<&'a Tensor>,
 }
 
+/// The pointer arrays of [`AdamLists`], in the order the kernels take them.
+struct AdamPtrs {
+    params: Vec<CTensor>,
+    grads: Vec<CTensor>,
+    exp_avgs: Vec<CTensor>,
+    exp_avg_sqs: Vec<CTensor>,
+    max_exp_avg_sqs: Vec<CTensor>,
+    steps: Vec<CTensor>,
+}
+
 impl AdamLists<'_> {
+    /// The lists as pointer arrays, after checking their lengths.
+    fn ptrs(&self, op: &'static str, with_max: bool) -> Result<AdamPtrs> {
+        self.check_lengths(op, with_max)?;
+        Ok(AdamPtrs {
+            params: ptrs(self.params.iter().copied()),
+            grads: ptrs(self.grads.iter().copied()),
+            exp_avgs: ptrs(self.exp_avgs.iter().copied()),
+            exp_avg_sqs: ptrs(self.exp_avg_sqs.iter().copied()),
+            max_exp_avg_sqs: ptrs(self.max_exp_avg_sqs.iter().copied()),
+            steps: ptrs(self.steps.iter().copied()),
+        })
+    }
+
     fn check_lengths(&self, op: &'static str, with_max: bool) -> Result<()> {
         let n = self.params.len();
         let lens = [
@@ -304,10 +327,9 @@ impl AdamLists<'_> {
     }
 }
 
-/// Hyper-parameters of one AdamW call.
+/// Hyper-parameters of one AdamW call (the learning rate is given apart).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct AdamHyper {
-    pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub weight_decay: f64,
@@ -318,29 +340,22 @@ pub(crate) struct AdamHyper {
 
 pub(crate) fn fused_adamw(
     l: &AdamLists<'_>,
+    lr: f64,
     h: &AdamHyper,
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
 ) -> Result<()> {
-    l.check_lengths("_fused_adamw_", h.amsgrad)?;
-    let (p, g, m, v, vm, s) = (
-        ptrs(l.params.iter().copied()),
-        ptrs(l.grads.iter().copied()),
-        ptrs(l.exp_avgs.iter().copied()),
-        ptrs(l.exp_avg_sqs.iter().copied()),
-        ptrs(l.max_exp_avg_sqs.iter().copied()),
-        ptrs(l.steps.iter().copied()),
-    );
+    let a = l.ptrs("_fused_adamw_", h.amsgrad)?;
     check("_fused_adamw_", unsafe {
         ffi::tf_fused_adamw(
-            p.as_ptr(),
-            g.as_ptr(),
-            m.as_ptr(),
-            v.as_ptr(),
-            vm.as_ptr(),
-            s.as_ptr(),
-            p.len(),
-            h.lr,
+            a.params.as_ptr(),
+            a.grads.as_ptr(),
+            a.exp_avgs.as_ptr(),
+            a.exp_avg_sqs.as_ptr(),
+            a.max_exp_avg_sqs.as_ptr(),
+            a.steps.as_ptr(),
+            a.params.len(),
+            lr,
             h.beta1,
             h.beta2,
             h.weight_decay,
@@ -357,27 +372,21 @@ pub(crate) fn fused_adamw(
 /// by `divisor`, writing only the parameters and moments.
 pub(crate) fn adamw_folded(
     l: &AdamLists<'_>,
+    lr: f64,
     h: &AdamHyper,
     divisor: &Tensor,
     found_inf: &Tensor,
 ) -> Result<()> {
-    l.check_lengths("tch_fabric::adamw_folded_", false)?;
-    let (p, g, m, v, s) = (
-        ptrs(l.params.iter().copied()),
-        ptrs(l.grads.iter().copied()),
-        ptrs(l.exp_avgs.iter().copied()),
-        ptrs(l.exp_avg_sqs.iter().copied()),
-        ptrs(l.steps.iter().copied()),
-    );
+    let a = l.ptrs("tch_fabric::adamw_folded_", false)?;
     check("tch_fabric::adamw_folded_", unsafe {
         ffi::tf_adamw_folded(
-            p.as_ptr(),
-            g.as_ptr(),
-            m.as_ptr(),
-            v.as_ptr(),
-            s.as_ptr(),
-            p.len(),
-            h.lr,
+            a.params.as_ptr(),
+            a.grads.as_ptr(),
+            a.exp_avgs.as_ptr(),
+            a.exp_avg_sqs.as_ptr(),
+            a.steps.as_ptr(),
+            a.params.len(),
+            lr,
             h.beta1,
             h.beta2,
             h.weight_decay,
@@ -389,10 +398,9 @@ pub(crate) fn adamw_folded(
     })
 }
 
-/// Hyper-parameters of one `_fused_sgd_` call.
+/// Hyper-parameters of one `_fused_sgd_` call (the learning rate is given apart).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SgdHyper {
-    pub lr: f64,
     pub momentum: f64,
     pub dampening: f64,
     pub weight_decay: f64,
@@ -401,10 +409,12 @@ pub(crate) struct SgdHyper {
 }
 
 /// `torch._fused_sgd_`; `buffers` has one entry per parameter when momentum is non-zero.
+#[allow(clippy::too_many_arguments)] // the kernel's own argument list
 pub(crate) fn fused_sgd(
     params: &[&Tensor],
     grads: &[&Tensor],
     buffers: &[&Tensor],
+    lr: f64,
     h: &SgdHyper,
     is_first_step: bool,
     grad_scale: Option<&Tensor>,
@@ -430,7 +440,7 @@ pub(crate) fn fused_sgd(
             n,
             h.weight_decay,
             h.momentum,
-            h.lr,
+            lr,
             h.dampening,
             i32::from(h.nesterov),
             i32::from(h.maximize),

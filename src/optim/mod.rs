@@ -2,6 +2,7 @@
 //! drive, implemented by [`FusedAdamW`] and [`FusedSgd`] (state owned here, over libtorch's
 //! fused kernels) and by [`TchOptimizer`] (tch's own optimizers, over libtorch's C++ ones).
 mod adamw;
+mod fused;
 mod sgd;
 mod slots;
 mod tch_adapter;
@@ -207,28 +208,4 @@ pub(crate) fn non_negative(field: &'static str, v: f64, allowed: &'static str) -
             allowed,
         })
     }
-}
-
-/// The (device, dtype) groups a fused kernel takes: dense float tensors on CPU or CUDA. Checked
-/// for every group before any kernel runs, so a refused step changes nothing.
-pub(crate) fn check_fused_groups(op: &'static str, grads: &GradBatch) -> Result<()> {
-    if grads.has_sparse() {
-        return Err(Error::Usage(format!(
-            "{op}: sparse gradients are not supported"
-        )));
-    }
-    for g in grads.groups() {
-        let float = matches!(
-            g.kind,
-            tch::Kind::Float | tch::Kind::Double | tch::Kind::Half | tch::Kind::BFloat16
-        );
-        if !float || !(g.device == Device::Cpu || g.device.is_cuda()) {
-            return Err(Error::Usage(format!(
-                "{op}: parameters of dtype {:?} on {:?}: the fused kernel takes float32, \
-                 float64, float16 or bfloat16 tensors on CPU or CUDA",
-                g.kind, g.device
-            )));
-        }
-    }
-    Ok(())
 }

@@ -392,37 +392,31 @@ impl GradScaler {
             return Ok(None);
         };
         let id = opt.params().id();
-        match a.stages.get(&id) {
-            Some(Stage::Unscaled { .. }) => {}
-            Some(Stage::Folded { .. }) => {
-                let Some(Stage::Folded {
-                    found_inf,
-                    divisor,
-                    grads,
-                }) = a.stages.remove(&id)
-                else {
-                    unreachable!("matched above")
-                };
-                if let Err(e) = unscale::divide(&grads, &divisor) {
-                    a.stages.insert(
-                        id,
-                        Stage::Folded {
-                            found_inf,
-                            divisor,
-                            grads,
-                        },
-                    );
-                    return Err(e);
-                }
-                a.stages.insert(
-                    id,
-                    Stage::Unscaled {
+        match a.stages.remove(&id) {
+            None => a.unscale(opt, allow_fp16)?,
+            Some(Stage::Folded {
+                found_inf,
+                divisor,
+                grads,
+            }) => {
+                let divided = unscale::divide(&grads, &divisor);
+                let stage = match divided {
+                    Ok(()) => Stage::Unscaled {
                         found_inf: vec![found_inf],
                         grads,
                     },
-                );
+                    Err(_) => Stage::Folded {
+                        found_inf,
+                        divisor,
+                        grads,
+                    },
+                };
+                a.stages.insert(id, stage);
+                divided?;
             }
-            _ => a.unscale(opt, allow_fp16)?,
+            Some(stage) => {
+                a.stages.insert(id, stage);
+            }
         }
         match a.stages.get(&id) {
             Some(Stage::Unscaled { grads, .. }) => Ok(Some(grads)),
