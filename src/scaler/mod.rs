@@ -433,7 +433,8 @@ impl GradScaler {
     /// host. Returns the global 2-norm of the unscaled gradients (a 0-dim device tensor), or
     /// `None` where this path does not apply (scaler off, folding off, an optimizer without
     /// AMP support, gradients already unscaled, on several devices, or of a dtype or device the
-    /// op lacks): the caller then clips the ordinary way.
+    /// op lacks): the caller then clips the ordinary way (where this fetched the gradients, it
+    /// unscaled them already, so that they are fetched once).
     pub(crate) fn clip_norm_folded<O: Optimizer + ?Sized>(
         &mut self,
         opt: &mut O,
@@ -449,6 +450,7 @@ impl GradScaler {
         }
         let grads = opt.params().grads()?;
         let Some(device) = unscale::op_device(&grads, allow_fp16)? else {
+            a.unscale_batch(id, grads, allow_fp16)?;
             return Ok(None);
         };
         let inv_scale = a.inv_scale("unscale_")?;
@@ -838,7 +840,6 @@ impl Active {
     }
 
     fn unscale<O: Optimizer + ?Sized>(&mut self, opt: &mut O, allow_fp16: bool) -> Result<()> {
-        let inv_scale = self.inv_scale("unscale_")?;
         let id = opt.params().id();
         match self.stages.get(&id) {
             Some(Stage::Unscaled { .. } | Stage::Folded { .. }) => {
@@ -854,7 +855,12 @@ impl Active {
             }
             None => {}
         }
-        let grads = opt.params().grads()?;
+        self.unscale_batch(id, opt.params().grads()?, allow_fp16)
+    }
+
+    /// Unscales gradients fetched for optimizer `id` and records them as its stage.
+    fn unscale_batch(&mut self, id: u64, grads: GradBatch, allow_fp16: bool) -> Result<()> {
+        let inv_scale = self.inv_scale("unscale_")?;
         let found_inf = unscale::unscale_batch(&grads, &inv_scale, allow_fp16, false)?;
         self.sync_found(&found_inf)?;
         self.stages.insert(id, Stage::Unscaled { found_inf, grads });

@@ -294,10 +294,6 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     let device = fabric.device();
     let (rank, world) = (fabric.global_rank(), fabric.world_size());
     let lead = fabric.is_global_zero();
-    if lead {
-        // What the Fabric decided (the precision as run, autocast, scaler): one line per run.
-        eprintln!("{fabric}");
-    }
     // This rank's rows of every global batch.
     let shard: Vec<i64> = DistributedSampler::new(args.batch as usize, world, rank)?
         .shuffle(false)
@@ -348,6 +344,10 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         }
     }
 
+    if lead {
+        // What the Fabric decided (the precision as run, autocast, scaler): one line per run.
+        eprintln!("{fabric}");
+    }
     let bar = if lead {
         ProgressBar::new(args.steps as u64)
     } else {
