@@ -55,6 +55,9 @@ struct State {
     models: Vec<Model>,
     /// Every optimizer set up, in order (checkpoints key their state by this index).
     optimizers: Vec<SharedOptimizer>,
+    /// The variables of every model set up, in checkpoint-key order (the same on every rank):
+    /// the gradients DDP averages.
+    variables: Vec<Tensor>,
     /// `fabric.backward` calls so far.
     backward_count: u64,
 }
@@ -81,6 +84,7 @@ impl Core {
                 scaler,
                 models: Vec::new(),
                 optimizers: Vec::new(),
+                variables: Vec::new(),
                 backward_count: 0,
             }),
         }
@@ -469,7 +473,9 @@ impl Fabric {
         // DDP: every rank starts from rank 0's weights, whatever its own initialisation.
         let tensors: Vec<Tensor> = entry.entries()?.into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| self.core.group.broadcast_coalesced(&tensors, 0))?;
-        self.core.state.borrow_mut().models.push(entry);
+        let mut st = self.core.state.borrow_mut();
+        st.models.push(entry);
+        st.variables.extend(tensors);
         Ok(FabricModule::new(model, self.core.settings))
     }
 
@@ -556,8 +562,8 @@ impl Fabric {
 
     /// `loss.backward()`, scaled under `16-mixed` (`scaler.scale(loss).backward()`).
     ///
-    /// Under DDP the gradients of every model set up are then averaged across processes, in
-    /// coalesced buckets (one all-reduce per [`crate::BUCKET_BYTES`] of same-dtype gradients),
+    /// Under DDP the gradients of every model set up (its variables at setup) are then averaged
+    /// across processes, in coalesced buckets (one all-reduce per [`crate::BUCKET_BYTES`] of same-dtype gradients),
     /// so every rank steps on the same gradient. Every rank must call it, and gradients must be
     /// defined for the same parameters on every rank.
     ///
@@ -574,11 +580,7 @@ impl Fabric {
         scaled.f_backward().op("backward")?;
         st.backward_count += 1;
         if self.world_size() > 1 {
-            let mut params = Vec::new();
-            for m in &st.models {
-                params.extend(m.entries()?.into_iter().map(|(_, t)| t));
-            }
-            let grads: Vec<Tensor> = native::collect_grads(&params)?
+            let grads: Vec<Tensor> = native::collect_grads(&st.variables)?
                 .into_iter()
                 .flatten()
                 .map(|(g, _)| g)
