@@ -308,6 +308,34 @@ fn an_optimizer_of_another_fabric_is_refused() {
 }
 
 #[test]
+fn a_var_store_of_another_fabric_is_refused() {
+    let a = cpu("bf16-true");
+    let b = cpu("32-true");
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+    let model = a.setup_module(model, &mut vs).unwrap();
+    let e = b
+        .setup_module(
+            nn::linear(vs.root() / "fc2", 4, 2, Default::default()),
+            &mut vs,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Usage(m) if m.contains("another Fabric")),
+        "{e}"
+    );
+    assert_eq!(
+        vs.variables()["fc.weight"].kind(),
+        Kind::BFloat16,
+        "left as `a` set it up"
+    );
+    // Once `a` is gone, the VarStore is free.
+    drop(model);
+    drop(a);
+    b.setup_module((), &mut vs).unwrap();
+}
+
+#[test]
 fn what_a_fabric_decided_is_one_call_away() {
     let fallback = cpu("16-mixed");
     let d = fallback.describe().unwrap();

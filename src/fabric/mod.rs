@@ -24,6 +24,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Lightning's message when a mixed-precision step sees no `fabric.backward` call.
@@ -41,6 +43,8 @@ pub(crate) struct Settings {
 /// The part of a Fabric its modules and optimizers share.
 #[derive(Debug)]
 pub(crate) struct Core {
+    /// Unique in the process: which VarStores this Fabric converted ([`claim`]).
+    id: u64,
     settings: Settings,
     group: Rc<ProcessGroup>,
     state: RefCell<State>,
@@ -77,7 +81,9 @@ impl Core {
                 })));
             }
         }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         Core {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             settings,
             group,
             state: RefCell::new(State {
@@ -200,6 +206,54 @@ impl fmt::Display for Fabric {
             Ok(d) => d.fmt(f),
             Err(e) => write!(f, "precision {} ({e})", self.precision()),
         }
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // The VarStores this Fabric converted may be set up by another Fabric now.
+        if let Ok(mut owners) = OWNERS.lock() {
+            owners.retain(|(w, id)| *id != self.id && w.strong_count() > 0);
+        }
+    }
+}
+
+type Variables = Mutex<nn::Variables>;
+
+/// Which Fabric set up which VarStore (by its variables' shared list): a VarStore converted for
+/// one Fabric's precision and device is refused by another, whose conversions and checkpoints
+/// would silently disagree with the first's.
+static OWNERS: Mutex<Vec<(Weak<Variables>, u64)>> = Mutex::new(Vec::new());
+
+/// Records `vars` as set up by Fabric `fabric` (true when it was not yet), or refuses it if
+/// another Fabric did.
+fn claim(vars: &Arc<Variables>, fabric: u64) -> Result<bool> {
+    let mut owners = OWNERS
+        .lock()
+        .map_err(|_| Error::Usage("the VarStore registry's lock is poisoned".into()))?;
+    owners.retain(|(w, _)| w.strong_count() > 0);
+    let owner = owners
+        .iter()
+        .find(|(w, _)| w.upgrade().is_some_and(|a| Arc::ptr_eq(&a, vars)))
+        .map(|(_, id)| *id);
+    match owner {
+        Some(id) if id != fabric => Err(Error::Usage(
+            "this VarStore was set up by another Fabric, which converted it for its own precision \
+             and device: give each Fabric its own VarStore"
+                .into(),
+        )),
+        Some(_) => Ok(false),
+        None => {
+            owners.push((Arc::downgrade(vars), fabric));
+            Ok(true)
+        }
+    }
+}
+
+/// Forgets a claim whose setup failed.
+fn release(vars: &Arc<Variables>) {
+    if let Ok(mut owners) = OWNERS.lock() {
+        owners.retain(|(w, _)| !w.upgrade().is_some_and(|a| Arc::ptr_eq(&a, vars)));
     }
 }
 
@@ -433,8 +487,9 @@ impl Fabric {
     /// # Errors
     ///
     /// [`Error::Usage`] when a variable name was already set up by an earlier call (use
-    /// [`Fabric::setup_module_named`]) or starts with `optimizer.`; [`Error::Native`] if a
-    /// conversion fails (nothing changed then) or, under DDP, the broadcast fails.
+    /// [`Fabric::setup_module_named`]) or starts with `optimizer.`, or when another Fabric set
+    /// up this VarStore; [`Error::Native`] if a conversion fails (nothing changed then) or,
+    /// under DDP, the broadcast fails.
     pub fn setup_module<M>(
         &self,
         model: M,
@@ -469,7 +524,13 @@ impl Fabric {
             vars: var_store.variables_.clone(),
         };
         checkpoint::check_new_model(&self.core.state.borrow().models, &entry)?;
-        prepare_var_store(var_store, self.device(), param_kind(self.precision()))?;
+        let fresh_claim = claim(&var_store.variables_, self.core.id)?;
+        if let Err(e) = prepare_var_store(var_store, self.device(), param_kind(self.precision())) {
+            if fresh_claim {
+                release(&var_store.variables_);
+            }
+            return Err(e);
+        }
         // DDP: every rank starts from rank 0's weights, whatever its own initialisation.
         let tensors: Vec<Tensor> = entry.entries()?.into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| self.core.group.broadcast_coalesced(&tensors, 0))?;
