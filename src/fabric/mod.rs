@@ -36,6 +36,8 @@ pub(crate) struct Settings {
     pub precision: Precision,
     pub device: Device,
     pub default_dtype_scope: bool,
+    /// [`FabricBuilder::allow_load_overflow`].
+    pub allow_load_overflow: bool,
 }
 
 /// The part of a Fabric its modules and optimizers share.
@@ -797,10 +799,12 @@ impl Fabric {
     /// current parameter dtype when the checkpoint came from another precision), the optimizer
     /// states and the GradScaler state, and returns the user state.
     ///
-    /// Everything is checked before anything changes: a missing, truncated or foreign file, a
-    /// variable missing from the file or of another shape, an unexpected tensor, an optimizer
-    /// state that does not fit, or a user state of the wrong shape is an error and leaves the
-    /// models, optimizers and scaler as they were.
+    /// Everything is checked before anything changes: a missing, truncated, damaged (checksum)
+    /// or foreign file, a variable missing from the file or of another shape, an unexpected
+    /// tensor, an optimizer state that does not fit or holds impossible values (NaN, a
+    /// negative second moment), a weight that overflows in this precision (a finite value
+    /// becoming inf, unless [`FabricBuilder::allow_load_overflow`]), or a user state of the
+    /// wrong shape is an error and leaves the models, optimizers and scaler as they were.
     ///
     /// # Errors
     ///
@@ -817,6 +821,7 @@ impl Fabric {
             &st.optimizers,
             st.scaler.as_ref(),
             self.precision(),
+            self.core.settings.allow_load_overflow,
         )?;
         let st = &mut *st;
         checkpoint::apply(plan, &st.optimizers, st.scaler.as_mut())?;
