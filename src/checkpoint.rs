@@ -428,7 +428,13 @@ fn buffer(path: &Path, len: usize, what: &str) -> Result<Vec<u8>> {
     let mut data = Vec::new();
     data.try_reserve_exact(len)
         .map_err(|_| fail(path, format!("cannot allocate {len} bytes for {what}")))?;
-    data.resize(len, 0);
+    // Zeroed by memcpy from a static block: `resize` writes byte by byte in unoptimised
+    // builds (1.2 s for 192 MiB here, most of a debug-build save).
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    while data.len() < len {
+        let n = (len - data.len()).min(ZEROS.len());
+        data.extend_from_slice(&ZEROS[..n]);
+    }
     Ok(data)
 }
 
