@@ -19,6 +19,8 @@
 //! writes the checkpoints and reports.
 mod chart;
 mod corpus;
+// The launcher's process supervision; its single-process mode is the launcher's alone.
+#[allow(dead_code)]
 #[path = "../fabric/launch.rs"]
 mod launch;
 mod model;
