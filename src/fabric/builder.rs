@@ -158,7 +158,11 @@ impl FabricBuilder {
     }
 
     /// How long one collective (gradient all-reduce, barrier, ...) may wait for the other
-    /// processes (default [`crate::DEFAULT_TIMEOUT`], PyTorch's 30 minutes).
+    /// processes, as Lightning's `DDPStrategy(timeout=...)`. Default
+    /// [`crate::DEFAULT_TIMEOUT`]: 30 minutes, PyTorch's and Lightning's default, so a hung
+    /// rank is noticed only after that long; the error then names the ranks that did not
+    /// arrive. Choose it longer than any wait your ranks have for each other (rank 0 saving a
+    /// large checkpoint, an evaluation on one rank).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
