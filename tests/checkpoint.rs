@@ -450,7 +450,7 @@ fn impossible_optimizer_state_is_refused_naming_the_key() {
         let keep = t.copy();
         let _ = t.shallow_clone().fill_(value);
         f.save(&path, &State { step: 1, epoch: 0 }).unwrap();
-        let _ = t.shallow_clone().copy_(&keep);
+        t.shallow_clone().copy_(&keep);
 
         let g = fabric("32-true");
         let mut vs2 = nn::VarStore::new(Device::Cpu);

@@ -360,7 +360,7 @@ fn two_processes_train_like_one() {
 fn the_smallest_accepted_text_trains() {
     let d = dir("smallest");
     let text = d.join("t.txt");
-    std::fs::write(&text, "the cat. ".repeat(40)[..340].to_string()).unwrap();
+    std::fs::write(&text, &"the cat. ".repeat(40)[..340]).unwrap();
     let (t, o, r) = (
         text.display().to_string(),
         d.display().to_string(),
