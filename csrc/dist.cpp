@@ -123,7 +123,12 @@ std::string missing_ranks(ProcessGroup &g) {
 // failure names the ranks that never came (a hung or stopped rank) in the error.
 template <typename Start>
 void collective(ProcessGroup &g, const char *name, Start start) {
-  arrive(g);
+  try {
+    arrive(g);
+  } catch (const std::exception &) {
+    // The record only explains a failure; a store that is gone (rank 0 died) must not keep the
+    // collective from reporting its own error.
+  }
   try {
     wait(start(), g.timeout);
   } catch (const std::exception &e) {

@@ -742,25 +742,23 @@ fn write_atomic(path: &Path, produce: impl FnOnce(&Path) -> Result<()>) -> Resul
 
 /// Reads back a file just written: header, sizes and every checksum, one tensor at a time.
 fn verify(path: &Path, written: &Path) -> Result<()> {
-    let (mut file, len) = open_regular(written).map_err(|e| match e {
-        Error::Io { source, .. } => io(path)(source),
-        other => other,
-    })?;
-    let metadata = read_header(path, &mut file, len)?;
-    let checksums = check_metadata(path, &metadata)?;
-    if checksums.is_none() {
-        return Err(fail(path, "read back without checksums"));
-    }
-    for_each_tensor(path, &mut file, &metadata, checksums.as_ref(), |_, _, _| {
-        Ok(())
-    })
-    .map_err(|e| match e {
+    let check = || -> Result<()> {
+        let (mut file, len) = open_regular(written)?;
+        let metadata = read_header(path, &mut file, len)?;
+        let checksums = check_metadata(path, &metadata)?
+            .ok_or_else(|| fail(path, "no checksums were written"))?;
+        for_each_tensor(path, &mut file, &metadata, Some(&checksums), |_, _, _| {
+            Ok(())
+        })
+    };
+    check().map_err(|e| match e {
         Error::Checkpoint { reason, .. } => fail(
             path,
             format!(
                 "the file written does not read back ({reason}); the previous checkpoint is kept"
             ),
         ),
+        Error::Io { source, .. } => io(path)(source),
         other => other,
     })
 }

@@ -177,7 +177,12 @@ fn a_failed_save_leaves_the_previous_checkpoint_intact() {
     }
     let f = fabric("32-true");
     let (_m, _o, _vs) = model(&f);
-    let path = tmp("atomic.safetensors");
+    // A folder of its own: the other tests of this binary save beside it at the same time,
+    // and their temporary files would count here.
+    let dir = tmp("atomic");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("atomic.safetensors");
     f.save(&path, &State { step: 1, epoch: 0 }).unwrap();
     let before = std::fs::read(&path).unwrap();
     assert!(f.save(&path, &Unserialisable).is_err());

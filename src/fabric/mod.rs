@@ -740,7 +740,9 @@ impl Fabric {
     /// Saves a checkpoint: the variables of every model set up (safetensors, readable by
     /// Python), the state of every optimizer that keeps one, the precision, the GradScaler
     /// state, and `state` (any serde value: step, epoch, ...). The write is atomic: a crash
-    /// leaves the previous file intact. A scale update still pending (see
+    /// leaves the previous file intact, and the new file is read back (header, sizes, CRC-32
+    /// checksums, which [`Fabric::load`] verifies too) before it replaces the old one; a
+    /// symbolic link keeps pointing at the replaced file. A scale update still pending (see
     /// [`Fabric::update_scale`]) happens first.
     ///
     /// Under DDP only rank 0 writes, and every rank waits for the write to finish (a barrier),
