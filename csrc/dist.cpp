@@ -7,7 +7,10 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -65,12 +68,77 @@ namespace {
 
 using tch_fabric_shim::deref;
 
+void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds timeout) {
+  if (!work->wait(timeout)) {
+    throw std::runtime_error("collective did not complete within " +
+                             std::to_string(timeout.count()) + " ms");
+  }
+}
+
 
 struct ProcessGroup {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
+  int rank;
+  int world_size;
+  // Collectives this rank has entered. Every rank runs the same collectives in the same order,
+  // so equal counts mean the same collective.
+  std::uint64_t seq = 0;
 };
+
+std::string arrival_key(int rank) { return "tch_fabric/arrived/" + std::to_string(rank); }
+
+// Records in the store that this rank entered its next collective: one key per rank,
+// overwritten each time (the store never grows), sent without waiting for a reply.
+void arrive(ProcessGroup &g) {
+  ++g.seq;
+  g.store->set(arrival_key(g.rank), std::to_string(g.seq));
+}
+
+// After a collective failed: which ranks never entered it, read from their arrival keys.
+// Empty when every rank did, or when the store cannot tell (rank 0, which serves it, is gone).
+std::string missing_ranks(ProcessGroup &g) {
+  std::string missing;
+  int count = 0;
+  try {
+    for (int r = 0; r < g.world_size; ++r) {
+      if (r == g.rank) continue;
+      const auto key = arrival_key(r);
+      std::uint64_t reached = 0;
+      if (g.store->check({key})) reached = std::stoull(g.store->get_to_str(key));
+      if (reached >= g.seq) continue;
+      missing += (count++ == 0 ? "" : ", ") + std::to_string(r) + " (last at collective " +
+                 (reached == 0 ? std::string("none") : "#" + std::to_string(reached)) + ")";
+    }
+  } catch (const std::exception &) {
+    return "";
+  }
+  if (count == 0) return "";
+  return std::string(count == 1 ? "rank " : "ranks ") + missing + " did not arrive at collective #" +
+         std::to_string(g.seq) + " of rank " + std::to_string(g.rank);
+}
+
+// Runs one collective: announces the arrival, waits at most the group's timeout, and on
+// failure names the ranks that never came (a hung or stopped rank) in the error.
+template <typename Start>
+void collective(ProcessGroup &g, const char *name, Start start) {
+  try {
+    arrive(g);
+  } catch (const std::exception &) {
+    // The record only explains a failure; a store that is gone (rank 0 died) must not keep the
+    // collective from reporting its own error.
+  }
+  try {
+    wait(start(), g.timeout);
+  } catch (const std::exception &e) {
+    const std::string missing = missing_ranks(g);
+    std::string msg = std::string(name) + " failed after at most " +
+                      std::to_string(g.timeout.count()) + " ms";
+    if (!missing.empty()) msg += ": " + missing;
+    throw std::runtime_error(msg + " (" + tch_fabric_shim::message_of(e) + ")");
+  }
+}
 
 ProcessGroup &pg_ref(tf_process_group pg) {
   if (pg == nullptr) throw std::invalid_argument("tch-fabric shim: null process group");
@@ -94,13 +162,6 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string &master
   return c10d::ProcessGroupGloo::createDefaultDevice();
 }
 
-void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds timeout) {
-  if (!work->wait(timeout)) {
-    throw std::runtime_error("collective did not complete within " +
-                             std::to_string(timeout.count()) + " ms");
-  }
-}
-
 }  // namespace
 
 
@@ -108,7 +169,14 @@ extern "C" {
 
 char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_port, int32_t rank,
                 int32_t world_size, int64_t rendezvous_timeout_ms, int64_t timeout_ms,
-                tf_process_group *out) {
+                int32_t listen_fd, tf_process_group *out) {
+  // The socket is ours until the store takes it: closed on every error before that.
+  struct Fd {
+    int fd;
+    ~Fd() {
+      if (fd >= 0) ::close(fd);
+    }
+  } owned{rank == 0 ? listen_fd : -1};
   TF_PROTECT({
     const std::string name = backend == nullptr ? "" : backend;
     const std::string addr = master_addr == nullptr ? "" : master_addr;
@@ -136,6 +204,12 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
     opts.numWorkers = static_cast<std::size_t>(world_size);
     opts.waitWorkers = true;
     opts.timeout = rendezvous;
+    // Rank 0 serves on the socket the caller bound to MASTER_ADDR (c10d alone would listen on
+    // every interface).
+    if (owned.fd >= 0) {
+      opts.masterListenFd = owned.fd;
+      owned.fd = -1;
+    }
     c10::intrusive_ptr<c10d::Store> store;
     try {
       store = c10::make_intrusive<c10d::TCPStore>(addr, opts);
@@ -158,7 +232,7 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
                                " ms; do all ranks agree on WORLD_SIZE?): " + tch_fabric_shim::message_of(e));
     }
     // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
-    *out = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms)};
+    *out = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms), rank, world_size};
   })
 }
 
@@ -186,7 +260,7 @@ char *tf_pg_all_reduce(tf_process_group pg, tf_tensor tensor, int32_t op) {
     }
     opts.timeout = g.timeout;
     std::vector<at::Tensor> list{deref(tensor)};
-    wait(g.backend->allreduce(list, opts), g.timeout);
+    collective(g, "all_reduce", [&] { return g.backend->allreduce(list, opts); });
   })
 }
 
@@ -197,7 +271,7 @@ char *tf_pg_broadcast(tf_process_group pg, tf_tensor tensor, int32_t root) {
     opts.rootRank = root;
     opts.timeout = g.timeout;
     std::vector<at::Tensor> list{deref(tensor)};
-    wait(g.backend->broadcast(list, opts), g.timeout);
+    collective(g, "broadcast", [&] { return g.backend->broadcast(list, opts); });
   })
 }
 
@@ -206,7 +280,7 @@ char *tf_pg_barrier(tf_process_group pg) {
     auto &g = pg_ref(pg);
     c10d::BarrierOptions opts;
     opts.timeout = g.timeout;
-    wait(g.backend->barrier(opts), g.timeout);
+    collective(g, "barrier", [&] { return g.backend->barrier(opts); });
   })
 }
 

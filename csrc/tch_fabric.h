@@ -136,10 +136,13 @@ typedef void *tf_process_group;
 /* Joins the group: rank 0 serves the TCPStore at master_addr:master_port and waits for
  * world_size ranks; the others connect. backend is "gloo" ("nccl" is a clear error in this
  * build). Rendezvous (store and Gloo connections) fails after rendezvous_timeout_ms;
- * collectives after timeout_ms. *out receives the group (free with tf_pg_free). */
+ * collectives after timeout_ms, naming the ranks that did not arrive. listen_fd: on rank 0, a
+ * listening socket already bound to master_addr:master_port, which the store takes over (and
+ * the call closes on error); -1 to let c10d bind the port on every interface. *out receives
+ * the group (free with tf_pg_free). */
 char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_port, int32_t rank,
                 int32_t world_size, int64_t rendezvous_timeout_ms, int64_t timeout_ms,
-                tf_process_group *out);
+                int32_t listen_fd, tf_process_group *out);
 void tf_pg_free(tf_process_group pg);
 /* In-place all-reduce of one tensor across the group; op 0 = sum, 1 = max. Blocks until done. */
 char *tf_pg_all_reduce(tf_process_group pg, tf_tensor tensor, int32_t op);

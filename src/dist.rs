@@ -15,7 +15,11 @@ pub const BUCKET_BYTES: usize = 25 * 1024 * 1024;
 /// How long ranks wait for each other to join before the rendezvous is an error.
 pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How long one collective may wait for the other ranks (PyTorch's default for Gloo).
+/// How long one collective may wait for the other ranks: 30 minutes, PyTorch's default for
+/// Gloo and Lightning's `default_pg_timeout`. A rank that hangs (or stops without exiting) is
+/// noticed after this long, with an error naming the ranks that did not arrive; set
+/// [`crate::FabricBuilder::timeout`] shorter where no rank ever legitimately waits that long
+/// for the others (rank 0 writing a large checkpoint or evaluating alone counts as waiting).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// How an all-reduce combines the ranks' values.
@@ -169,8 +173,9 @@ impl Default for ProcessGroupOptions {
 }
 
 /// A group of processes joined through c10d (`torch.distributed`'s default group): a TCPStore
-/// rendezvous served by rank 0 and a Gloo backend. Collectives block until every rank took
-/// part, and fail (never hang) after the group's timeout.
+/// rendezvous served by rank 0 on `MASTER_ADDR` only (a loopback address stays loopback) and
+/// a Gloo backend. Collectives block until every rank took part, and fail (never hang) after
+/// the group's timeout, naming the ranks that did not arrive.
 ///
 /// A group of one process needs no rendezvous: every collective is then a no-op.
 #[derive(Debug)]
@@ -216,7 +221,27 @@ impl ProcessGroup {
                 allowed: "'gloo' or 'nccl'",
             });
         }
-        let raw = RawProcessGroup::new(&PgConfig {
+        // Rank 0 binds the rendezvous to MASTER_ADDR itself: c10d's store would listen on
+        // every interface, so a loopback rendezvous would be reachable from the network.
+        let listener = if env.rank == 0 && options.backend == "gloo" {
+            Some(
+                std::net::TcpListener::bind((env.master_addr.as_str(), env.master_port)).map_err(
+                    |e| {
+                        Error::native(
+                            "c10d process group",
+                            &format!(
+                                "rank 0 could not serve the rendezvous at {}:{} (world size {}): \
+                                 {e}",
+                                env.master_addr, env.master_port, env.world_size
+                            ),
+                        )
+                    },
+                )?,
+            )
+        } else {
+            None
+        };
+        let raw = RawProcessGroup::new(PgConfig {
             backend: &options.backend,
             master_addr: &env.master_addr,
             master_port: env.master_port,
@@ -224,6 +249,7 @@ impl ProcessGroup {
             world_size: env.world_size,
             rendezvous_timeout_ms: millis(options.rendezvous_timeout),
             timeout_ms: millis(options.timeout),
+            listener,
         })?;
         Ok(ProcessGroup {
             raw: Some(raw),
@@ -253,7 +279,10 @@ impl ProcessGroup {
     ///
     /// # Errors
     ///
-    /// [`Error::Native`] from c10d (a rank gone, a timeout, mismatched shapes).
+    /// [`Error::Native`] from c10d (a rank gone, a timeout, mismatched shapes). After a
+    /// timeout the message names the ranks that never entered this collective (`rank 1 did
+    /// not arrive at collective #17 ...`): every rank records each collective it enters in the
+    /// rendezvous store.
     pub fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
         let Some(raw) = &self.raw else {
             return Ok(());

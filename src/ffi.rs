@@ -170,6 +170,7 @@ extern "C" {
         world_size: i32,
         rendezvous_timeout_ms: i64,
         timeout_ms: i64,
+        listen_fd: i32,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     pub(crate) fn tf_pg_free(pg: *mut c_void);

@@ -548,7 +548,7 @@ pub(crate) enum RawReduceOp {
 }
 
 /// The rendezvous and timeouts of one [`RawProcessGroup::new`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct PgConfig<'a> {
     pub backend: &'a str,
     pub master_addr: &'a str,
@@ -557,6 +557,9 @@ pub(crate) struct PgConfig<'a> {
     pub world_size: usize,
     pub rendezvous_timeout_ms: i64,
     pub timeout_ms: i64,
+    /// On rank 0, a listening socket bound to the master address, handed to the store (which
+    /// then owns it); `None` lets c10d bind the port itself, on every interface.
+    pub listener: Option<std::net::TcpListener>,
 }
 
 /// An owned c10d process group from the shim (`tf_process_group`), freed on drop.
@@ -564,7 +567,7 @@ pub(crate) struct PgConfig<'a> {
 pub(crate) struct RawProcessGroup(*mut c_void);
 
 impl RawProcessGroup {
-    pub(crate) fn new(c: &PgConfig<'_>) -> Result<Self> {
+    pub(crate) fn new(c: PgConfig<'_>) -> Result<Self> {
         let cstr = |field: &'static str, v: &str| {
             CString::new(v).map_err(|_| Error::InvalidConfig {
                 field,
@@ -581,16 +584,20 @@ impl RawProcessGroup {
                 allowed: "at most 2147483647",
             })
         };
+        let (rank, world_size) = (int("RANK", c.rank)?, int("WORLD_SIZE", c.world_size)?);
+        // From here the shim owns the socket: it gives it to the store or closes it.
+        let listen_fd = c.listener.map_or(-1, std::os::fd::IntoRawFd::into_raw_fd);
         let mut out: *mut c_void = std::ptr::null_mut();
         check("c10d process group", unsafe {
             ffi::tf_pg_new(
                 backend.as_ptr(),
                 addr.as_ptr(),
                 i32::from(c.master_port),
-                int("RANK", c.rank)?,
-                int("WORLD_SIZE", c.world_size)?,
+                rank,
+                world_size,
                 c.rendezvous_timeout_ms,
                 c.timeout_ms,
+                listen_fd,
                 &mut out,
             )
         })?;

@@ -92,5 +92,29 @@ fn environment_overrides_code_and_cli_conflicts_fail() {
     std::env::set_var("LT_PRECISION", "fp16");
     let e = Fabric::builder().build().unwrap_err();
     assert!(matches!(e, Error::InvalidPrecision { .. }), "{e}");
+
+    // devices x num_nodes that does not fit in usize is refused, not wrapped (it wrapped to 0
+    // for 2^63 x 2, and overflowed in debug builds).
+    clear();
+    std::env::set_var("LT_NUM_NODES", "2");
+    std::env::set_var("LT_DEVICES", "9223372036854775808");
+    let e = Fabric::builder().build().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidConfig {
+                field: "devices x num_nodes",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    clear();
+    let e = Fabric::builder()
+        .devices(usize::MAX)
+        .num_nodes(2)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("devices x num_nodes"), "{e}");
     clear();
 }

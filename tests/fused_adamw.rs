@@ -212,3 +212,90 @@ fn resume_from_a_checkpoint_is_exact() {
     assert_eq!(f1.loss_scale().unwrap(), f2.loss_scale().unwrap());
     assert_eq!(f1.scaler_state().unwrap(), f2.scaler_state().unwrap());
 }
+
+/// PyTorch's checks of `torch.optim.AdamW`, each a typed error naming the value and its range:
+/// at construction and `set_lr` for the rate, at `Fabric::setup` and every `step` for the
+/// builder's values. Nothing steps and nothing changes.
+#[test]
+fn bad_hyper_parameters_are_errors_that_change_nothing() {
+    use tch_fabric::{Error, Optimizer};
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = model(&vs);
+    m.forward(&Tensor::ones([2, 8], (Kind::Float, Device::Cpu)))
+        .sum(Kind::Float)
+        .backward();
+    let before: Vec<Tensor> = vs.trainable_variables().iter().map(|t| t.copy()).collect();
+    for lr in [f64::NAN, -1.0, f64::INFINITY] {
+        let e = FusedAdamW::new(&vs, lr).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { field: "lr", .. }), "{e}");
+        assert!(e.to_string().contains("Invalid learning rate"), "{e}");
+    }
+    let cases = [
+        (
+            FusedAdamW::new(&vs, 0.1).unwrap().eps(-1.0),
+            "Invalid epsilon value",
+        ),
+        (
+            FusedAdamW::new(&vs, 0.1).unwrap().eps(f64::NAN),
+            "Invalid epsilon value",
+        ),
+        (
+            FusedAdamW::new(&vs, 0.1).unwrap().betas(1.5, 0.999),
+            "Invalid beta parameter at index 0",
+        ),
+        (
+            FusedAdamW::new(&vs, 0.1).unwrap().betas(0.9, 1.0),
+            "Invalid beta parameter at index 1",
+        ),
+        (
+            FusedAdamW::new(&vs, 0.1).unwrap().betas(f64::NAN, 0.9),
+            "Invalid beta parameter at index 0",
+        ),
+        (
+            FusedAdamW::new(&vs, 0.1).unwrap().weight_decay(-0.1),
+            "Invalid weight_decay value",
+        ),
+    ];
+    for (mut opt, want) in cases {
+        let err = opt.validate().unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+        let err = opt.step().unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+        assert!(opt.state_tensors().unwrap().is_empty());
+    }
+    // Fabric::setup refuses them before converting anything.
+    let f = fabric(false);
+    let mut vs2 = nn::VarStore::new(Device::Cpu);
+    let m2 = model(&vs2);
+    let bad = FusedAdamW::new(&vs2, 0.1).unwrap().betas(0.9, 1.0);
+    let err = f.setup(m2, &mut vs2, bad).unwrap_err().to_string();
+    assert!(err.contains("Invalid beta parameter at index 1"), "{err}");
+
+    let mut ok = FusedAdamW::new(&vs, 0.1).unwrap();
+    for lr in [f64::NAN, -0.5] {
+        assert!(ok.set_lr(lr).is_err());
+        assert_eq!(ok.lr(), 0.1, "a refused rate leaves the old one");
+    }
+    for (a, b) in vs.trainable_variables().iter().zip(&before) {
+        assert!(a.equal(b), "nothing stepped");
+    }
+    // Loaded state is checked value by value: a negative second moment is refused by name.
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let state = |sq: Tensor| {
+        vec![
+            ("l1.weight.exp_avg".to_string(), zeros(&[16, 8])),
+            ("l1.weight.exp_avg_sq".to_string(), sq),
+            ("l1.weight.step".to_string(), Tensor::from(1.0f32)),
+        ]
+    };
+    let e = ok.load_state(&state(zeros(&[16, 8]) - 1.0)).unwrap_err();
+    assert!(matches!(e, Error::InvalidState(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("'l1.weight.exp_avg_sq' holds negative"),
+        "{e}"
+    );
+    assert!(ok.state_tensors().unwrap().is_empty(), "nothing was loaded");
+    ok.load_state(&state(zeros(&[16, 8]))).unwrap();
+    assert_eq!(ok.state_tensors().unwrap().len(), 3);
+}

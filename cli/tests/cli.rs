@@ -175,3 +175,148 @@ fn ctrl_c_is_passed_once_to_every_rank() {
         "an interrupt is not a failure: {stderr}"
     );
 }
+
+#[test]
+fn huge_numbers_are_clean_errors_not_panics() {
+    for (args, needle) in [
+        (
+            vec!["run", "--devices", "18446744073709551615", "--", "true"],
+            "invalid devices 18446744073709551615: must be in 1..=1024",
+        ),
+        (
+            vec![
+                "run",
+                "--devices",
+                "9223372036854775808",
+                "--num-nodes",
+                "2",
+                "--",
+                "true",
+            ],
+            "invalid devices 9223372036854775808",
+        ),
+        (
+            vec!["run", "--devices", "100000000000", "--", "true"],
+            "invalid devices 100000000000",
+        ),
+        (
+            vec![
+                "run",
+                "--devices",
+                "2",
+                "--num-nodes",
+                "100000",
+                "--",
+                "true",
+            ],
+            "invalid num_nodes 100000: must be in 1..=65536",
+        ),
+        (
+            vec!["run", "--devices", "99999999999999999999999", "--", "true"],
+            "invalid value",
+        ),
+    ] {
+        let out = fabric(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing ran");
+    }
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tch-fabric-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_for(paths: &[std::path::PathBuf]) {
+    let t0 = std::time::Instant::now();
+    while !paths.iter().all(|p| p.exists()) {
+        assert!(t0.elapsed().as_secs() < 60, "{paths:?} did not appear");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `fabric run` of one process passes SIGTERM and SIGINT on (sent with `kill` to the launcher
+/// alone), and exits with the program's own code once it stopped.
+#[test]
+fn a_single_process_gets_the_signals_sent_to_the_launcher() {
+    for (sig, name) in [("-TERM", "TERM"), ("-INT", "INT")] {
+        let dir = scratch(&format!("single-{name}"));
+        let script = format!(
+            "trap 'echo {name} >> {d}/got; exit 9' {name}; touch {d}/ready; \
+             while true; do sleep 0.1; done",
+            d = dir.display()
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fabric"))
+            .args(["run", "--", "sh", "-c", &script])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(&[dir.join("ready")]);
+        let sent = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(9),
+            "{name}: the program's own exit code"
+        );
+        let got = std::fs::read_to_string(dir.join("got")).unwrap();
+        assert_eq!(got, format!("{name}\n"), "{name} arrived exactly once");
+    }
+}
+
+fn alive(pid: &str) -> bool {
+    // A reaped process has no /proc entry; a zombie would still say "Z" in its stat line.
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// SIGKILL cannot be caught or passed on: the children die with the launcher through their
+/// parent-death signal, in both modes.
+#[test]
+fn killing_the_launcher_with_sigkill_leaves_no_process_running() {
+    for devices in ["1", "2"] {
+        let dir = scratch(&format!("pdeath-{devices}"));
+        let script = format!(
+            "echo $$ > {}/pid${{RANK:-0}}; exec sleep 120",
+            dir.display()
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fabric"))
+            .args(["run", "--devices", devices, "--", "sh", "-c", &script])
+            .env_remove("MASTER_PORT")
+            .spawn()
+            .unwrap();
+        let n: usize = devices.parse().unwrap();
+        let pids: Vec<_> = (0..n).map(|r| dir.join(format!("pid{r}"))).collect();
+        wait_for(&pids);
+        // The files appear before the write ends: wait until each holds a pid.
+        let read = |p: &std::path::PathBuf| loop {
+            let s = std::fs::read_to_string(p).unwrap();
+            if s.ends_with('\n') {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let pids: Vec<String> = pids.iter().map(read).collect();
+        assert!(pids.iter().all(|p| alive(p)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let t0 = std::time::Instant::now();
+        while pids.iter().any(|p| alive(p)) {
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "devices {devices}: {pids:?} outlived the launcher"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

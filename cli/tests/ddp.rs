@@ -28,6 +28,10 @@ struct Config {
     /// instead of into the loss: only the found_inf all-reduce can then keep ranks together.
     inject_after_backward: bool,
     crash: Option<(usize, usize)>,
+    /// (rank, step): that rank stops making progress (alive, in a sleep) before the step.
+    hang: Option<(usize, usize)>,
+    /// The collective timeout.
+    timeout_ms: u64,
     ckpt_every: usize,
     devices: Option<usize>,
     rendezvous_timeout_ms: u64,
@@ -44,6 +48,8 @@ impl Config {
             inject_rank: 0,
             inject_after_backward: false,
             crash: None,
+            hang: None,
+            timeout_ms: 60_000,
             ckpt_every: 0,
             devices: None,
             rendezvous_timeout_ms: 20_000,
@@ -88,7 +94,7 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
                 .growth_interval(4),
         )
         .rendezvous_timeout(Duration::from_millis(cfg.rendezvous_timeout_ms))
-        .timeout(Duration::from_secs(60));
+        .timeout(Duration::from_millis(cfg.timeout_ms));
     if let Some(d) = cfg.devices {
         builder = builder.devices(d);
     }
@@ -121,6 +127,11 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     for step in 0..cfg.steps {
         if cfg.crash == Some((rank, step)) {
             std::process::exit(3);
+        }
+        if cfg.hang == Some((rank, step)) {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
         let (x, y) = global_batch(step, cfg.global_batch);
         let (x, y) = (x.index_select(0, &rows), y.index_select(0, &rows));
@@ -438,4 +449,89 @@ fn a_world_size_mismatch_is_a_clear_error_not_a_hang() {
         "{stderr}"
     );
     assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+/// A rank that hangs (alive, never reaching the next collective) ends the job within the
+/// collective timeout, and the error names it.
+#[test]
+fn a_hung_rank_ends_the_job_within_the_timeout_and_is_named() {
+    let dir = out_dir("hang");
+    let mut cfg = Config::new("32-true", &dir);
+    cfg.hang = Some((1, 5));
+    cfg.timeout_ms = 3_000;
+    let (out, took) = launch(&cfg, 3, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 (last at collective #") && stderr.contains("did not arrive"),
+        "the error must name the hung rank:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("rank 2 (last"),
+        "rank 2 arrived and is not named:\n{stderr}"
+    );
+    let named = stderr
+        .lines()
+        .find(|l| l.contains("did not arrive"))
+        .unwrap();
+    eprintln!("a hung rank with a 3 s timeout: the job ended after {took:.1?}: {named}");
+    // Start-up, five steps and the timeout; far less than the 30-minute default.
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    for r in 0..3 {
+        let pid = std::fs::read_to_string(dir.join(format!("pid{r}"))).unwrap();
+        assert!(!alive(pid.trim()), "rank {r} (pid {pid}) is still running");
+    }
+}
+
+/// The rendezvous store listens on MASTER_ADDR only: with a loopback master, nothing listens
+/// on the machine's other addresses.
+#[test]
+fn the_rendezvous_store_binds_to_master_addr() {
+    let dir = out_dir("bind");
+    let free = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    // Rank 0 alone with WORLD_SIZE 2: it serves the store and waits for rank 1 meanwhile.
+    let mut cfg = Config::new("32-true", &dir);
+    cfg.rendezvous_timeout_ms = 20_000;
+    let mut cmd = {
+        let args = worker_args();
+        let mut c = Command::new(&args[0]);
+        c.args(&args[1..]);
+        c
+    };
+    clean_env(&mut cmd)
+        .env(WORKER_ENV, serde_json::to_string(&cfg).unwrap())
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stderr(std::process::Stdio::null());
+    let mut rank0 = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "rank 0 never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listening = std::fs::read_to_string("/proc/net/tcp").unwrap()
+        + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    rank0.kill().unwrap();
+    rank0.wait().unwrap();
+    // /proc/net/tcp lists "local_address:port" in hex; state 0A is LISTEN.
+    let hex_port = format!(":{port:04X}");
+    let mut bound = Vec::new();
+    for line in listening.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() > 3 && fields[1].ends_with(&hex_port) && fields[3] == "0A" {
+            bound.push(fields[1].to_string());
+        }
+    }
+    assert_eq!(
+        bound,
+        vec![format!("0100007F{hex_port}")],
+        "the store listens on 127.0.0.1 only"
+    );
 }

@@ -43,6 +43,8 @@ fn bad_arguments_are_one_line_errors() {
     std::fs::write(&empty, "").unwrap();
     let short = d.join("short.txt");
     std::fs::write(&short, "hello").unwrap();
+    let exact = d.join("exact.txt");
+    std::fs::write(&exact, "abcdefghij".repeat(33)).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--precision".into(), "fp16".into()],
@@ -97,6 +99,70 @@ fn bad_arguments_are_one_line_errors() {
                 d.join("nothing").display().to_string(),
             ],
             "resuming 32-true",
+        ),
+        // Inputs that made the demo panic or abort (division by zero, overflow, an
+        // allocation failing inside libtorch).
+        (
+            vec!["--checkpoint-every".into(), "0".into()],
+            "--checkpoint-every must be at least 1",
+        ),
+        (
+            vec!["--batch".into(), "200000".into()],
+            "--batch must be in 1..=65536, not 200000",
+        ),
+        (
+            vec!["--batch".into(), "1000000000000".into()],
+            "--batch must be in 1..=65536",
+        ),
+        (
+            vec!["--d-model".into(), "1000000".into()],
+            "--d-model must be in 1..=65536",
+        ),
+        (
+            vec!["--block".into(), "9223372036854775807".into()],
+            "--block must be in 2..=65536",
+        ),
+        (
+            vec!["--steps".into(), "18446744073709551615".into()],
+            "--steps must be at most 1000000",
+        ),
+        (
+            vec!["--devices".into(), "100000000000".into()],
+            "--devices must be in 1..=1024",
+        ),
+        (
+            vec!["--lr".into(), "NaN".into()],
+            "--lr must be a finite number",
+        ),
+        (vec!["--eps=-1".into()], "--eps must be a finite number"),
+        (
+            vec!["--layers".into(), "0".into()],
+            "--layers must be in 1..=1024",
+        ),
+        (
+            vec![
+                "--batch".into(),
+                "65536".into(),
+                "--block".into(),
+                "4096".into(),
+            ],
+            "this machine has",
+        ),
+        (
+            vec!["--data".into(), "/dev/zero".into()],
+            "not a regular file",
+        ),
+        (
+            // Exactly 10 x (block + 1) characters: no validation sequence fits.
+            vec![
+                "--precision".into(),
+                "32-true".into(),
+                "--block".into(),
+                "32".into(),
+                "--data".into(),
+                exact.display().to_string(),
+            ],
+            "at least 340 are needed",
         ),
     ];
     for (args, needle) in cases {
@@ -286,4 +352,73 @@ fn two_processes_train_like_one() {
         two["val_loss"].as_f64().unwrap(),
     );
     assert!((va - vb).abs() <= 1e-4 * va.abs(), "{va} vs {vb}");
+}
+
+/// The smallest text the demo accepts, 10 x (block + 2) characters, trains (its validation
+/// split holds exactly one sequence).
+#[test]
+fn the_smallest_accepted_text_trains() {
+    let d = dir("smallest");
+    let text = d.join("t.txt");
+    std::fs::write(&text, &"the cat. ".repeat(40)[..340]).unwrap();
+    let (t, o, r) = (
+        text.display().to_string(),
+        d.display().to_string(),
+        d.join("r.json").display().to_string(),
+    );
+    let mut args = vec!["--precision", "32-true", "--steps", "3"];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--data", &t, "--out", &o, "--report", &r]);
+    let out = demo(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(report(&d.join("r.json"))["val_loss"].as_f64().is_some());
+}
+
+/// Resuming with fewer --steps than the checkpoint holds is refused and leaves it untouched
+/// (it used to be rewritten as the earlier step holding the later weights); resuming at
+/// exactly its step trains nothing and rewrites nothing.
+#[test]
+fn resume_never_relabels_a_checkpoint_with_an_earlier_step() {
+    let d = dir("fewer-steps");
+    let o = d.display().to_string();
+    let r = d.join("r.json").display().to_string();
+    let run = |steps: &str, resume: bool| {
+        let mut args = vec!["--precision", "32-true", "--steps", steps];
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(&["--out", &o, "--report", &r]);
+        if resume {
+            args.push("--resume");
+        }
+        demo(&args)
+    };
+    let out = run("4", false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ckpt = d.join("32-true.ckpt.safetensors");
+    let saved = std::fs::read(&ckpt).unwrap();
+
+    let out = run("2", true);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is at step 4, past --steps 2"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        saved,
+        "the checkpoint is untouched"
+    );
+
+    let out = run("4", true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        saved,
+        "nothing to train, nothing rewritten"
+    );
+    assert_eq!(
+        report(&d.join("r.json"))["losses"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
 }

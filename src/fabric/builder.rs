@@ -113,6 +113,7 @@ pub struct FabricBuilder {
     rendezvous_timeout: Option<Duration>,
     timeout: Option<Duration>,
     process_wide_default_dtype: bool,
+    allow_load_overflow: bool,
 }
 
 impl FabricBuilder {
@@ -157,7 +158,11 @@ impl FabricBuilder {
     }
 
     /// How long one collective (gradient all-reduce, barrier, ...) may wait for the other
-    /// processes (default [`crate::DEFAULT_TIMEOUT`], PyTorch's 30 minutes).
+    /// processes, as Lightning's `DDPStrategy(timeout=...)`. Default
+    /// [`crate::DEFAULT_TIMEOUT`]: 30 minutes, PyTorch's and Lightning's default, so a hung
+    /// rank is noticed only after that long; the error then names the ranks that did not
+    /// arrive. Choose it longer than any wait your ranks have for each other (rank 0 saving a
+    /// large checkpoint, an evaluation on one rank).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -191,6 +196,16 @@ impl FabricBuilder {
     /// dtypes almost everywhere, so models rarely need it.
     pub fn process_wide_default_dtype(mut self, enabled: bool) -> Self {
         self.process_wide_default_dtype = enabled;
+        self
+    }
+
+    /// Let [`Fabric::load`] convert a checkpoint's weights into this precision even where a
+    /// finite value becomes inf (a float64 weight of 1e6 loaded under `16-true`: float16's
+    /// largest value is 65504). Off by default: such a load is an
+    /// [`Error::Checkpoint`](crate::Error::Checkpoint) naming the parameter, and nothing
+    /// changes. Optimizer state must stay finite either way.
+    pub fn allow_load_overflow(mut self, allow: bool) -> Self {
+        self.allow_load_overflow = allow;
         self
     }
 
@@ -316,6 +331,7 @@ impl FabricBuilder {
                 precision,
                 device,
                 default_dtype_scope: self.process_wide_default_dtype,
+                allow_load_overflow: self.allow_load_overflow,
             },
             group,
             scaler,
@@ -374,7 +390,18 @@ fn resolve_world(
         }
         return Ok(None);
     }
-    let expected = devices.map(|d| d * num_nodes);
+    // A product that does not fit is no world any launcher can start.
+    let expected = match devices.map(|d| d.checked_mul(num_nodes)) {
+        Some(None) => {
+            return Err(Error::InvalidConfig {
+                field: "devices x num_nodes",
+                value: format!("{} x {num_nodes}", devices.unwrap_or(1)),
+                allowed: "a product that fits in usize",
+            })
+        }
+        Some(Some(n)) => Some(n),
+        None => None,
+    };
     match (env, expected) {
         (None, Some(n)) if n > 1 => Err(Error::Distributed(format!(
             "devices={} x num_nodes={num_nodes} needs {n} processes, one per device, but this one \

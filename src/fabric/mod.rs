@@ -38,6 +38,8 @@ pub(crate) struct Settings {
     pub precision: Precision,
     pub device: Device,
     pub default_dtype_scope: bool,
+    /// [`FabricBuilder::allow_load_overflow`].
+    pub allow_load_overflow: bool,
 }
 
 /// The part of a Fabric its modules and optimizers share.
@@ -801,7 +803,9 @@ impl Fabric {
     /// Saves a checkpoint: the variables of every model set up (safetensors, readable by
     /// Python), the state of every optimizer that keeps one, the precision, the GradScaler
     /// state, and `state` (any serde value: step, epoch, ...). The write is atomic: a crash
-    /// leaves the previous file intact. A scale update still pending (see
+    /// leaves the previous file intact, and the new file is read back (header, sizes, CRC-32
+    /// checksums, which [`Fabric::load`] verifies too) before it replaces the old one; a
+    /// symbolic link keeps pointing at the replaced file. A scale update still pending (see
     /// [`Fabric::update_scale`]) happens first.
     ///
     /// Under DDP only rank 0 writes, and every rank waits for the write to finish (a barrier),
@@ -860,10 +864,12 @@ impl Fabric {
     /// current parameter dtype when the checkpoint came from another precision), the optimizer
     /// states and the GradScaler state, and returns the user state.
     ///
-    /// Everything is checked before anything changes: a missing, truncated or foreign file, a
-    /// variable missing from the file or of another shape, an unexpected tensor, an optimizer
-    /// state that does not fit, or a user state of the wrong shape is an error and leaves the
-    /// models, optimizers and scaler as they were.
+    /// Everything is checked before anything changes: a missing, truncated, damaged (checksum)
+    /// or foreign file, a variable missing from the file or of another shape, an unexpected
+    /// tensor, an optimizer state that does not fit or holds impossible values (NaN, a
+    /// negative second moment), a weight that overflows in this precision (a finite value
+    /// becoming inf, unless [`FabricBuilder::allow_load_overflow`]), or a user state of the
+    /// wrong shape is an error and leaves the models, optimizers and scaler as they were.
     ///
     /// # Errors
     ///
@@ -880,6 +886,7 @@ impl Fabric {
             &st.optimizers,
             st.scaler.as_ref(),
             self.precision(),
+            self.core.settings.allow_load_overflow,
         )?;
         let st = &mut *st;
         checkpoint::apply(plan, &st.optimizers, st.scaler.as_mut())?;

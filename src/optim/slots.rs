@@ -113,8 +113,8 @@ impl Slots {
 
     /// State from `tensors` for every parameter, copied to its device and dtype, without
     /// applying it: a parameter has state when its first field is present, and then every
-    /// field must be there with the right shape. A tensor that belongs to no field of any
-    /// parameter is refused too.
+    /// field must be there with the right shape and possible values ([`check_values`]). A
+    /// tensor that belongs to no field of any parameter is refused too.
     pub(crate) fn prepare_load(
         &self,
         params: &Params,
@@ -157,6 +157,7 @@ impl Slots {
                         .and_then(|t| t.f_reshape([])),
                 }
                 .op("load optimizer state")?;
+                check_values(&key, f, &loaded)?;
                 state.push(loaded);
                 used += 1;
             }
@@ -183,4 +184,35 @@ impl Slots {
     pub(crate) fn commit_load(&mut self, prepared: Vec<Option<Vec<Tensor>>>) {
         self.state = prepared;
     }
+}
+
+/// The values a loaded state tensor may hold, checked after its conversion to the parameter's
+/// dtype (so a moment that overflows float16 is caught too): every value finite; a step count
+/// ([`Shape::Scalar`]) and a second moment (`exp_avg_sq`, `max_exp_avg_sq`: means of squares)
+/// also non-negative. One NaN or negative second moment makes every later update NaN.
+fn check_values(key: &str, field: &Field, t: &Tensor) -> Result<()> {
+    let non_negative = field.shape == Shape::Scalar || field.name.ends_with("_sq");
+    let all = |mask: std::result::Result<Tensor, tch::TchError>| {
+        mask.and_then(|m| m.f_all())
+            .and_then(|a| a.f_int64_value(&[]))
+            .op("check optimizer state")
+            .map(|v| v != 0)
+    };
+    if !all(t.f_isfinite())? {
+        return Err(Error::InvalidState(format!(
+            "optimizer state '{key}' holds NaN or infinite values (after conversion to the \
+             parameter's dtype): it must be finite"
+        )));
+    }
+    if non_negative && !all(t.f_ge(0.0))? {
+        let what = if field.shape == Shape::Scalar {
+            "a step count"
+        } else {
+            "a second moment (a mean of squares)"
+        };
+        return Err(Error::InvalidState(format!(
+            "optimizer state '{key}' holds negative values: it is {what}, so it must be >= 0"
+        )));
+    }
+    Ok(())
 }

@@ -21,8 +21,10 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// A number in `0..n` (0 when `n` is 0, which has no such number, instead of a division
+    /// by zero).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 
     fn pick<'a>(&mut self, words: &[&'a str]) -> &'a str {
@@ -106,9 +108,31 @@ impl Corpus {
         })
     }
 
-    pub fn load(path: &Path, min_len: usize) -> Result<Corpus> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    /// Reads a UTF-8 text file of at most `max_bytes` (a FIFO, a device or a larger file is
+    /// refused before reading, so that nothing reads forever or without bound).
+    pub fn load(path: &Path, min_len: usize, max_bytes: u64) -> Result<Corpus> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        if meta.len() > max_bytes {
+            bail!(
+                "{} has {} bytes; at most {max_bytes} are read",
+                path.display(),
+                meta.len()
+            );
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                use std::io::Read;
+                f.take(max_bytes + 1).read_to_end(&mut bytes)
+            })
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if bytes.len() as u64 > max_bytes {
+            bail!("{} grew past {max_bytes} bytes while read", path.display());
+        }
         let text = String::from_utf8(bytes)
             .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
         Corpus::from_text(&text, min_len).with_context(|| format!("{}", path.display()))
@@ -143,11 +167,14 @@ mod tests {
             .contains("at least 10"));
         let dir = std::env::temp_dir();
         let missing = dir.join("tch-fabric-no-such-file.txt");
-        let e = Corpus::load(&missing, 10).unwrap_err();
+        let e = Corpus::load(&missing, 10, 1 << 20).unwrap_err();
         assert!(format!("{e:#}").contains("cannot read"), "{e:#}");
         let bin = dir.join(format!("tch-fabric-binary-{}.txt", std::process::id()));
         std::fs::write(&bin, [0xff, 0xfe, 0x00]).unwrap();
-        assert!(format!("{:#}", Corpus::load(&bin, 1).unwrap_err()).contains("not UTF-8"));
+        assert!(format!("{:#}", Corpus::load(&bin, 1, 1 << 20).unwrap_err()).contains("not UTF-8"));
+        assert!(format!("{:#}", Corpus::load(&bin, 1, 2).unwrap_err()).contains("at most 2"));
+        let dev = Corpus::load(Path::new("/dev/zero"), 1, 1 << 20).unwrap_err();
+        assert!(format!("{dev:#}").contains("not a regular file"), "{dev:#}");
         let _ = std::fs::remove_file(bin);
     }
 }

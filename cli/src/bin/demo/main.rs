@@ -19,6 +19,8 @@
 //! writes the checkpoints and reports.
 mod chart;
 mod corpus;
+// The launcher's process supervision; its single-process mode is the launcher's alone.
+#[allow(dead_code)]
 #[path = "../fabric/launch.rs"]
 mod launch;
 mod model;
@@ -52,22 +54,22 @@ struct Args {
     /// A UTF-8 text file to train on (default: a generated corpus).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Optimizer steps per precision.
+    /// Optimizer steps per precision (1 to 1000000).
     #[arg(long, default_value_t = 250)]
     steps: usize,
-    /// Sequences per batch.
+    /// Sequences per batch (1 to 65536).
     #[arg(long, default_value_t = 16)]
     batch: i64,
-    /// Context length in characters.
+    /// Context length in characters (2 to 65536).
     #[arg(long, default_value_t = 96)]
     block: i64,
-    /// Model width.
+    /// Model width (1 to 65536, a multiple of --heads).
     #[arg(long, default_value_t = 96)]
     d_model: i64,
-    /// Transformer layers.
+    /// Transformer layers (1 to 1024).
     #[arg(long, default_value_t = 3)]
     layers: i64,
-    /// Attention heads.
+    /// Attention heads (at least 1).
     #[arg(long, default_value_t = 4)]
     heads: i64,
     /// Learning rate (FusedAdamW).
@@ -83,14 +85,14 @@ struct Args {
     /// Folder for checkpoints, reports and the chart.
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
-    /// Save a checkpoint every this many steps (and on Ctrl-C).
+    /// Save a checkpoint every this many steps, at least 1 (and on Ctrl-C, and at the end).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
     /// Continue from the precision's last checkpoint.
     #[arg(long)]
     resume: bool,
     /// Processes (devices) per run: more than 1 trains data-parallel, each process on its
-    /// share of every batch.
+    /// share of every batch (1 to 1024).
     #[arg(long, default_value_t = 1)]
     devices: usize,
     /// Where a child run writes its report (used by --compare).
@@ -135,8 +137,12 @@ pub struct Report {
     pub train_loss: f64,
     #[serde(with = "nan_as_null")]
     pub val_loss: f64,
+    // NaN when nothing was timed (a resumed run with no step left) or measured.
+    #[serde(with = "nan_as_null")]
     pub ms_per_step: f64,
+    #[serde(with = "nan_as_null")]
     pub tokens_per_s: f64,
+    #[serde(with = "nan_as_null")]
     pub peak_mib: f64,
     pub skipped: u64,
     pub loss_scale: f64,
@@ -164,10 +170,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<ExitCode> {
-    if args.batch < 1 || args.block < 2 || args.d_model < 1 || args.layers < 1 || args.heads < 1 {
-        bail!("--batch, --layers, --heads and --d-model must be at least 1, --block at least 2");
+/// The largest values the demo accepts: well past what trains in reasonable time here, and
+/// small enough that no size computed from them overflows.
+const MAX_STEPS: usize = 1_000_000;
+const MAX_BATCH: i64 = 1 << 16;
+const MAX_BLOCK: i64 = 1 << 16;
+const MAX_D_MODEL: i64 = 1 << 16;
+const MAX_LAYERS: i64 = 1024;
+/// The largest `--data` file: its characters become 8-byte token ids.
+const MAX_DATA_BYTES: u64 = 256 << 20;
+
+/// Checks every flag's range, each refusal one line naming the flag and its range.
+fn check_args(args: &Args) -> Result<()> {
+    let range = |flag: &str, v: i64, lo: i64, hi: i64| {
+        if (lo..=hi).contains(&v) {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("{flag} must be in {lo}..={hi}, not {v}"))
+        }
+    };
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
     }
+    if args.steps > MAX_STEPS {
+        bail!("--steps must be at most {MAX_STEPS}, not {}", args.steps);
+    }
+    range("--batch", args.batch, 1, MAX_BATCH)?;
+    range("--block", args.block, 2, MAX_BLOCK)?;
+    range("--d-model", args.d_model, 1, MAX_D_MODEL)?;
+    range("--layers", args.layers, 1, MAX_LAYERS)?;
+    range("--heads", args.heads, 1, MAX_D_MODEL)?;
     if args.d_model % args.heads != 0 {
         bail!(
             "--d-model ({}) must be a multiple of --heads ({})",
@@ -175,13 +207,73 @@ fn run(args: Args) -> Result<ExitCode> {
             args.heads
         );
     }
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
+    if !(args.lr.is_finite() && args.lr >= 0.0) {
+        bail!("--lr must be a finite number >= 0, not {}", args.lr);
     }
-    if args.devices == 0 {
-        bail!("--devices must be at least 1");
+    if !(args.eps.is_finite() && args.eps >= 0.0) {
+        bail!("--eps must be a finite number >= 0, not {}", args.eps);
     }
+    if args.checkpoint_every == 0 {
+        bail!("--checkpoint-every must be at least 1 (a number of steps)");
+    }
+    if args.devices == 0 || args.devices > launch::MAX_DEVICES {
+        bail!(
+            "--devices must be in 1..={}, not {}",
+            launch::MAX_DEVICES,
+            args.devices
+        );
+    }
+    Ok(())
+}
+
+/// A generous estimate of the memory one run needs (all its processes together): parameters,
+/// gradients and two Adam moments in float64 at worst (32 bytes a parameter), and the
+/// activations kept for the backward (attention scores included) with as much again for the
+/// backward's temporaries, in float64 at worst. In f64, so that no size overflows.
+fn estimate_bytes(args: &Args, vocab: usize) -> f64 {
+    let (v, b, t) = (vocab as f64, args.batch as f64, args.block as f64);
+    let (d, l, h) = (args.d_model as f64, args.layers as f64, args.heads as f64);
+    let params = 2.0 * v * d + t * d + l * (12.0 * d * d + 13.0 * d) + 2.0 * d + v;
+    let per_token = l * (18.0 * d + 2.0 * h * t) + 3.0 * v;
+    args.devices as f64 * 32.0 * params + 16.0 * b * t * per_token
+}
+
+/// The memory the system says it can give without swapping (`MemAvailable`), if known.
+fn available_bytes() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// Refuses a configuration that cannot fit in this machine's memory: libtorch would fail an
+/// allocation inside the model, where tch panics or the process is killed.
+fn check_memory(args: &Args, vocab: usize) -> Result<()> {
+    let need = estimate_bytes(args, vocab);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    if let Some(have) = available_bytes() {
+        if need > 0.8 * have {
+            bail!(
+                "--batch {} --block {} --d-model {} --layers {} --devices {} (vocabulary {vocab}) \
+                 need about {:.1} GiB to train, this machine has {:.1} GiB available: make them \
+                 smaller",
+                args.batch,
+                args.block,
+                args.d_model,
+                args.layers,
+                args.devices,
+                gib(need),
+                gib(have)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    check_args(&args)?;
     let corpus = load_corpus(&args)?;
+    check_memory(&args, corpus.vocab.len())?;
     match &args.precision {
         Some(p) => {
             let precision: Precision = p.parse()?;
@@ -195,10 +287,11 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn load_corpus(args: &Args) -> Result<Corpus> {
-    // Room for at least a few training batches and a validation split.
-    let min_len = (args.block as usize + 1) * 10;
+    // The last tenth is the validation split, and a sequence needs block + 1 characters plus
+    // one to start from: ten times (block + 2) leaves both at least that.
+    let min_len = (args.block as usize + 2) * 10;
     match &args.data {
-        Some(path) => Corpus::load(path, min_len),
+        Some(path) => Corpus::load(path, min_len, MAX_DATA_BYTES),
         None => Corpus::from_text(&corpus::generated(200_000), min_len),
     }
 }
@@ -323,7 +416,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     let ckpt = checkpoint_path(args, precision);
 
     let mut start = 0;
-    let mut losses = Vec::with_capacity(args.steps);
+    let mut losses = Vec::new();
     if args.resume {
         let p: Progress = fabric.load(&ckpt).with_context(|| {
             format!("resuming {precision} (run without --resume to start over)")
@@ -332,6 +425,17 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
             bail!(
                 "{} was trained on other data or another model shape; run without --resume",
                 ckpt.display()
+            );
+        }
+        // Saving this run's end would label later weights with an earlier step.
+        if p.step > args.steps {
+            bail!(
+                "{} is at step {}, past --steps {}: ask for at least {} steps, or run without \
+                 --resume to start over",
+                ckpt.display(),
+                p.step,
+                args.steps,
+                p.step
             );
         }
         start = p.step;
@@ -437,7 +541,10 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         }
     }
     bar.finish();
-    save(args.steps, &losses)?;
+    // A run resumed at its last step trained nothing: its checkpoint is already the end.
+    if start < args.steps {
+        save(args.steps, &losses)?;
+    }
 
     // Validation on fixed batches from the held-out tenth.
     let val_loss = tch::no_grad(|| -> Result<f64> {
