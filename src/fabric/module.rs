@@ -161,6 +161,11 @@ impl<M> FabricModule<M> {
 impl<M: nn::ModuleT> FabricModule<M> {
     /// The forward in the current mode ([`FabricModule::train`] / [`FabricModule::eval`]).
     ///
+    /// Everything this crate does on the way (input checks, conversions, the precision's
+    /// scope) returns errors. The model's own `forward_t` is the model's: tch's layers call
+    /// libtorch through panicking methods, so an input a layer cannot take (an integer tensor
+    /// for `nn::Linear`, a wrong width) panics there, as it does without a Fabric.
+    ///
     /// # Errors
     ///
     /// As [`FabricModule::run`].
