@@ -2,6 +2,8 @@
 //! atomic, and every bad file refused without changing anything.
 mod common;
 
+use common::{same, weights};
+
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 use tch_fabric::{Error, Fabric, FabricModule, FabricOptimizer, GradScalerConfig, TchOptimizer};
@@ -50,20 +52,6 @@ fn train(
         fabric.backward(&loss).unwrap();
         opt.step().unwrap();
     }
-}
-
-fn weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn same(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {

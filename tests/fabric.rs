@@ -1,11 +1,22 @@
 //! The Fabric facade: setup per precision, the forward's conversions, the autocast scope,
 //! backward, clipping, stepping with a scaler, several optimizers, schedules, bad input.
+mod common;
+
+use common::cpu;
 use std::cell::RefCell;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::{
     default_dtype, Clip, Error, Fabric, GradScalerConfig, LrScheduler, Precision, StepOutcome,
     TchOptimizer, BACKWARD_MESSAGE,
 };
+
+fn cpu_fp16(init_scale: f64) -> Fabric {
+    common::cpu_fp16(
+        GradScalerConfig::default()
+            .init_scale(init_scale)
+            .growth_interval(5),
+    )
+}
 
 /// The default dtype is process-wide: tests that switch it (the opt-in default-dtype scope of
 /// `-true` precisions) or look at it take this lock so parallel tests do not see each other's
@@ -14,28 +25,6 @@ static DEFAULT_DTYPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn dtype_lock() -> std::sync::MutexGuard<'static, ()> {
     DEFAULT_DTYPE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn cpu(precision: &str) -> Fabric {
-    Fabric::builder()
-        .precision(precision)
-        .accelerator("cpu")
-        .build()
-        .unwrap()
-}
-
-fn cpu_fp16(init_scale: f64) -> Fabric {
-    Fabric::builder()
-        .precision("16-mixed")
-        .accelerator("cpu")
-        .cpu_fp16_autocast(true)
-        .grad_scaler(
-            GradScalerConfig::default()
-                .init_scale(init_scale)
-                .growth_interval(5),
-        )
-        .build()
-        .unwrap()
 }
 
 /// A linear layer that records what its forward saw.

@@ -4,32 +4,20 @@
 //! and a run of skipped steps made visible.
 mod common;
 
+use common::cpu;
+
 use std::cell::RefCell;
 use tch::{nn, nn::Module, nn::ModuleT, Device, Kind, Reduction, Tensor};
 use tch_fabric::{
     Clip, Error, Fabric, FusedAdamW, FusedSgd, GradScalerConfig, Precision, StepOutcome,
 };
 
-fn cpu(precision: &str) -> Fabric {
-    Fabric::builder()
-        .precision(precision)
-        .accelerator("cpu")
-        .build()
-        .unwrap()
-}
-
 fn cpu_fp16(init_scale: f64, warn_after: u64) -> Fabric {
-    Fabric::builder()
-        .precision("16-mixed")
-        .accelerator("cpu")
-        .cpu_fp16_autocast(true)
-        .grad_scaler(
-            GradScalerConfig::default()
-                .init_scale(init_scale)
-                .warn_after_skips(warn_after),
-        )
-        .build()
-        .unwrap()
+    common::cpu_fp16(
+        GradScalerConfig::default()
+            .init_scale(init_scale)
+            .warn_after_skips(warn_after),
+    )
 }
 
 #[test]
@@ -268,13 +256,7 @@ fn two_models_with_clashing_names_set_up_under_names() {
 
 #[test]
 fn an_optimizer_of_another_fabric_is_refused() {
-    let a = Fabric::builder()
-        .precision("16-mixed")
-        .accelerator("cpu")
-        .cpu_fp16_autocast(true)
-        .grad_scaler(GradScalerConfig::default().init_scale(1024.0))
-        .build()
-        .unwrap();
+    let a = cpu_fp16(1024.0, 10);
     let b = cpu("32-true");
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = nn::linear(vs.root() / "fc", 4, 2, Default::default());

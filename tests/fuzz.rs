@@ -5,10 +5,14 @@
 //!
 //! `PROPTEST_CASES` sets the number of cases per target (proptest's default, 256, in a plain
 //! `cargo test`; `.ci/run` runs 10,000). Run with `--nocapture` to see the counts.
+mod common;
+
+use common::weights;
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use std::cell::Cell;
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
 use tch_fabric::{Fabric, GradScaler, GradScalerConfig, GradScalerState, Precision};
 
 fn runner() -> (TestRunner, u32) {
@@ -19,16 +23,6 @@ fn runner() -> (TestRunner, u32) {
     };
     let cases = config.cases;
     (TestRunner::new(config), cases)
-}
-
-fn weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// A checkpoint of a small 16-mixed model with a scaler and a user state.

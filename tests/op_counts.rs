@@ -3,18 +3,14 @@
 //! counts do not grow with the number of parameters: gradients are fetched and grouped once,
 //! and every per-tensor operation is one `_foreach_*` or fused kernel call per (device, dtype).
 //! `cargo run --release --example bench_step -- --verbose` prints the same counts per op.
+mod common;
+
 use tch::{nn, Device, Kind, Tensor};
-use tch_fabric::{count_ops, Clip, Fabric, FusedAdamW, GradScalerConfig, OpCounts};
+use tch_fabric::{count_ops, Clip, FusedAdamW, GradScalerConfig, OpCounts};
 
 /// Top-level libtorch calls of clip + step + scale update for `n` float32 parameters.
 fn folded_step_counts(n: usize) -> OpCounts {
-    let fabric = Fabric::builder()
-        .precision("16-mixed")
-        .accelerator("cpu")
-        .cpu_fp16_autocast(true)
-        .grad_scaler(GradScalerConfig::default().init_scale(1024.0))
-        .build()
-        .unwrap();
+    let fabric = common::cpu_fp16(GradScalerConfig::default().init_scale(1024.0));
     let mut vs = nn::VarStore::new(Device::Cpu);
     for i in 0..n {
         let _ = vs.root().randn(&format!("p{i:02}"), &[64], 0.0, 1.0);

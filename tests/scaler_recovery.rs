@@ -2,6 +2,10 @@
 //! run without the failure gives. (The first wave took the folded-clipping divisor out of the
 //! scaler's record before the optimizer ran; a failing step left it without one, and the next
 //! step panicked.)
+mod common;
+
+use common::{same, weights};
+
 use std::cell::Cell;
 use std::rc::Rc;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
@@ -49,20 +53,6 @@ fn net(vs: &nn::VarStore) -> nn::Sequential {
         .add(nn::linear(vs.root() / "l1", 4, 8, Default::default()))
         .add_fn(|x| x.tanh())
         .add(nn::linear(vs.root() / "l2", 8, 2, Default::default()))
-}
-
-fn weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut w: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn same(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
 }
 
 /// How the steps of a bare-scaler run are driven (the Fabric run folds its clipping).

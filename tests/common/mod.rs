@@ -115,3 +115,39 @@ pub fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     let w = std::mem::take(&mut *c.0.lock().unwrap());
     (out, w)
 }
+
+/// A Fabric of `precision` on CPU.
+pub fn cpu(precision: &str) -> tch_fabric::Fabric {
+    tch_fabric::Fabric::builder()
+        .precision(precision)
+        .accelerator("cpu")
+        .build()
+        .unwrap()
+}
+
+/// A `16-mixed` Fabric on CPU as real float16 (not Lightning's bf16 fallback), with `config`.
+pub fn cpu_fp16(config: tch_fabric::GradScalerConfig) -> tch_fabric::Fabric {
+    tch_fabric::Fabric::builder()
+        .precision("16-mixed")
+        .accelerator("cpu")
+        .cpu_fp16_autocast(true)
+        .grad_scaler(config)
+        .build()
+        .unwrap()
+}
+
+/// Copies of every variable of `vs`, sorted by name.
+pub fn weights(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut v: Vec<_> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Whether two `weights` lists hold the same names and values.
+pub fn same(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
+}
