@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/DefaultDtype.h>
 
 #include <dlfcn.h>
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -316,6 +318,35 @@ char *tf_op_has_kernel(const char *name, int32_t device_type, int32_t *out) {
                                                                          : c10::DispatchKey::CPU;
       *out = op->hasKernelForDispatchKey(key) ? 1 : 0;
     }
+  })
+}
+
+// The allocator is reached through c10's generic `DeviceAllocator` interface (exported by
+// libc10), not `c10::cuda::CUDACachingAllocator`: no link to libc10_cuda is needed, so a CPU
+// build of the crate also reads the statistics on a GPU machine once libtorch_cuda is loaded.
+static c10::DeviceAllocator *cuda_allocator(int32_t device_index) {
+  if (device_index < 0 || device_index > std::numeric_limits<c10::DeviceIndex>::max()) {
+    throw std::invalid_argument("tch-fabric shim: invalid CUDA device index " +
+                                std::to_string(device_index));
+  }
+  return c10::getDeviceAllocator(c10::DeviceType::CUDA);
+}
+
+char *tf_cuda_memory_stats(int32_t device_index, int64_t out[4]) {
+  TF_PROTECT({
+    auto stats = cuda_allocator(device_index)
+                     ->getDeviceStats(static_cast<c10::DeviceIndex>(device_index));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = stats.allocated_bytes[all].current;
+    out[1] = stats.allocated_bytes[all].peak;
+    out[2] = stats.reserved_bytes[all].current;
+    out[3] = stats.reserved_bytes[all].peak;
+  })
+}
+
+char *tf_cuda_reset_peak_memory_stats(int32_t device_index) {
+  TF_PROTECT({
+    cuda_allocator(device_index)->resetPeakStats(static_cast<c10::DeviceIndex>(device_index));
   })
 }
 

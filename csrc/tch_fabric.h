@@ -56,6 +56,13 @@ char *tf_load_cuda(int32_t *loaded);
  * device type (0 = CPU, 1 = CUDA); 0 too when the op is unknown. */
 char *tf_op_has_kernel(const char *name, int32_t device_type, int32_t *out);
 
+/* The caching allocator's statistics for CUDA device `device_index` (bytes, all pools
+ * together): out[0] allocated now, out[1] peak allocated, out[2] reserved now, out[3] peak
+ * reserved. Needs CUDA registered (libtorch_cuda loaded) and a valid device index. */
+char *tf_cuda_memory_stats(int32_t device_index, int64_t out[4]);
+/* Resets the caching allocator's peak statistics of CUDA device `device_index`. */
+char *tf_cuda_reset_peak_memory_stats(int32_t device_index);
+
 /* Whether libtorch has an autocast implementation for this device type. */
 char *tf_autocast_available(int32_t device_type, int32_t *out);
 /* Reads the current thread's autocast state for a device type. */

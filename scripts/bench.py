@@ -2,28 +2,39 @@
 side by side on this machine, for a dispatch-bound MLP and the demo's transformer, in every
 precision; plus peak memory of a ~50 M-parameter MLP with AdamW.
 
-    scripts/bench.sh            # builds the Rust side in release mode, then runs this
-    scripts/bench.sh --models mlp   # only the MLP (about 5 minutes)
+    scripts/bench.sh                        # builds the Rust side in release mode, then runs this
+    scripts/bench.sh --models mlp           # only the MLP
+    scripts/bench.sh --repeats 9            # more runs, tighter intervals
 
-Every configuration runs in a fresh process, three times, interleaved with the others; each
-run reports the median step time after a warm-up, and the table shows the median of the three. The table gives the medians and the ratios (the machine is shared and noisy: compare
-ratios, and rerun when in doubt). All four use AdamW with PyTorch's fused kernel
-(`torch.optim.AdamW(fused=True)` in Python, `FusedAdamW` in Rust), so the differences are the
-frameworks' own overhead.
+Every configuration runs in a fresh process, `--repeats` times, the four implementations
+interleaved in a rotating order (so none always runs first after a cool-down); each run
+reports the median step time after a warm-up. The tables give, per implementation, the
+median of the runs' medians with their min-max, and the ratio tch-fabric / (the faster of
+Lightning and plain PyTorch) with a 90% bootstrap interval of that ratio of medians. A target
+is "met" when the whole interval is at or under it, "missed" when the whole interval is above,
+and "open" when the interval straddles it: on a shared 2-core VM, noise as large as the
+differences is the usual case, and the interval says so instead of a single number.
+
+All four use AdamW with PyTorch's fused kernel (`torch.optim.AdamW(fused=True)` in Python,
+`FusedAdamW` in Rust) and the same model, data, conversions and loss, so the differences are
+the frameworks' own overhead.
 """
 import argparse
 import json
 import os
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import time
 
 PRECISIONS = ["64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 STEPS = {"mlp": (500, 50), "transformer": (30, 5), "mlp50m": (3, 1)}
-# Each configuration runs this many times, the four implementations interleaved, and the table
-# shows the median of the runs' medians (this machine is shared and noisy).
-REPEATS = 3
+# Each configuration runs this many times by default (--repeats), the four implementations
+# interleaved.
+REPEATS = 5
+KINDS = ["fabric", "raw", "lightning", "torch"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUST_BENCH = os.path.join(ROOT, "target", "release", "examples", "bench")
 
@@ -166,32 +177,73 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()} {platform.release()}"
 
 
+def bootstrap_ratio(num, den_a, den_b, n=2000, seed=0):
+    """90% bootstrap interval of median(num) / min(median(den_a), median(den_b)): each side's
+    runs are resampled independently, as the runs of one implementation are independent
+    draws of its step time."""
+    rng = random.Random(seed)
+    pick = lambda v: statistics.median(rng.choice(v) for _ in v)
+    ratios = sorted(pick(num) / min(pick(den_a), pick(den_b)) for _ in range(n))
+    return ratios[int(0.05 * n)], ratios[int(0.95 * n) - 1]
+
+
+def verdict(lo, hi, target):
+    return "met" if hi <= target else "missed" if lo > target else "open"
+
+
+def spread(v):
+    return f"{statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--model")
     ap.add_argument("--precision")
     ap.add_argument("--models", default="mlp,transformer")
+    ap.add_argument("--repeats", type=int, default=REPEATS)
+    ap.add_argument("--json", help="also write every run's numbers to this file")
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.model, a.precision)
     if not os.path.exists(RUST_BENCH):
         raise SystemExit(f"{RUST_BENCH} is missing: run scripts/bench.sh (it builds it)")
+    if a.repeats < 3:
+        raise SystemExit("--repeats must be at least 3: fewer runs give no interval")
 
+    run_one = {
+        "fabric": lambda m, p: rust(m, p, "fabric"),
+        "raw": lambda m, p: rust(m, p, "raw"),
+        "lightning": lambda m, p: python("lightning", m, p),
+        "torch": lambda m, p: python("torch", m, p),
+    }
     print(f"Machine: {machine()}\n")
-    print("| model | precision | tch-fabric ms | raw tch ms | Lightning ms | PyTorch ms | fabric / raw | fabric / Lightning |")
+    print(f"Step time in ms: median of {a.repeats} fresh-process runs [min-max]. Ratio: tch-fabric / "
+          "the faster of Lightning and plain PyTorch, with its 90% bootstrap interval.\n")
+    print("| model | precision | tch-fabric | raw tch | Lightning | PyTorch | fabric / best Python "
+          "(target 1.0) | fabric / Lightning |")
     print("|---|---|---|---|---|---|---|---|")
+    record = []
     for model_name in a.models.split(","):
         for p in PRECISIONS:
-            runs = {"fabric": [], "raw": [], "lightning": [], "torch": []}
-            for _ in range(REPEATS):
-                runs["fabric"].append(rust(model_name, p, "fabric")["median_ms"])
-                runs["raw"].append(rust(model_name, p, "raw")["median_ms"])
-                runs["lightning"].append(python("lightning", model_name, p)["median_ms"])
-                runs["torch"].append(python("torch", model_name, p)["median_ms"])
-            fab, raw, lig, pt = (sorted(v)[len(v) // 2] for v in runs.values())
-            print(f"| {model_name} | {p} | {fab:.3f} | {raw:.3f} | {lig:.3f} | {pt:.3f} | {fab / raw:.2f} | "
-                  f"{fab / lig:.2f} |", flush=True)
+            runs = {k: [] for k in KINDS}
+            for r in range(a.repeats):
+                order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]
+                for k in order:
+                    runs[k].append(run_one[k](model_name, p)["median_ms"])
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            lo, hi = bootstrap_ratio(runs["fabric"], runs["lightning"], runs["torch"])
+            best = med["fabric"] / min(med["lightning"], med["torch"])
+            llo, lhi = bootstrap_ratio(runs["fabric"], runs["lightning"], runs["lightning"])
+            lig = med["fabric"] / med["lightning"]
+            lig_cell = f"{lig:.2f} [{llo:.2f}-{lhi:.2f}]"
+            if model_name == "mlp":
+                lig_cell += f" (target 0.4: {verdict(llo, lhi, 0.4)})"
+            print(f"| {model_name} | {p} | {spread(runs['fabric'])} | {spread(runs['raw'])} | "
+                  f"{spread(runs['lightning'])} | {spread(runs['torch'])} | {best:.2f} [{lo:.2f}-{hi:.2f}] "
+                  f"{verdict(lo, hi, 1.0)} | {lig_cell} |", flush=True)
+            record.append({"model": model_name, "precision": p, "runs_ms": runs,
+                           "fabric_over_best": [best, lo, hi], "fabric_over_lightning": [lig, llo, lhi]})
 
     print("\nPeak memory of training a 50 M-parameter MLP (3 x 4096^2) with AdamW, tch-fabric, "
           "above the process's RSS before the model was built:\n")
@@ -203,7 +255,11 @@ def main():
         mem[p] = r["peak_rss_mib"] - r["base_rss_mib"]
     for p, m in mem.items():
         print(f"| {p} | {m:.0f} | {m / mem['32-true']:.2f} |")
-    print("\nReproduce: scripts/bench.sh")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine(), "repeats": a.repeats, "steps": record, "memory_mib": mem}, f,
+                      indent=1)
+    print(f"\nReproduce: scripts/bench.sh --models {a.models} --repeats {a.repeats}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Rust benchmark in release mode and runs scripts/bench.py with the provisioned
-# Python (Lightning installed). Prints a markdown table; takes ~20 minutes on 2 cores.
+# Python (Lightning installed). Prints markdown tables; about 30 minutes on 2 cores with the
+# default 5 repeats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/provision.sh

@@ -58,7 +58,7 @@
 //! | `checkpoint` | the checkpoint file, its key layout, and the checks before a load |
 //! | `dist` | [`ProcessGroup`] (c10d), [`DistEnv`], [`DistributedSampler`] |
 //! | `fabric` | the facade on top: [`Fabric`]; [`FabricModule`] (the precision's conversions around a model) and [`FabricOptimizer`]; [`FabricBuilder`] resolves options, environment and device |
-//! | `lr_scheduler`, `memory` | [`LrScheduler`]; [`memory_stats`] |
+//! | `lr_scheduler`, `memory` | [`LrScheduler`]; [`memory_stats`], [`reset_peak_memory_stats`] |
 //!
 //! An AMP step goes one way: [`Params::grads`] fetches the gradients once; clipping, the
 //! [`GradScaler`] and the [`Optimizer`] all work on that [`GradBatch`].
@@ -100,7 +100,7 @@ pub use fabric::{
     PrecisionArg, BACKWARD_MESSAGE,
 };
 pub use lr_scheduler::LrScheduler;
-pub use memory::{memory_stats, MemorySource, MemoryStats};
+pub use memory::{memory_stats, reset_peak_memory_stats, MemorySource, MemoryStats};
 pub use optim::{Amp, FusedAdamW, FusedSgd, Optimizer, TchOptimizer};
 pub use params::{GradBatch, GradGroup, Params};
 pub use precision::Precision;

@@ -183,6 +183,28 @@ pub(crate) fn load_cuda() -> Result<bool> {
     Ok(loaded != 0)
 }
 
+/// The CUDA caching allocator's byte counts for device `index`: allocated now, peak allocated,
+/// reserved now, peak reserved.
+pub(crate) fn cuda_memory_stats(index: usize) -> Result<[u64; 4]> {
+    let index = i32::try_from(index)
+        .map_err(|_| Error::native("cuda_memory_stats", "device index out of range"))?;
+    let mut out = [0i64; 4];
+    check("cuda_memory_stats", unsafe {
+        ffi::tf_cuda_memory_stats(index, out.as_mut_ptr())
+    })?;
+    // Byte counts are never negative; a negative one would be an allocator bug, shown as 0.
+    Ok(out.map(|v| u64::try_from(v).unwrap_or(0)))
+}
+
+/// Resets the CUDA caching allocator's peak statistics of device `index`.
+pub(crate) fn cuda_reset_peak_memory_stats(index: usize) -> Result<()> {
+    let index = i32::try_from(index)
+        .map_err(|_| Error::native("cuda_reset_peak_memory_stats", "device index out of range"))?;
+    check("cuda_reset_peak_memory_stats", unsafe {
+        ffi::tf_cuda_reset_peak_memory_stats(index)
+    })
+}
+
 /// Whether the dispatcher has a kernel of `op` for the device type of `device`.
 pub(crate) fn op_has_kernel(op: &str, device: Device) -> Result<bool> {
     let name = CString::new(op).map_err(|_| Error::native("op_has_kernel", "NUL in op name"))?;

@@ -504,5 +504,37 @@ fn memory_stats_on_cpu() {
         "{m:?}"
     );
     assert_eq!(m.source, tch_fabric::MemorySource::ProcessRss);
-    assert!(tch_fabric::memory_stats(Device::Cuda(0)).is_err());
+    assert_eq!((m.reserved_bytes, m.peak_reserved_bytes), (None, None));
+    // 256 MiB touched and freed raises the peak; a reset brings it back near the current RSS.
+    drop(Tensor::ones([64 << 20], (Kind::Float, Device::Cpu)));
+    let before = fabric.memory_stats().unwrap();
+    assert!(
+        before.peak_bytes >= before.current_bytes + (200 << 20),
+        "{before:?}"
+    );
+    tch_fabric::reset_peak_memory_stats(Device::Cpu).unwrap();
+    let after = fabric.memory_stats().unwrap();
+    assert!(
+        after.peak_bytes < before.peak_bytes - (200 << 20),
+        "{before:?} -> {after:?}"
+    );
+}
+
+#[test]
+fn memory_stats_refuse_a_cuda_device_this_process_does_not_see() {
+    let count = tch::Cuda::device_count();
+    let index = usize::try_from(count).unwrap();
+    for e in [
+        tch_fabric::memory_stats(Device::Cuda(index)).unwrap_err(),
+        tch_fabric::reset_peak_memory_stats(Device::Cuda(index)).unwrap_err(),
+    ] {
+        assert!(matches!(e, tch_fabric::Error::Usage(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("no CUDA device {index}"))
+                && msg.contains(&format!("sees {count} CUDA")),
+            "{msg}"
+        );
+    }
+    assert!(tch_fabric::memory_stats(Device::Mps).is_err());
 }

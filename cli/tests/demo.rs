@@ -244,6 +244,51 @@ fn resume_continues_the_same_trajectory() {
     );
     assert_eq!(a["loss_scale"], b["loss_scale"]);
     assert_eq!(a["val_loss"], b["val_loss"]);
+    // The chart's history survives the resume: a time and the skips for every step.
+    assert_eq!(a["skipped_at"], b["skipped_at"]);
+    assert_eq!(b["step_s"].as_array().map(Vec::len), Some(30));
+}
+
+/// `--compare` trains every precision in a child process each and draws them all in one SVG,
+/// which parses as XML and names every precision.
+#[test]
+fn compare_charts_every_precision() {
+    let d = dir("compare");
+    let o = d.display().to_string();
+    let mut args = vec!["--steps", "4"];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--out", &o]);
+    let out = demo(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(d.join("compare.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("the chart is well-formed XML");
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for p in [
+        "64-true",
+        "32-true",
+        "16-mixed",
+        "bf16-mixed",
+        "16-true",
+        "bf16-true",
+    ] {
+        // In the loss legend, under its tokens/s bar and under its memory bar.
+        let n = texts.iter().filter(|t| t.starts_with(p)).count();
+        assert!(n >= 3, "{p} appears {n} times: {texts:?}");
+        let rep = report(&d.join(format!("{p}.report.json")));
+        assert_eq!(rep["step_s"].as_array().map(Vec::len), Some(4), "{p}");
+    }
+    assert!(texts.contains(&"loss against wall-clock time"), "{texts:?}");
+    assert!(texts.contains(&"tokens per second"), "{texts:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("peak memory (MiB, process RSS)"),
+        "{stdout}"
+    );
 }
 
 fn interrupt(child: &std::process::Child) {

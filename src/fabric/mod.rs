@@ -733,7 +733,8 @@ impl Fabric {
         }
     }
 
-    /// Current and peak memory of the Fabric's device (on CPU: the process's resident set).
+    /// Current and peak memory of the Fabric's device: on CPU the process's resident set, on
+    /// CUDA libtorch's caching allocator (allocated and reserved bytes).
     ///
     /// # Errors
     ///

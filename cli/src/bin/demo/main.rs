@@ -133,6 +133,13 @@ pub struct Report {
     pub precision: String,
     #[serde(with = "nan_as_null::vec")]
     pub losses: Vec<f64>,
+    /// Wall-clock seconds of each step in `losses` (empty when a resumed run's checkpoint
+    /// kept none).
+    #[serde(default)]
+    pub step_s: Vec<f64>,
+    /// The steps the GradScaler skipped (inf/NaN gradients).
+    #[serde(default)]
+    pub skipped_at: Vec<usize>,
     #[serde(with = "nan_as_null")]
     pub train_loss: f64,
     #[serde(with = "nan_as_null")]
@@ -144,17 +151,32 @@ pub struct Report {
     pub tokens_per_s: f64,
     #[serde(with = "nan_as_null")]
     pub peak_mib: f64,
+    /// What `peak_mib` measured (the process's resident set, or CUDA's caching allocator).
+    #[serde(default)]
+    pub memory_source: String,
     pub skipped: u64,
     pub loss_scale: f64,
     pub steps: usize,
+}
+
+/// Every step's loss, time and skip so far: what the report and the chart are drawn from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct History {
+    #[serde(with = "nan_as_null::vec")]
+    losses: Vec<f64>,
+    // The chart's time axis and skip marks; absent from checkpoints of older demos.
+    #[serde(default)]
+    step_s: Vec<f64>,
+    #[serde(default)]
+    skipped_at: Vec<usize>,
 }
 
 /// What a checkpoint carries besides weights, optimizer and scaler.
 #[derive(Debug, Serialize, Deserialize)]
 struct Progress {
     step: usize,
-    #[serde(with = "nan_as_null::vec")]
-    losses: Vec<f64>,
+    #[serde(flatten)]
+    history: History,
     fingerprint: u64,
     shape: [i64; 5],
 }
@@ -416,7 +438,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     let ckpt = checkpoint_path(args, precision);
 
     let mut start = 0;
-    let mut losses = Vec::new();
+    let mut history = History::default();
     if args.resume {
         let p: Progress = fabric.load(&ckpt).with_context(|| {
             format!("resuming {precision} (run without --resume to start over)")
@@ -439,7 +461,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
             );
         }
         start = p.step;
-        losses = p.losses;
+        history = p.history;
         if lead {
             eprintln!(
                 "resuming {precision} at step {start} from {}",
@@ -470,12 +492,12 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     });
     let tokens_per_step = (args.batch * args.block) as f64;
     let mut timed = Vec::new();
-    let save = |step: usize, losses: &[f64]| -> Result<()> {
+    let save = |step: usize, history: &History| -> Result<()> {
         fabric.save(
             &ckpt,
             &Progress {
                 step,
-                losses: losses.to_vec(),
+                history: history.clone(),
                 fingerprint: corpus.fingerprint,
                 shape,
             },
@@ -493,7 +515,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
             stop.load(Ordering::SeqCst)
         };
         if stopping {
-            save(step, &losses)?;
+            save(step, &history)?;
             bar.abandon_with_message(format!(
                 "stopped; checkpoint {} (continue with --resume)",
                 ckpt.display()
@@ -520,12 +542,14 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         } else {
             loss.f_double_value(&[])?
         };
-        losses.push(l);
         let dt = t0.elapsed().as_secs_f64();
+        history.losses.push(l);
+        history.step_s.push(dt);
         if step >= start + 3 {
             timed.push(dt);
         }
         let skipped = if let StepOutcome::Skipped { .. } = outcome {
+            history.skipped_at.push(step);
             " (skipped)"
         } else {
             ""
@@ -537,13 +561,13 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         ));
         bar.inc(1);
         if (step + 1) % args.checkpoint_every == 0 {
-            save(step + 1, &losses)?;
+            save(step + 1, &history)?;
         }
     }
     bar.finish();
     // A run resumed at its last step trained nothing: its checkpoint is already the end.
     if start < args.steps {
-        save(args.steps, &losses)?;
+        save(args.steps, &history)?;
     }
 
     // Validation on fixed batches from the held-out tenth.
@@ -567,17 +591,21 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
 
     timed.sort_by(f64::total_cmp);
     let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
+    let losses = &history.losses;
     let tail = &losses[losses.len().saturating_sub(10)..];
+    let memory = tch_fabric::memory_stats(device).ok();
     let report = Report {
         precision: precision.to_string(),
         // The mean of the last ten losses; NaN once the run diverged.
         train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
-        losses,
+        losses: history.losses.clone(),
+        step_s: history.step_s,
+        skipped_at: history.skipped_at,
         val_loss,
         ms_per_step: median * 1e3,
         tokens_per_s: tokens_per_step / median,
-        peak_mib: tch_fabric::memory_stats(Device::Cpu)
-            .map_or(f64::NAN, |m| m.peak_bytes as f64 / (1024.0 * 1024.0)),
+        peak_mib: memory.map_or(f64::NAN, |m| m.peak_bytes as f64 / (1024.0 * 1024.0)),
+        memory_source: memory.map(|m| m.source.to_string()).unwrap_or_default(),
         skipped: fabric.skipped_steps()?,
         loss_scale: fabric.loss_scale()?,
         steps: args.steps,
@@ -653,8 +681,13 @@ fn print_table(reports: &[Report]) {
         .map(|r| r.precision.as_str())
         .collect();
     println!();
+    let source = reports
+        .first()
+        .map(|r| r.memory_source.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("not measured");
     println!(
-        "| precision | train loss | val loss | ms/step | tokens/s | peak memory (MiB) | skipped steps | loss scale |"
+        "| precision | train loss | val loss | ms/step | tokens/s | peak memory (MiB, {source}) | skipped steps | loss scale |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in reports {
