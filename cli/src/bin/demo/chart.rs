@@ -6,6 +6,7 @@ use super::Report;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
 const COLORS: [RGBColor; 6] = [
@@ -74,6 +75,23 @@ fn loss_range(curves: &[Curve]) -> (f64, f64) {
     }
 }
 
+/// Round values between `lo` and `hi` for a log axis (1, 1.5, 2, 3, 4, 5, 6, 8 times a power
+/// of ten): plotters' own log ticks leave a range under one decade nearly unlabelled.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let first = lo.log10().floor() as i32;
+    let last = hi.log10().ceil() as i32;
+    for e in first..=last {
+        for m in [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0] {
+            let v = m * 10f64.powi(e);
+            if (lo..=hi).contains(&v) {
+                ticks.push(v);
+            }
+        }
+    }
+    ticks
+}
+
 fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing the chart: {e}")
 }
@@ -103,12 +121,16 @@ fn loss_panel(
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(0.0..x_max * 1.02, (lo..hi).log_scale())
+        .build_cartesian_2d(
+            0.0..x_max * 1.02,
+            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+        )
         .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("training loss (log scale)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.2}"))
         .draw()
         .map_err(err)?;
@@ -123,7 +145,12 @@ fn loss_panel(
         if by_time && c.elapsed.is_none() {
             continue;
         }
-        let points: Vec<(f64, f64)> = (0..c.shown)
+        // A diverged run is drawn up to the step where it left, clipped to the plot's top.
+        let drawn = match c.diverged {
+            Some(step) if step < c.report.losses.len() => step + 1,
+            _ => c.shown,
+        };
+        let points: Vec<(f64, f64)> = (0..drawn)
             .filter(|&s| c.report.losses[s].is_finite())
             .filter_map(|s| Some((x_of(s)?, c.report.losses[s].clamp(lo, hi))))
             .collect();
@@ -240,8 +267,9 @@ fn bar_panel(
         chart
             .draw_series(std::iter::once(Text::new(
                 format!("{v:.0}"),
-                (x + 0.3, *v + top * 0.02),
-                ("sans-serif", 13),
+                (x + 0.5, *v + top * 0.01),
+                TextStyle::from(("sans-serif", 13).into_font())
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )))
             .map_err(err)?;
     }
