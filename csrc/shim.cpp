@@ -13,6 +13,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -51,10 +52,22 @@ std::vector<at::Tensor> to_vector(const tf_tensor *list, size_t n) {
 }
 
 // Counting of dispatcher calls on one thread (tf_op_count_begin / _end): every op invocation,
-// and the top-level ones (made from outside any other op) apart.
+// the top-level ones (made from outside any other op) apart, and each op's self time (its
+// own duration less that of the ops it called), as a profiler's "self CPU" column.
+struct OpStat {
+  std::string name;
+  int64_t all = 0;
+  int64_t top = 0;
+  int64_t self_ns = 0;
+};
+struct OpFrame {
+  size_t index;
+  std::chrono::steady_clock::time_point start;
+  int64_t children_ns;
+};
 struct OpCounts {
-  std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> by_name;  // (all, top level)
-  int64_t depth = 0;
+  std::vector<OpStat> by_name;
+  std::vector<OpFrame> open;  // the calls in progress, innermost last
 };
 thread_local OpCounts *t_counts = nullptr;
 thread_local at::CallbackHandle t_count_handle = at::INVALID_CALLBACK_HANDLE;
@@ -63,19 +76,27 @@ std::unique_ptr<at::ObserverContext> count_start(const at::RecordFunction &fn) {
   if (t_counts == nullptr) return nullptr;
   std::string name = fn.name();
   auto &list = t_counts->by_name;
-  auto it = std::find_if(list.begin(), list.end(), [&](const auto &e) { return e.first == name; });
+  auto it = std::find_if(list.begin(), list.end(), [&](const auto &e) { return e.name == name; });
   if (it == list.end()) {
-    list.push_back({name, {0, 0}});
+    list.push_back(OpStat{name});
     it = list.end() - 1;
   }
-  it->second.first += 1;
-  if (t_counts->depth == 0) it->second.second += 1;
-  t_counts->depth += 1;
+  it->all += 1;
+  if (t_counts->open.empty()) it->top += 1;
+  t_counts->open.push_back(
+      {static_cast<size_t>(it - list.begin()), std::chrono::steady_clock::now(), 0});
   return nullptr;
 }
 
 void count_end(const at::RecordFunction &, at::ObserverContext *) {
-  if (t_counts != nullptr) t_counts->depth -= 1;
+  if (t_counts == nullptr || t_counts->open.empty()) return;
+  auto frame = t_counts->open.back();
+  t_counts->open.pop_back();
+  int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                     std::chrono::steady_clock::now() - frame.start)
+                     .count();
+  t_counts->by_name[frame.index].self_ns += took - frame.children_ns;
+  if (!t_counts->open.empty()) t_counts->open.back().children_ns += took;
 }
 
 void fill_meta(const at::Tensor &t, tf_tensor_meta *m) {
@@ -240,7 +261,16 @@ char *tf_fused_sgd(const tf_tensor *params, const tf_tensor *grads, const tf_ten
 char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value) {
   TF_PROTECT({
     auto list = to_vector(tensors, n);
-    at::_foreach_add_(list, value);
+    if (!list.empty() && list[0].is_cpu()) {
+      // As torch.optim does for CPU step counts: a 0-dim tensor as the addend, so that the
+      // per-tensor fallback calls add_ once per tensor instead of wrapping the scalar into a
+      // tensor first (two ops per tensor). Made once and never freed (no destruction order
+      // to get wrong at exit); only ever read.
+      static const at::Tensor *one = new at::Tensor(at::scalar_tensor(1.0, at::kFloat));
+      at::_foreach_add_(list, *one, value);
+    } else {
+      at::_foreach_add_(list, value);
+    }
   })
 }
 
@@ -420,8 +450,8 @@ char *tf_op_count_end(char **report) {
     t_count_handle = at::INVALID_CALLBACK_HANDLE;
     std::string out;
     for (const auto &e : t_counts->by_name) {
-      out += e.first + "\t" + std::to_string(e.second.first) + "\t" +
-             std::to_string(e.second.second) + "\n";
+      out += e.name + "\t" + std::to_string(e.all) + "\t" + std::to_string(e.top) + "\t" +
+             std::to_string(e.self_ns) + "\n";
     }
     delete t_counts;
     t_counts = nullptr;

@@ -132,8 +132,9 @@ char *tf_clip_divisor(tf_tensor sumsq, tf_tensor scale, double max_norm, tf_tens
                       tf_tensor *divisor);
 
 /* Counts the dispatcher calls (ATen ops, tch_fabric ops) made on the calling thread between
- * begin and end. *report receives "name\tall\ttop_level\n" lines (free with tf_free_error):
- * all = every invocation, top_level = those not made from inside another op. */
+ * begin and end. *report receives "name\tall\ttop_level\tself_ns\n" lines (free with
+ * tf_free_error): all = every invocation, top_level = those not made from inside another op,
+ * self_ns = nanoseconds in the op less those in the ops it called. */
 char *tf_op_count_begin(void);
 char *tf_op_count_end(char **report);
 

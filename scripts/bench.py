@@ -92,16 +92,9 @@ def rss_mib(field):
     return float("nan")
 
 
-def worker(kind, model_name, precision):
-    """One configuration in this (fresh) process; prints one JSON line."""
-    import torch
-
-    for k in ("LT_PRECISION", "LT_ACCELERATOR", "LT_DEVICES", "LT_CLI_USED"):
-        os.environ.pop(k, None)
-    base = rss_mib("VmRSS:")
+def make_step(kind, model_name, precision, torch):
+    """One training step of `kind` ("lightning" or "torch") as a function."""
     model, x, y, loss_fn = build_python(model_name, torch)
-    steps, warmup = STEPS[model_name]
-    times = []
     if kind == "lightning":
         import warnings
         from lightning.fabric import Fabric
@@ -110,39 +103,77 @@ def worker(kind, model_name, precision):
         fabric = Fabric(accelerator="cpu", devices=1, precision=precision)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         model, opt = fabric.setup(model, opt)
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
+
+        def step():
             opt.zero_grad()
             out = model(x)
             with fabric.autocast():
                 loss = loss_fn(out, y)
             fabric.backward(loss)
             opt.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    else:
-        # A plain PyTorch AMP loop. On a CPU, 16-mixed runs as bf16-mixed, as in Lightning.
-        eff = "bf16-mixed" if precision == "16-mixed" else precision
-        dtype = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}.get(eff)
-        if dtype is not None:
-            model = model.to(dtype)
-            if x.is_floating_point():
-                x = x.to(dtype)
-        mixed = eff.endswith("-mixed")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
-                out = model(x)
-                loss = loss_fn(out.float(), y)
-            loss.backward()
-            opt.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+
+        return step
+    # A plain PyTorch AMP loop. On a CPU, 16-mixed runs as bf16-mixed, as in Lightning.
+    eff = "bf16-mixed" if precision == "16-mixed" else precision
+    dtype = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}.get(eff)
+    if dtype is not None:
+        model = model.to(dtype)
+        if x.is_floating_point():
+            x = x.to(dtype)
+    mixed = eff.endswith("-mixed")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            out = model(x)
+            loss = loss_fn(out.float(), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def profiled_ops(step, torch):
+    """The ATen and tch_fabric ops of one step: {name: [calls, top-level calls, self us]}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = {}
+    for ev in prof.events():
+        if not ev.name.startswith(("aten::", "tch_fabric::")):
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith(("aten::", "tch_fabric::")):
+            parent = parent.cpu_parent
+        entry = ops.setdefault(ev.name, [0, 0, 0.0])
+        entry[0] += 1
+        entry[1] += parent is None
+        entry[2] += ev.self_cpu_time_total
+    return ops
+
+
+def worker(kind, model_name, precision, with_profile=False):
+    """One configuration in this (fresh) process; prints one JSON line."""
+    import torch
+
+    for k in ("LT_PRECISION", "LT_ACCELERATOR", "LT_DEVICES", "LT_CLI_USED"):
+        os.environ.pop(k, None)
+    base = rss_mib("VmRSS:")
+    step = make_step(kind, model_name, precision, torch)
+    steps, warmup = STEPS[model_name]
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps({"median_ms": times[len(times) // 2] * 1e3, "peak_rss_mib": rss_mib("VmHWM:"),
-                      "base_rss_mib": base}))
+    out = {"median_ms": times[len(times) // 2] * 1e3, "peak_rss_mib": rss_mib("VmHWM:"), "base_rss_mib": base}
+    if with_profile:
+        out["ops"] = profiled_ops(step, torch)
+    print(json.dumps(out))
 
 
 def run_json(cmd):
@@ -203,9 +234,10 @@ def main():
     ap.add_argument("--models", default="mlp,transformer")
     ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--json", help="also write every run's numbers to this file")
+    ap.add_argument("--profile", action="store_true", help="(--worker) add one profiled step's ops")
     a = ap.parse_args()
     if a.worker:
-        return worker(a.worker, a.model, a.precision)
+        return worker(a.worker, a.model, a.precision, a.profile)
     if not os.path.exists(RUST_BENCH):
         raise SystemExit(f"{RUST_BENCH} is missing: run scripts/bench.sh (it builds it)")
     if a.repeats < 3:

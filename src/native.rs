@@ -554,7 +554,7 @@ pub(crate) fn op_count_begin() -> Result<()> {
     check("op_count_begin", unsafe { ffi::tf_op_count_begin() })
 }
 
-/// The report of `tf_op_count_end`: "name\tall\ttop_level" lines.
+/// The report of `tf_op_count_end`: "name\tall\ttop_level\tself_ns" lines.
 pub(crate) fn op_count_end() -> Result<String> {
     let mut report: *mut c_char = std::ptr::null_mut();
     check("op_count_end", unsafe { ffi::tf_op_count_end(&mut report) })?;

@@ -31,6 +31,11 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 20)]
     warmup: usize,
+    /// After the timed steps, run one more under `tch_fabric::count_ops` and add its libtorch
+    /// ops to the JSON (`"ops": {name: [calls, top-level calls, self microseconds]}`), for
+    /// scripts/profile_step.py.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// (current, peak) resident memory of this process, in MiB.
@@ -114,8 +119,8 @@ fn main() -> Result<()> {
     let base = rss_mib().0;
     let mut vs = nn::VarStore::new(Device::Cpu);
     let (net, x, y) = build(&args.model, &vs)?;
-    let mut times = Vec::with_capacity(args.steps);
-    match args.mode.as_str() {
+    // Each mode is one step as a closure, so the timing loop and the profiled step are shared.
+    let mut step: Box<dyn FnMut() -> Result<()>> = match args.mode.as_str() {
         "fabric" => {
             let fabric = Fabric::builder()
                 .precision(args.precision.as_str())
@@ -123,20 +128,18 @@ fn main() -> Result<()> {
                 .build()?;
             let opt = FusedAdamW::new(&vs, 1e-3)?;
             let (net, mut opt) = fabric.setup(Boxed(net), &mut vs, opt)?;
-            for i in 0..args.warmup + args.steps {
-                let t0 = Instant::now();
+            let model = args.model.clone();
+            Box::new(move || {
                 opt.zero_grad()?;
                 let out = net.forward(&x);
                 let loss = {
                     let _ac = fabric.autocast()?;
-                    loss_fn(&args.model, &out, &y)
+                    loss_fn(&model, &out, &y)
                 };
                 fabric.backward(&loss)?;
                 opt.step()?;
-                if i >= args.warmup {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
+                Ok(())
+            })
         }
         "raw" => {
             // The same step by hand: what Fabric does, without the facade. On a CPU, 16-mixed
@@ -160,8 +163,8 @@ fn main() -> Result<()> {
             } else {
                 x.shallow_clone()
             };
-            for i in 0..args.warmup + args.steps {
-                let t0 = Instant::now();
+            let model = args.model.clone();
+            Box::new(move || {
                 opt.zero_grad()?;
                 let loss = {
                     let _ac = precision
@@ -180,27 +183,49 @@ fn main() -> Result<()> {
                     } else {
                         out
                     };
-                    loss_fn(&args.model, &out, &y)
+                    loss_fn(&model, &out, &y)
                 };
                 scaler.scale(&loss)?.backward();
                 scaler.step(&mut opt)?;
                 scaler.update()?;
-                if i >= args.warmup {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
+                Ok(())
+            })
         }
         other => bail!("unknown mode {other}"),
+    };
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        step()?;
+        if i >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
     }
+    let ops = if args.profile {
+        let (done, counts) = tch_fabric::count_ops(&mut step)?;
+        done?;
+        let ops: serde_json::Map<String, serde_json::Value> = counts
+            .by_name
+            .iter()
+            .map(|(name, (all, top))| {
+                let us = counts.self_time[name].as_secs_f64() * 1e6;
+                (name.clone(), serde_json::json!([all, top, us]))
+            })
+            .collect();
+        Some(ops)
+    } else {
+        None
+    };
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    println!(
-        "{}",
-        serde_json::json!({
-            "median_ms": median * 1e3,
-            "peak_rss_mib": rss_mib().1,
-            "base_rss_mib": base,
-        })
-    );
+    let mut report = serde_json::json!({
+        "median_ms": median * 1e3,
+        "peak_rss_mib": rss_mib().1,
+        "base_rss_mib": base,
+    });
+    if let Some(ops) = ops {
+        report["ops"] = ops.into();
+    }
+    println!("{report}");
     Ok(())
 }
