@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Rust benchmark in release mode and runs scripts/bench.py with the provisioned
-# Python (Lightning installed). Prints markdown tables; about 30 minutes on 2 cores with the
+# Python (Lightning installed). Prints markdown tables; about 25 minutes on 2 cores with the
 # default 5 repeats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
