@@ -208,13 +208,14 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()} {platform.release()}"
 
 
-def bootstrap_ratio(num, den_a, den_b, n=2000, seed=0):
-    """90% bootstrap interval of median(num) / min(median(den_a), median(den_b)): each side's
-    runs are resampled independently, as the runs of one implementation are independent
-    draws of its step time."""
+def bootstrap_ratio(num, *dens, n=2000, seed=0):
+    """90% bootstrap interval of median(num) / the smallest median(den) of `dens`: each
+    implementation's runs are resampled independently, as they are independent draws of its
+    step time (one resample per implementation: passing one list twice would take the smaller
+    of two resamples of the same runs and bias the interval up)."""
     rng = random.Random(seed)
     pick = lambda v: statistics.median(rng.choice(v) for _ in v)
-    ratios = sorted(pick(num) / min(pick(den_a), pick(den_b)) for _ in range(n))
+    ratios = sorted(pick(num) / min(pick(d) for d in dens) for _ in range(n))
     return ratios[int(0.05 * n)], ratios[int(0.95 * n) - 1]
 
 
@@ -266,7 +267,7 @@ def main():
             med = {k: statistics.median(v) for k, v in runs.items()}
             lo, hi = bootstrap_ratio(runs["fabric"], runs["lightning"], runs["torch"])
             best = med["fabric"] / min(med["lightning"], med["torch"])
-            llo, lhi = bootstrap_ratio(runs["fabric"], runs["lightning"], runs["lightning"])
+            llo, lhi = bootstrap_ratio(runs["fabric"], runs["lightning"])
             lig = med["fabric"] / med["lightning"]
             lig_cell = f"{lig:.2f} [{llo:.2f}-{lhi:.2f}]"
             if model_name == "mlp":

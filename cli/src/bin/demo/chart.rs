@@ -38,7 +38,8 @@ pub fn diverged_at(losses: &[f64]) -> Option<usize> {
 struct Curve<'a> {
     report: &'a Report,
     color: RGBColor,
-    /// The steps drawn: all of them, or those before the divergence.
+    /// The steps before the divergence (all of them if the run did not diverge): the ones
+    /// that set the axes and carry skip marks.
     shown: usize,
     diverged: Option<usize>,
     /// Seconds since the run's first step, at the end of each step; `None` when the report
@@ -146,17 +147,18 @@ fn loss_panel(
             continue;
         }
         // A diverged run is drawn up to the step where it left, clipped to the plot's top.
-        let drawn = match c.diverged {
-            Some(step) if step < c.report.losses.len() => step + 1,
-            _ => c.shown,
-        };
+        // (`diverged_at` only returns indices of `losses`.)
+        let drawn = c.diverged.map_or(c.shown, |step| step + 1);
         let points: Vec<(f64, f64)> = (0..drawn)
             .filter(|&s| c.report.losses[s].is_finite())
             .filter_map(|s| Some((x_of(s)?, c.report.losses[s].clamp(lo, hi))))
             .collect();
         let color = c.color;
         let series = chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(err)?;
         if !by_time {
             series.label(c.label()).legend(move |(x, y)| {
@@ -172,7 +174,7 @@ fn loss_panel(
             .filter_map(|&s| Some((x_of(s)?, c.report.losses[s].clamp(lo, hi))))
             .collect();
         if !skipped.is_empty() {
-            let drawn = chart
+            let marks = chart
                 .draw_series(
                     skipped
                         .iter()
@@ -180,7 +182,7 @@ fn loss_panel(
                 )
                 .map_err(err)?;
             if !by_time {
-                drawn
+                marks
                     .label(format!(
                         "{}: {} skipped step(s)",
                         c.report.precision,
