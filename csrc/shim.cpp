@@ -4,6 +4,7 @@
 #include "protect.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
@@ -13,6 +14,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -255,6 +257,165 @@ char *tf_fused_sgd(const tf_tensor *params, const tf_tensor *grads, const tf_ten
     if (found_inf != nullptr) inf = deref(found_inf);
     at::_fused_sgd_(p, g, buf, weight_decay, momentum, lr, dampening, nesterov != 0, maximize != 0,
                     is_first_step != 0, scale, inf);
+  })
+}
+
+// A Python float handed to an ATen op where its Python signature takes a Tensor
+// (`t.mul_(0.9)`, `t / x`, `t.add_(eps)`): the binding wraps it into a 0-dim double tensor
+// marked as a wrapped number. On reduced-precision tensors `mul_` rounds differently with it
+// than with a C++ Scalar (which the foreach ops pass), so torch.optim's for-loop path is
+// reproduced with these, its foreach path with Scalars.
+static at::Tensor py_float(double v) {
+  at::Tensor t = at::scalar_to_tensor(v);
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
+
+// The host values of 0-dim step counts (Python's `_get_value(step)`).
+static std::vector<double> step_values(const std::vector<at::Tensor> &steps) {
+  std::vector<double> out;
+  out.reserve(steps.size());
+  for (const auto &s : steps) out.push_back(s.item<double>());
+  return out;
+}
+
+char *tf_adam_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                       const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
+                       const tf_tensor *state_steps, size_t n, double lr, double beta1,
+                       double beta2, double weight_decay, double eps, int32_t amsgrad,
+                       int32_t maximize, int32_t decoupled, int32_t foreach) {
+  TF_PROTECT({
+    auto p = to_vector(params, n), g = to_vector(grads, n), m = to_vector(exp_avgs, n),
+         v = to_vector(exp_avg_sqs, n), s = to_vector(state_steps, n);
+    std::vector<at::Tensor> vmax = amsgrad ? to_vector(max_exp_avg_sqs, n) : std::vector<at::Tensor>{};
+    // Under no_grad, as Optimizer.step runs. The Python floats are C++ doubles, `**` is
+    // libm's pow.
+    at::NoGradGuard no_grad;
+    if (foreach) {
+      // torch.optim.adam._multi_tensor_adam (capturable=False), step counts on the CPU.
+      std::vector<at::Tensor> gs = maximize ? at::_foreach_neg(g) : g;
+      at::_foreach_add_(s, at::scalar_tensor(1.0, at::kFloat), 1.0);
+      if (weight_decay != 0) {
+        if (decoupled) {
+          at::_foreach_mul_(p, 1 - lr * weight_decay);
+        } else if (maximize) {
+          at::_foreach_add_(gs, p, weight_decay);
+        } else {
+          gs = at::_foreach_add(gs, p, weight_decay);
+        }
+      }
+      at::_foreach_lerp_(m, gs, 1 - beta1);
+      at::_foreach_mul_(v, beta2);
+      at::_foreach_addcmul_(v, gs, gs, 1 - beta2);
+      std::vector<at::Scalar> step_size, bias_correction2_sqrt;
+      for (double step : step_values(s)) {
+        const double bias_correction1 = 1 - std::pow(beta1, step);
+        const double bias_correction2 = 1 - std::pow(beta2, step);
+        step_size.emplace_back((lr / bias_correction1) * -1);
+        bias_correction2_sqrt.emplace_back(std::pow(bias_correction2, 0.5));
+      }
+      std::vector<at::Tensor> denom;
+      if (amsgrad) {
+        at::_foreach_maximum_(vmax, v);
+        denom = at::_foreach_sqrt(vmax);
+      } else {
+        denom = at::_foreach_sqrt(v);
+      }
+      at::_foreach_div_(denom, bias_correction2_sqrt);
+      at::_foreach_add_(denom, eps);
+      at::_foreach_addcdiv_(p, m, denom, step_size);
+      return nullptr;
+    }
+    // torch.optim.adam._single_tensor_adam (capturable=False, differentiable=False), op for op.
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor &param = p[i];
+      at::Tensor grad = maximize ? g[i].neg() : g[i];
+      s[i].add_(1);
+      if (weight_decay != 0) {
+        if (decoupled) {
+          param.mul_(py_float(1 - lr * weight_decay));
+        } else {
+          grad = grad.add(param, weight_decay);
+        }
+      }
+      m[i].lerp_(grad, 1 - beta1);
+      v[i].mul_(py_float(beta2)).addcmul_(grad, grad, 1 - beta2);
+      const double step = s[i].item<double>();
+      const double bias_correction1 = 1 - std::pow(beta1, step);
+      const double bias_correction2 = 1 - std::pow(beta2, step);
+      const double step_size = lr / bias_correction1;
+      const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+      at::Tensor denom;
+      if (amsgrad) {
+        at::maximum_out(vmax[i], vmax[i], v[i]);
+        denom = vmax[i].sqrt().div(py_float(bias_correction2_sqrt)).add_(py_float(eps));
+      } else {
+        denom = v[i].sqrt().div(py_float(bias_correction2_sqrt)).add_(py_float(eps));
+      }
+      param.addcdiv_(m[i], denom, -step_size);
+    }
+  })
+}
+
+char *tf_sgd_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *momentum_buffers,
+                      const int32_t *fresh, size_t n, double weight_decay, double momentum,
+                      double lr, double dampening, int32_t nesterov, int32_t maximize,
+                      int32_t foreach) {
+  TF_PROTECT({
+    auto p = to_vector(params, n), g = to_vector(grads, n);
+    std::vector<at::Tensor> buf = momentum != 0.0 ? to_vector(momentum_buffers, n) : std::vector<at::Tensor>{};
+    // A fresh buffer (PyTorch's `grad.detach().clone()`) was made by the caller and
+    // receives the gradient's values.
+    at::NoGradGuard no_grad;
+    if (foreach) {
+      // torch.optim.sgd._multi_tensor_sgd (dense gradients). As there, Nesterov adds into the
+      // gradient list in place, which is the parameters' own gradients when neither maximize
+      // nor weight decay made copies.
+      std::vector<at::Tensor> gs = maximize ? at::_foreach_neg(g) : g;
+      if (weight_decay != 0) {
+        if (maximize) {
+          at::_foreach_add_(gs, p, weight_decay);
+        } else {
+          gs = at::_foreach_add(gs, p, weight_decay);
+        }
+      }
+      if (momentum != 0) {
+        const bool all_old = std::none_of(fresh, fresh + n, [](int32_t f) { return f != 0; });
+        if (all_old) {
+          at::_foreach_mul_(buf, momentum);
+          at::_foreach_add_(buf, gs, 1 - dampening);
+        } else {
+          for (size_t i = 0; i < n; ++i) {
+            if (fresh[i] != 0) {
+              buf[i].copy_(gs[i]);
+            } else {
+              buf[i].mul_(py_float(momentum)).add_(gs[i], 1 - dampening);
+            }
+          }
+        }
+        if (nesterov) {
+          at::_foreach_add_(gs, buf, momentum);
+        } else {
+          gs = buf;
+        }
+      }
+      at::_foreach_add_(p, gs, -lr);
+      return nullptr;
+    }
+    // torch.optim.sgd._single_tensor_sgd, op for op.
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor grad = maximize ? g[i].neg() : g[i];
+      if (weight_decay != 0) grad = grad.add(p[i], weight_decay);
+      if (momentum != 0) {
+        if (fresh[i] != 0) {
+          buf[i].copy_(grad);
+        } else {
+          buf[i].mul_(py_float(momentum)).add_(grad, 1 - dampening);
+        }
+        grad = nesterov ? grad.add(buf[i], momentum) : buf[i];
+      }
+      p[i].add_(grad, -lr);
+    }
   })
 }
 

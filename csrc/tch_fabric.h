@@ -105,6 +105,22 @@ char *tf_fused_sgd(const tf_tensor *params, const tf_tensor *grads, const tf_ten
                    int32_t nesterov, int32_t maximize, int32_t is_first_step, tf_tensor grad_scale,
                    tf_tensor found_inf);
 
+/* torch.optim.Adam / AdamW without fused=True: _single_tensor_adam, or _multi_tensor_adam when
+ * foreach != 0, the same ATen ops in the same order. state_steps are 0-dim CPU tensors;
+ * max_exp_avg_sqs is read only with amsgrad; decoupled selects AdamW's decay. */
+char *tf_adam_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                       const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
+                       const tf_tensor *state_steps, size_t n, double lr, double beta1,
+                       double beta2, double weight_decay, double eps, int32_t amsgrad,
+                       int32_t maximize, int32_t decoupled, int32_t foreach);
+/* torch.optim.SGD without fused=True: _single_tensor_sgd, or _multi_tensor_sgd when
+ * foreach != 0. momentum_buffers is read only when momentum != 0; fresh[i] != 0 marks a
+ * buffer made for this step (it takes the gradient). */
+char *tf_sgd_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *momentum_buffers,
+                      const int32_t *fresh, size_t n, double weight_decay, double momentum,
+                      double lr, double dampening, int32_t nesterov, int32_t maximize,
+                      int32_t foreach);
+
 /* torch._foreach_add_(tensors, value) and torch._foreach_sub_(tensors, [other] * n): the
  * step-count bookkeeping of fused optimizers, kept on the device. */
 char *tf_foreach_add_scalar(const tf_tensor *tensors, size_t n, double value);

@@ -109,6 +109,38 @@ extern "C" {
         grad_scale: CTensor,
         found_inf: CTensor,
     ) -> *mut c_char;
+    pub(crate) fn tf_adam_for_loop(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        max_exp_avg_sqs: *const CTensor,
+        state_steps: *const CTensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        amsgrad: i32,
+        maximize: i32,
+        decoupled: i32,
+        foreach: i32,
+    ) -> *mut c_char;
+    pub(crate) fn tf_sgd_for_loop(
+        params: *const CTensor,
+        grads: *const CTensor,
+        momentum_buffers: *const CTensor,
+        fresh: *const i32,
+        n: usize,
+        weight_decay: f64,
+        momentum: f64,
+        lr: f64,
+        dampening: f64,
+        nesterov: i32,
+        maximize: i32,
+        foreach: i32,
+    ) -> *mut c_char;
     pub(crate) fn tf_foreach_add_scalar(
         tensors: *const CTensor,
         n: usize,

@@ -53,12 +53,12 @@
 //! | [`ops`], `profile` | the `tch_fabric::` custom ops; [`count_ops`] |
 //! | `params` | [`Params`] (an optimizer's parameters in PyTorch's order) and [`GradBatch`] (their gradients, fetched and grouped once per step) |
 //! | `clip` | [`Clip`] and PyTorch's clipping functions |
-//! | `optim` | the [`Optimizer`] trait, [`FusedAdamW`], [`FusedSgd`], [`TchOptimizer`] |
+//! | `optim` | the [`Optimizer`] trait, [`FusedAdamW`], [`FusedSgd`], PyTorch's default [`AdamW`], [`Adam`], [`Sgd`], [`TchOptimizer`] |
 //! | `scaler` | [`GradScaler`]: its config, scale policy, state, and the passes over gradients |
 //! | `checkpoint` | the checkpoint file, its key layout, and the checks before a load |
 //! | `dist` | [`ProcessGroup`] (c10d), [`DistEnv`], [`DistributedSampler`] |
 //! | `fabric` | the facade on top: [`Fabric`]; [`FabricModule`] (the precision's conversions around a model) and [`FabricOptimizer`]; [`FabricBuilder`] resolves options, environment and device |
-//! | `lr_scheduler`, `memory` | [`LrScheduler`]; [`memory_stats`], [`reset_peak_memory_stats`] |
+//! | [`lr_scheduler`], `memory` | PyTorch's learning-rate schedulers and [`LrScheduler`]; [`memory_stats`], [`reset_peak_memory_stats`] |
 //!
 //! An AMP step goes one way: [`Params::grads`] fetches the gradients once; clipping, the
 //! [`GradScaler`] and the [`Optimizer`] all work on that [`GradBatch`].
@@ -77,7 +77,7 @@ mod dist;
 mod error;
 mod fabric;
 mod ffi;
-mod lr_scheduler;
+pub mod lr_scheduler;
 mod memory;
 mod native;
 pub mod ops;
@@ -101,7 +101,7 @@ pub use fabric::{
 };
 pub use lr_scheduler::LrScheduler;
 pub use memory::{memory_stats, reset_peak_memory_stats, MemorySource, MemoryStats};
-pub use optim::{Amp, FusedAdamW, FusedSgd, Optimizer, TchOptimizer};
+pub use optim::{Adam, AdamW, Amp, FusedAdamW, FusedSgd, Optimizer, Sgd, TchOptimizer};
 pub use params::{GradBatch, GradGroup, Params};
 pub use precision::Precision;
 pub use profile::{count_ops, OpCounts};

@@ -390,6 +390,43 @@ pub(crate) fn fused_adamw(
     })
 }
 
+/// PyTorch's Adam step without `fused=True` (`_multi_tensor_adam` when `foreach`, else
+/// `_single_tensor_adam`): AdamW's decoupled decay when `decoupled`.
+pub(crate) fn adam_for_loop(
+    l: &AdamLists<'_>,
+    lr: f64,
+    h: &AdamHyper,
+    decoupled: bool,
+    foreach: bool,
+) -> Result<()> {
+    let op = if foreach {
+        "_multi_tensor_adam"
+    } else {
+        "_single_tensor_adam"
+    };
+    let a = l.ptrs(op, h.amsgrad)?;
+    check(op, unsafe {
+        ffi::tf_adam_for_loop(
+            a.params.as_ptr(),
+            a.grads.as_ptr(),
+            a.exp_avgs.as_ptr(),
+            a.exp_avg_sqs.as_ptr(),
+            a.max_exp_avg_sqs.as_ptr(),
+            a.steps.as_ptr(),
+            a.params.len(),
+            lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            i32::from(h.amsgrad),
+            i32::from(h.maximize),
+            i32::from(decoupled),
+            i32::from(foreach),
+        )
+    })
+}
+
 /// `tch_fabric::adamw_folded_` (float32 CPU, no AMSGrad): AdamW on gradients still multiplied
 /// by `divisor`, writing only the parameters and moments.
 pub(crate) fn adamw_folded(
@@ -432,6 +469,50 @@ pub(crate) struct SgdHyper {
 
 /// `torch._fused_sgd_`; `buffers` has one entry per parameter when momentum is non-zero.
 #[allow(clippy::too_many_arguments)] // the kernel's own argument list
+/// PyTorch's SGD step without `fused=True` (`_multi_tensor_sgd` when `foreach`, else
+/// `_single_tensor_sgd`); `fresh[i]` marks a momentum buffer made for this step.
+pub(crate) fn sgd_for_loop(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    buffers: &[&Tensor],
+    fresh: &[bool],
+    lr: f64,
+    h: &SgdHyper,
+    foreach: bool,
+) -> Result<()> {
+    let n = params.len();
+    let op = if foreach {
+        "_multi_tensor_sgd"
+    } else {
+        "_single_tensor_sgd"
+    };
+    if grads.len() != n || (h.momentum != 0.0 && (buffers.len() != n || fresh.len() != n)) {
+        return Err(Error::native(op, "tensor lists of different lengths"));
+    }
+    let (p, g, b) = (
+        ptrs(params.iter().copied()),
+        ptrs(grads.iter().copied()),
+        ptrs(buffers.iter().copied()),
+    );
+    let fresh: Vec<i32> = fresh.iter().map(|&f| i32::from(f)).collect();
+    check(op, unsafe {
+        ffi::tf_sgd_for_loop(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            fresh.as_ptr(),
+            n,
+            h.weight_decay,
+            h.momentum,
+            lr,
+            h.dampening,
+            i32::from(h.nesterov),
+            i32::from(h.maximize),
+            i32::from(foreach),
+        )
+    })
+}
+
 pub(crate) fn fused_sgd(
     params: &[&Tensor],
     grads: &[&Tensor],

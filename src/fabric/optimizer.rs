@@ -22,6 +22,8 @@ pub struct FabricOptimizer {
     seen_backward: u64,
     /// Without a scaler: the gradients a clip fetched, for the step of the same backward.
     clipped: Option<(u64, GradBatch)>,
+    /// PyTorch's `param_group["initial_lr"]`, set by the first learning-rate scheduler.
+    initial_lr: Option<f64>,
 }
 
 impl FabricOptimizer {
@@ -32,6 +34,7 @@ impl FabricOptimizer {
             core,
             seen_backward,
             clipped: None,
+            initial_lr: None,
         }
     }
 
@@ -131,6 +134,31 @@ impl FabricOptimizer {
     /// The optimizer's error for a rate it refuses (nothing changes then).
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.opt.borrow_mut().set_lr(lr)
+    }
+
+    /// PyTorch's `param_group["initial_lr"]`: the rate when the first learning-rate scheduler
+    /// was built on this optimizer (`None` before), the base rate of the later ones.
+    pub fn initial_lr(&self) -> Option<f64> {
+        self.initial_lr
+    }
+
+    /// Sets what [`FabricOptimizer::initial_lr`] reads (schedulers do this).
+    pub fn set_initial_lr(&mut self, lr: f64) {
+        self.initial_lr = Some(lr);
+    }
+
+    /// The optimizer's momentum (SGD's `momentum`, the Adam family's `beta1`), if it has one.
+    pub fn momentum(&self) -> Option<f64> {
+        self.opt.borrow().momentum()
+    }
+
+    /// Sets the momentum (as [`crate::lr_scheduler::OneCycleLR`] does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Usage`] for an optimizer without one.
+    pub fn set_momentum(&mut self, momentum: f64) -> Result<()> {
+        self.opt.borrow_mut().set_momentum(momentum)
     }
 
     /// The parameters' current gradients, with their names (parameters without one are left

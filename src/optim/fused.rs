@@ -1,7 +1,8 @@
-//! What the fused optimizers share: the parameters, their per-parameter state, and one step
-//! that checks everything before the first kernel runs, calls one kernel per (device, dtype)
-//! group, and keeps new state only once every group stepped. Each optimizer brings its
-//! [`Kernel`] (hyper-parameters, state fields, the kernel call).
+//! What the optimizers whose state tch-fabric owns share (the fused ones and PyTorch's
+//! for-loop ones): the parameters, their per-parameter state, and one step that checks
+//! everything before the first kernel runs, calls one kernel per (device, dtype) group, and
+//! keeps new state only once every group stepped. Each optimizer brings its [`Kernel`]
+//! (hyper-parameters, state fields, the kernel call).
 use super::slots::{Field, Fresh, Slots};
 use super::{non_negative, Amp};
 use crate::error::{Error, Result};
@@ -13,6 +14,10 @@ pub(crate) trait Kernel: std::fmt::Debug {
     /// PyTorch's name of the kernel, for errors.
     const OP: &'static str;
 
+    /// Whether the kernel takes [`Amp::Scaled`] and [`Amp::Folded`] (PyTorch's
+    /// `_step_supports_amp_scaling`: fused kernels do, for-loop ones do not).
+    const AMP: bool;
+
     /// The state each parameter gets at its first step, in saving order.
     fn fields(&self) -> Vec<Field>;
 
@@ -21,6 +26,12 @@ pub(crate) trait Kernel: std::fmt::Debug {
 
     /// Steps the parameters of one (device, dtype) group.
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()>;
+
+    /// SGD's momentum or Adam's beta1.
+    fn momentum(&self) -> f64;
+
+    /// Sets what [`Kernel::momentum`] reads.
+    fn set_momentum(&mut self, momentum: f64);
 }
 
 /// What a kernel needs to step one (device, dtype) group.
@@ -138,6 +149,19 @@ impl<K: Kernel> Fused<K> {
         Ok(())
     }
 
+    pub(crate) fn supports_amp(&self) -> bool {
+        K::AMP
+    }
+
+    pub(crate) fn momentum(&self) -> f64 {
+        self.kernel.momentum()
+    }
+
+    /// Sets the momentum (checked at the next step, as every hyper-parameter).
+    pub(crate) fn set_momentum(&mut self, momentum: f64) {
+        self.configure(|k| k.set_momentum(momentum));
+    }
+
     pub(crate) fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.slots.state_tensors(&self.params)
     }
@@ -153,7 +177,7 @@ impl<K: Kernel> Fused<K> {
     }
 }
 
-/// The (device, dtype) groups a fused kernel takes: dense float tensors on CPU or CUDA.
+/// The (device, dtype) groups a kernel takes: dense float tensors on CPU or CUDA.
 fn check_groups(op: &'static str, grads: &GradBatch) -> Result<()> {
     if grads.has_sparse() {
         return Err(Error::Usage(format!(
@@ -167,8 +191,8 @@ fn check_groups(op: &'static str, grads: &GradBatch) -> Result<()> {
         );
         if !float || !(g.device == Device::Cpu || g.device.is_cuda()) {
             return Err(Error::Usage(format!(
-                "{op}: parameters of dtype {:?} on {:?}: the fused kernel takes float32, \
-                 float64, float16 or bfloat16 tensors on CPU or CUDA",
+                "{op}: parameters of dtype {:?} on {:?}: it takes float32, float64, float16 \
+                 or bfloat16 tensors on CPU or CUDA",
                 g.kind, g.device
             )));
         }
@@ -229,7 +253,7 @@ macro_rules! fused_optimizer {
             }
 
             fn supports_amp_scaling(&self) -> bool {
-                true
+                self.fused.supports_amp()
             }
 
             fn lr(&self) -> f64 {
@@ -242,6 +266,15 @@ macro_rules! fused_optimizer {
 
             fn validate(&self) -> $crate::error::Result<()> {
                 self.fused.validate()
+            }
+
+            fn momentum(&self) -> Option<f64> {
+                Some(self.fused.momentum())
+            }
+
+            fn set_momentum(&mut self, momentum: f64) -> $crate::error::Result<()> {
+                self.fused.set_momentum(momentum);
+                Ok(())
             }
 
             fn state_tensors(&self) -> $crate::error::Result<Vec<(String, tch::Tensor)>> {

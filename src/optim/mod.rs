@@ -1,14 +1,20 @@
 //! Optimizers: the one [`Optimizer`] trait the [`crate::GradScaler`] and [`crate::Fabric`]
-//! drive, implemented by [`FusedAdamW`] and [`FusedSgd`] (state owned here, over libtorch's
-//! fused kernels) and by [`TchOptimizer`] (tch's own optimizers, over libtorch's C++ ones).
-mod adamw;
+//! drive, implemented by [`FusedAdamW`] and [`FusedSgd`] (over libtorch's fused kernels), by
+//! [`AdamW`], [`Adam`] and [`Sgd`] (PyTorch's default for-loop implementations), all with
+//! their state owned here, and by [`TchOptimizer`] (tch's own optimizers, over libtorch's C++
+//! ones).
+mod adam;
 mod fused;
+mod fused_adamw;
+mod fused_sgd;
 mod sgd;
 mod slots;
 mod tch_adapter;
 
-pub use adamw::FusedAdamW;
-pub use sgd::FusedSgd;
+pub use adam::{Adam, AdamW};
+pub use fused_adamw::FusedAdamW;
+pub use fused_sgd::FusedSgd;
+pub use sgd::Sgd;
 pub use tch_adapter::TchOptimizer;
 
 use crate::error::{Error, Op, Result};
@@ -85,6 +91,24 @@ pub trait Optimizer: std::fmt::Debug {
     ///
     /// [`Error::InvalidConfig`] for a rate the optimizer refuses (nothing changes then).
     fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// The momentum a schedule may cycle ([`crate::lr_scheduler::OneCycleLR`]): SGD's
+    /// `momentum`, the Adam family's `beta1`; `None` (the default) for an optimizer without
+    /// one.
+    fn momentum(&self) -> Option<f64> {
+        None
+    }
+
+    /// Sets what [`Optimizer::momentum`] reads.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Usage`] for an optimizer without one (the default).
+    fn set_momentum(&mut self, momentum: f64) -> Result<()> {
+        Err(Error::Usage(format!(
+            "{self:?} has no momentum or beta1 to set to {momentum}"
+        )))
+    }
 
     /// Drops the gradients (`zero_grad(set_to_none=True)`).
     ///

@@ -1,68 +1,41 @@
-//! [`FusedSgd`]: `torch.optim.SGD(fused=True)` over libtorch's `_fused_sgd_`.
-use super::fused::{fused_optimizer, kernel_options, Fused, GroupStep, Kernel};
+//! [`Sgd`]: `torch.optim.SGD()` without `fused=True` (PyTorch's `_single_tensor_sgd` and
+//! `_multi_tensor_sgd`), op for op in the C++ shim.
+use super::adam::unscaled_only;
+use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
+use super::fused_sgd::validate_sgd;
 use super::slots::{Field, Shape};
-use super::{amp_on, non_negative};
-use crate::error::{Error, Result};
+use super::Amp;
+use crate::error::Result;
 use crate::native::{self, SgdHyper};
-use crate::params::group_by;
+use std::ops::{Deref, DerefMut};
 use tch::Tensor;
-
-/// SGD with momentum, dampening, Nesterov and weight decay, computed by libtorch's
-/// `_fused_sgd_` exactly as `torch.optim.SGD(params, fused=True)` computes it.
-///
-/// The momentum buffers are created as zeros at a parameter's first step, which that step
-/// overwrites with the gradient as PyTorch does. PyTorch creates them uninitialised, so a first
-/// step that the GradScaler skips leaves it with garbage momentum; here the buffer stays zero and
-/// the next step starts cleanly.
-///
-/// ```
-/// use tch::{nn, nn::Module, Device, Kind, Tensor};
-/// use tch_fabric::{FusedSgd, Optimizer};
-/// let vs = nn::VarStore::new(Device::Cpu);
-/// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
-/// let mut opt = FusedSgd::new(&vs, 0.1)?.momentum(0.9).nesterov(true);
-/// let loss = model.forward(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu))).sum(Kind::Float);
-/// loss.backward();
-/// opt.step()?;
-/// assert_eq!(opt.state_tensors()?.len(), 2); // one momentum buffer per parameter
-/// assert!(FusedSgd::new(&vs, 0.1)?.nesterov(true).step().is_err()); // needs momentum
-/// # Ok::<(), tch_fabric::Error>(())
-/// ```
-#[derive(Debug)]
-pub struct FusedSgd {
-    fused: Fused<SgdHyper>,
-}
 
 const MOMENTUM_BUFFER: Field = Field {
     name: "momentum_buffer",
     shape: Shape::LikeParam,
 };
 
-fused_optimizer!(
-    FusedSgd,
-    SgdHyper {
-        momentum: 0.0,
-        dampening: 0.0,
-        weight_decay: 0.0,
-        nesterov: false,
-        maximize: false,
-    },
-    "SGD over the trainable variables of `vs` with PyTorch's defaults: no momentum, no \
-     dampening, no weight decay, no Nesterov.",
-    "The L2 penalty added to the gradient (>= 0)."
-);
+/// The hyper-parameters of a for-loop SGD step, and PyTorch's `foreach` (`None`: its
+/// default, foreach on CUDA).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SgdForLoop(SgdHyper, Option<bool>);
 
-kernel_options!(FusedSgd {
-    /// The momentum factor (>= 0).
-    fn momentum(momentum: f64) => h { h.momentum = momentum }
-    /// The dampening of the momentum (>= 0).
-    fn dampening(dampening: f64) => h { h.dampening = dampening }
-    /// Nesterov momentum (needs momentum > 0 and zero dampening).
-    fn nesterov(nesterov: bool) => h { h.nesterov = nesterov }
-});
+impl Deref for SgdForLoop {
+    type Target = SgdHyper;
+    fn deref(&self) -> &SgdHyper {
+        &self.0
+    }
+}
 
-impl Kernel for SgdHyper {
-    const OP: &'static str = "_fused_sgd_";
+impl DerefMut for SgdForLoop {
+    fn deref_mut(&mut self) -> &mut SgdHyper {
+        &mut self.0
+    }
+}
+
+impl Kernel for SgdForLoop {
+    const OP: &'static str = "_single_tensor_sgd";
+    const AMP: bool = false;
 
     fn fields(&self) -> Vec<Field> {
         if self.momentum != 0.0 {
@@ -72,59 +45,92 @@ impl Kernel for SgdHyper {
         }
     }
 
-    /// PyTorch's checks of `torch.optim.SGD`, with its wording ("Invalid momentum value",
-    /// "Invalid weight_decay value", "Nesterov momentum requires a momentum and zero
-    /// dampening").
     fn validate(&self) -> Result<()> {
-        non_negative("momentum", self.momentum, "Invalid momentum value")?;
-        non_negative(
-            "weight_decay",
-            self.weight_decay,
-            "Invalid weight_decay value",
-        )?;
-        non_negative("dampening", self.dampening, "Invalid dampening value")?;
-        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
-            return Err(Error::InvalidConfig {
-                field: "nesterov",
-                value: format!(
-                    "true with momentum {} and dampening {}",
-                    self.momentum, self.dampening
-                ),
-                allowed: "Nesterov momentum requires a momentum and zero dampening",
-            });
-        }
-        Ok(())
+        validate_sgd(self)
     }
 
-    /// Fresh and older momentum buffers go to separate kernel calls: the kernel's
-    /// `is_first_step` covers a whole call.
+    fn momentum(&self) -> f64 {
+        self.momentum
+    }
+
+    fn set_momentum(&mut self, momentum: f64) {
+        self.momentum = momentum;
+    }
+
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {
-        let (state, grads, group) = (step.state, step.grads, step.group);
-        let (scale, inf) = amp_on(step.amp, group.device)?;
-        let fresh = group_by(group.indices.iter().map(|&i| Some(state.is_fresh(i))));
-        for (first, positions) in fresh {
-            let indices: Vec<usize> = positions.iter().map(|&k| group.indices[k]).collect();
-            let p: Vec<&Tensor> = indices.iter().map(|&i| &step.params.tensors()[i]).collect();
-            let g: Vec<&Tensor> = indices.iter().filter_map(|&i| grads.get(i)).collect();
-            let bufs: Vec<&Tensor> = if self.momentum != 0.0 {
-                indices
-                    .iter()
-                    .map(|&i| state.get(i, &MOMENTUM_BUFFER))
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            };
-            native::fused_sgd(
-                &p,
-                &g,
-                &bufs,
-                step.lr,
-                self,
-                first,
-                scale.as_deref(),
-                inf.as_deref(),
-            )?;
+        if !matches!(step.amp, Amp::None) {
+            return Err(unscaled_only(Self::OP));
         }
-        Ok(())
+        let (state, grads, group) = (step.state, step.grads, step.group);
+        let bufs: Vec<&Tensor> = if self.momentum != 0.0 {
+            state.all(group, &MOMENTUM_BUFFER)?
+        } else {
+            Vec::new()
+        };
+        let fresh: Vec<bool> = group.indices.iter().map(|&i| state.is_fresh(i)).collect();
+        native::sgd_for_loop(
+            &step.params(),
+            &grads.tensors(group),
+            &bufs,
+            &fresh,
+            step.lr,
+            self,
+            self.1.unwrap_or(group.device.is_cuda()),
+        )
     }
 }
+
+/// `torch.optim.SGD(params, lr)` with PyTorch's defaults (no momentum, dampening, weight
+/// decay or Nesterov), computed as PyTorch computes it without `fused=True`: the for-loop
+/// implementation or the foreach one ([`Sgd::foreach`]), bit for bit on CPU in every
+/// precision.
+/// A parameter's momentum buffer starts as its first step's gradient, as in PyTorch.
+///
+/// ```
+/// use tch::{nn, nn::Module, Device, Kind, Tensor};
+/// use tch_fabric::{Optimizer, Sgd};
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+/// let mut opt = Sgd::new(&vs, 0.1)?.momentum(0.9).nesterov(true);
+/// let loss = model.forward(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu))).sum(Kind::Float);
+/// loss.backward();
+/// opt.step()?;
+/// assert_eq!(opt.state_tensors()?.len(), 2); // one momentum buffer per parameter
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Sgd {
+    fused: super::fused::Fused<SgdForLoop>,
+}
+
+fused_optimizer!(
+    Sgd,
+    SgdForLoop(
+        SgdHyper {
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            maximize: false,
+        },
+        None
+    ),
+    "SGD over the trainable variables of `vs` with PyTorch's defaults: no momentum, no \
+     dampening, no weight decay, no Nesterov.",
+    "The L2 penalty added to the gradient (>= 0)."
+);
+
+kernel_options!(Sgd {
+    /// PyTorch's `foreach`: `true` runs `_multi_tensor_sgd` (libtorch's `_foreach_` ops),
+    /// `false` `_single_tensor_sgd`. Unset, PyTorch's default: foreach for CUDA parameters
+    /// (decided per device), the for-loop on CPU. As in PyTorch, the foreach path with
+    /// Nesterov momentum adds into the gradients in place (when neither `maximize` nor weight
+    /// decay copied them).
+    fn foreach(foreach: bool) => h { h.1 = Some(foreach) }
+    /// The momentum factor (>= 0).
+    fn momentum(momentum: f64) => h { h.momentum = momentum }
+    /// The dampening of the momentum (>= 0).
+    fn dampening(dampening: f64) => h { h.dampening = dampening }
+    /// Nesterov momentum (needs momentum > 0 and zero dampening).
+    fn nesterov(nesterov: bool) => h { h.nesterov = nesterov }
+});

@@ -13,6 +13,9 @@ pub(crate) enum Shape {
     LikeParam,
     /// A 0-dim float32 on the parameter's device (the step count of fused optimizers).
     Scalar,
+    /// A 0-dim float32 on the CPU (the step count of PyTorch's for-loop optimizers, read by
+    /// the host every step).
+    HostScalar,
 }
 
 /// One named state tensor of every parameter.
@@ -66,6 +69,9 @@ impl Slots {
                 .map(|f| match f.shape {
                     Shape::LikeParam => p.f_zeros_like().op("zeros_like"),
                     Shape::Scalar => Tensor::f_zeros([], (Kind::Float, device)).op("zeros"),
+                    Shape::HostScalar => {
+                        Tensor::f_zeros([], (Kind::Float, tch::Device::Cpu)).op("zeros")
+                    }
                 })
                 .collect::<Result<Vec<_>>>()?;
             out.push((i, tensors));
@@ -147,13 +153,16 @@ impl Slots {
                         )))
                     }
                     Shape::LikeParam => t.f_to_device_(device, kind, false, true),
-                    Shape::Scalar if got.iter().product::<i64>() != 1 => {
+                    Shape::Scalar | Shape::HostScalar if got.iter().product::<i64>() != 1 => {
                         return Err(Error::InvalidState(format!(
                             "optimizer state '{key}' must hold one number, not shape {got:?}"
                         )))
                     }
                     Shape::Scalar => t
                         .f_to_device_(device, Kind::Float, false, true)
+                        .and_then(|t| t.f_reshape([])),
+                    Shape::HostScalar => t
+                        .f_to_device_(tch::Device::Cpu, Kind::Float, false, true)
                         .and_then(|t| t.f_reshape([])),
                 }
                 .op("load optimizer state")?;
@@ -191,7 +200,8 @@ impl Slots {
 /// ([`Shape::Scalar`]) and a second moment (`exp_avg_sq`, `max_exp_avg_sq`: means of squares)
 /// also non-negative. One NaN or negative second moment makes every later update NaN.
 fn check_values(key: &str, field: &Field, t: &Tensor) -> Result<()> {
-    let non_negative = field.shape == Shape::Scalar || field.name.ends_with("_sq");
+    let scalar = matches!(field.shape, Shape::Scalar | Shape::HostScalar);
+    let non_negative = scalar || field.name.ends_with("_sq");
     let all = |mask: std::result::Result<Tensor, tch::TchError>| {
         mask.and_then(|m| m.f_all())
             .and_then(|a| a.f_int64_value(&[]))
@@ -205,7 +215,7 @@ fn check_values(key: &str, field: &Field, t: &Tensor) -> Result<()> {
         )));
     }
     if non_negative && !all(t.f_ge(0.0))? {
-        let what = if field.shape == Shape::Scalar {
+        let what = if scalar {
             "a step count"
         } else {
             "a second moment (a mean of squares)"

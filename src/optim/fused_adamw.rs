@@ -88,6 +88,7 @@ fn contiguous(params: &Params, grads: &GradBatch, group: &GradGroup) -> Result<b
 
 impl Kernel for AdamHyper {
     const OP: &'static str = "_fused_adamw_";
+    const AMP: bool = true;
 
     /// The step count is saved last: a parameter has state when its `exp_avg` is there.
     fn fields(&self) -> Vec<Field> {
@@ -98,34 +99,16 @@ impl Kernel for AdamHyper {
         }
     }
 
-    /// PyTorch's checks of `torch.optim.AdamW`.
     fn validate(&self) -> Result<()> {
-        non_negative("eps", self.eps, "Invalid epsilon value: finite and >= 0")?;
-        for (field, beta, allowed) in [
-            (
-                "beta1",
-                self.beta1,
-                "Invalid beta parameter at index 0: in [0, 1)",
-            ),
-            (
-                "beta2",
-                self.beta2,
-                "Invalid beta parameter at index 1: in [0, 1)",
-            ),
-        ] {
-            if !(0.0..1.0).contains(&beta) {
-                return Err(Error::InvalidConfig {
-                    field,
-                    value: beta.to_string(),
-                    allowed,
-                });
-            }
-        }
-        non_negative(
-            "weight_decay",
-            self.weight_decay,
-            "Invalid weight_decay value: finite and >= 0",
-        )
+        validate_adam(self)
+    }
+
+    fn momentum(&self) -> f64 {
+        self.beta1
+    }
+
+    fn set_momentum(&mut self, momentum: f64) {
+        self.beta1 = momentum;
     }
 
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {
@@ -167,4 +150,34 @@ impl Kernel for AdamHyper {
         }
         Ok(())
     }
+}
+
+/// PyTorch's checks of `torch.optim.Adam` and `AdamW`.
+pub(super) fn validate_adam(h: &AdamHyper) -> Result<()> {
+    non_negative("eps", h.eps, "Invalid epsilon value: finite and >= 0")?;
+    for (field, beta, allowed) in [
+        (
+            "beta1",
+            h.beta1,
+            "Invalid beta parameter at index 0: in [0, 1)",
+        ),
+        (
+            "beta2",
+            h.beta2,
+            "Invalid beta parameter at index 1: in [0, 1)",
+        ),
+    ] {
+        if !(0.0..1.0).contains(&beta) {
+            return Err(Error::InvalidConfig {
+                field,
+                value: beta.to_string(),
+                allowed,
+            });
+        }
+    }
+    non_negative(
+        "weight_decay",
+        h.weight_decay,
+        "Invalid weight_decay value: finite and >= 0",
+    )
 }

@@ -1,4 +1,4 @@
-//! [`LrScheduler`]: a learning-rate schedule driven by step outcomes.
+//! [`LrScheduler`]: a learning-rate schedule given as a closure, driven by step outcomes.
 use crate::error::Result;
 use crate::fabric::FabricOptimizer;
 use crate::scaler::StepOutcome;

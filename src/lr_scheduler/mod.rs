@@ -1,0 +1,345 @@
+//! Learning-rate schedules: PyTorch's `torch.optim.lr_scheduler` classes with their names and
+//! their own recurrences, so the rates are bit-identical to PyTorch's ([`LambdaLR`], [`StepLR`],
+//! [`MultiStepLR`], [`ConstantLR`], [`LinearLR`], [`ExponentialLR`], [`CosineAnnealingLR`],
+//! [`OneCycleLR`], [`SequentialLR`]), and [`LrScheduler`], a schedule given as a closure.
+//!
+//! Every scheduler implements [`Scheduler`]. As in PyTorch, building one sets the optimizer's
+//! rate for the first step, and [`Scheduler::step`] goes after the optimizer's step. Unlike
+//! PyTorch, a step that the GradScaler skipped (`16-mixed`) does not advance the schedule:
+//! [`Scheduler::step`] takes the [`StepOutcome`]. Their state ([`SchedulerState`], serde) goes
+//! into a checkpoint with the user's own state.
+//!
+//! ```
+//! use tch::{nn, Device};
+//! use tch_fabric::lr_scheduler::{CosineAnnealingLR, LinearLR, Scheduler, SequentialLR};
+//! use tch_fabric::{Fabric, FusedAdamW, StepOutcome};
+//! let fabric = Fabric::new("32-true")?;
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let _layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+//! let mut opt = fabric.setup_optimizers(FusedAdamW::new(&vs, 0.1)?)?;
+//! // Warm up for 5 steps, then cosine over 95: PyTorch's SequentialLR.
+//! let warmup = LinearLR::new(&mut opt, 0.01, 1.0, 5)?;
+//! let cosine = CosineAnnealingLR::new(&mut opt, 95, 0.0)?;
+//! let mut sched = SequentialLR::new(&mut opt, vec![Box::new(warmup), Box::new(cosine)], vec![5])?;
+//! assert_eq!(opt.lr(), 0.1 * 0.01);
+//! sched.step(&StepOutcome::Stepped, &mut opt)?;
+//! assert!(opt.lr() > 0.001);
+//! # Ok::<(), tch_fabric::Error>(())
+//! ```
+mod closure;
+mod one_cycle;
+mod schedules;
+mod sequential;
+
+pub use closure::LrScheduler;
+pub use one_cycle::{Anneal, OneCycleLR};
+pub use schedules::{
+    ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR, MultiStepLR, StepLR,
+};
+pub use sequential::SequentialLR;
+
+use crate::error::{Error, Result};
+use crate::fabric::FabricOptimizer;
+use crate::scaler::StepOutcome;
+use serde::{Deserialize, Serialize};
+
+/// What a scheduler drives: an optimizer's learning rate (PyTorch's `param_group["lr"]`), the
+/// rate the first scheduler found (`param_group["initial_lr"]`), and the momentum that
+/// [`OneCycleLR`] cycles (`momentum`, or `betas[0]` of the Adam family).
+pub trait LrTarget {
+    /// The learning rate.
+    fn lr(&self) -> f64;
+
+    /// Sets the learning rate.
+    ///
+    /// # Errors
+    ///
+    /// The optimizer's error for a rate it refuses (nothing changes then).
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// PyTorch's `initial_lr`: set by the first scheduler built on this optimizer, read by the
+    /// later ones as their base rate.
+    fn initial_lr(&self) -> Option<f64>;
+
+    /// Sets `initial_lr`.
+    fn set_initial_lr(&mut self, lr: f64);
+
+    /// The momentum (`momentum`, or `beta1` of the Adam family); `None` for an optimizer
+    /// without one.
+    fn momentum(&self) -> Option<f64>;
+
+    /// Sets the momentum.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Usage`] for an optimizer without one, [`Error::InvalidConfig`] for a value
+    /// it refuses.
+    fn set_momentum(&mut self, momentum: f64) -> Result<()>;
+}
+
+impl LrTarget for FabricOptimizer {
+    fn lr(&self) -> f64 {
+        FabricOptimizer::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        FabricOptimizer::set_lr(self, lr)
+    }
+    fn initial_lr(&self) -> Option<f64> {
+        FabricOptimizer::initial_lr(self)
+    }
+    fn set_initial_lr(&mut self, lr: f64) {
+        FabricOptimizer::set_initial_lr(self, lr)
+    }
+    fn momentum(&self) -> Option<f64> {
+        FabricOptimizer::momentum(self)
+    }
+    fn set_momentum(&mut self, momentum: f64) -> Result<()> {
+        FabricOptimizer::set_momentum(self, momentum)
+    }
+}
+
+/// What every scheduler keeps: PyTorch's `LRScheduler` attributes for one parameter group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Core {
+    /// `base_lrs[0]`: the optimizer's `initial_lr` when the scheduler was built.
+    pub base_lr: f64,
+    /// `last_epoch`: steps taken (`-1` before the first, internal step).
+    pub last_epoch: i64,
+    /// `_step_count`: calls of `step`, the one made while building included.
+    pub step_count: u64,
+    /// `_last_lr[0]`: the rate this scheduler set last.
+    pub last_lr: f64,
+    /// `_is_initial`: true during the step made while building.
+    pub is_initial: bool,
+}
+
+impl Core {
+    /// A scheduler's starting point on `opt`: `initial_lr` set to the current rate unless an
+    /// earlier scheduler set it, and taken as the base rate (PyTorch's `last_epoch=-1`).
+    pub fn attach(opt: &mut dyn LrTarget) -> Core {
+        let base_lr = match opt.initial_lr() {
+            Some(lr) => lr,
+            None => {
+                let lr = opt.lr();
+                opt.set_initial_lr(lr);
+                lr
+            }
+        };
+        Core {
+            base_lr,
+            last_epoch: -1,
+            step_count: 0,
+            last_lr: opt.lr(),
+            is_initial: false,
+        }
+    }
+}
+
+/// A scheduler's state for a checkpoint: PyTorch's `state_dict()` without the
+/// hyper-parameters (which come from building the scheduler, as `LambdaLR`'s functions do).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerState {
+    /// The scheduler's PyTorch name (`StepLR`, ...): a state loads only into the same kind.
+    pub kind: String,
+    /// `base_lrs[0]`.
+    pub base_lr: f64,
+    /// `last_epoch`.
+    pub last_epoch: i64,
+    /// `_step_count`.
+    pub step_count: u64,
+    /// `_last_lr[0]`.
+    pub last_lr: f64,
+    /// The states of [`SequentialLR`]'s schedulers, in order (empty for the others).
+    #[serde(default)]
+    pub schedulers: Vec<SchedulerState>,
+}
+
+/// A learning-rate scheduler. Implement [`Scheduler::get_lr`] (PyTorch's `get_lr`, the
+/// recurrence) and the accessors to add one; the stepping is shared.
+pub trait Scheduler: std::fmt::Debug {
+    /// PyTorch's class name.
+    fn kind(&self) -> &'static str;
+
+    /// The shared state.
+    fn core(&self) -> &Core;
+
+    /// The shared state, mutably.
+    fn core_mut(&mut self) -> &mut Core;
+
+    /// The rate for `core().last_epoch`, given the optimizer's current rate `lr` (PyTorch's
+    /// `get_lr`, which reads `group["lr"]`).
+    ///
+    /// # Errors
+    ///
+    /// A schedule that has run out ([`OneCycleLR`] past its total steps).
+    fn get_lr(&mut self, lr: f64, opt: &mut dyn LrTarget) -> Result<f64>;
+
+    /// PyTorch's `_get_closed_form_lr`, where the class has one: used when a [`SequentialLR`]
+    /// restarts this scheduler at a milestone.
+    fn closed_form_lr(&self) -> Option<f64> {
+        None
+    }
+
+    /// One step of the schedule after a taken optimizer step; a skipped one
+    /// ([`StepOutcome::is_skipped`]) leaves everything as it is. Returns the rate for the
+    /// next step.
+    ///
+    /// # Errors
+    ///
+    /// As [`Scheduler::advance`].
+    fn step(&mut self, outcome: &StepOutcome, opt: &mut dyn LrTarget) -> Result<f64> {
+        if outcome.is_skipped() {
+            return Ok(self.core().last_lr);
+        }
+        self.advance(opt)
+    }
+
+    /// PyTorch's `scheduler.step()`: one step whatever happened to the optimizer step.
+    ///
+    /// # Errors
+    ///
+    /// The schedule's error ([`OneCycleLR`] past its total steps) or the optimizer's refusal
+    /// of the rate; the scheduler and the rate are unchanged then.
+    fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
+        let before = self.core().clone();
+        self.core_mut().step_count += 1;
+        self.update_lr(None, opt)
+            .inspect_err(|_| *self.core_mut() = before)
+    }
+
+    /// PyTorch's `_update_lr(epoch)`: moves to `epoch` (closed form where there is one) or to
+    /// the next epoch, and sets the rate.
+    ///
+    /// # Errors
+    ///
+    /// As [`Scheduler::advance`], without restoring the state (the callers do).
+    fn update_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
+        let lr = match epoch {
+            None => {
+                self.core_mut().last_epoch += 1;
+                self.get_lr(opt.lr(), opt)?
+            }
+            Some(e) => {
+                self.core_mut().last_epoch = e;
+                match self.closed_form_lr() {
+                    Some(lr) => lr,
+                    None => self.get_lr(opt.lr(), opt)?,
+                }
+            }
+        };
+        opt.set_lr(lr)?;
+        self.core_mut().last_lr = lr;
+        Ok(lr)
+    }
+
+    /// PyTorch's `_initial_step`: the step every scheduler makes when built.
+    ///
+    /// # Errors
+    ///
+    /// As [`Scheduler::advance`].
+    fn initial_step(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
+        let before = self.core().clone();
+        let core = self.core_mut();
+        core.step_count = 1;
+        core.is_initial = true;
+        let r = self.update_lr(None, opt);
+        self.core_mut().is_initial = false;
+        r.inspect_err(|_| *self.core_mut() = before)
+    }
+
+    /// What [`SequentialLR`] does to each scheduler it takes (`recursive_undo`): one epoch
+    /// back.
+    fn undo(&mut self) {
+        self.core_mut().last_epoch -= 1;
+    }
+
+    /// PyTorch's `get_last_lr()[0]`.
+    fn get_last_lr(&self) -> f64 {
+        self.core().last_lr
+    }
+
+    /// PyTorch's `last_epoch`.
+    fn last_epoch(&self) -> i64 {
+        self.core().last_epoch
+    }
+
+    /// The state to save in a checkpoint.
+    fn state_dict(&self) -> SchedulerState {
+        let c = self.core();
+        SchedulerState {
+            kind: self.kind().to_string(),
+            base_lr: c.base_lr,
+            last_epoch: c.last_epoch,
+            step_count: c.step_count,
+            last_lr: c.last_lr,
+            schedulers: Vec::new(),
+        }
+    }
+
+    /// Restores a state from [`Scheduler::state_dict`]. The optimizer's rate is restored with
+    /// the optimizer, not here (as in PyTorch).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for another kind of scheduler or impossible values; nothing
+    /// changes then.
+    fn load_state_dict(&mut self, state: &SchedulerState) -> Result<()> {
+        let core = check_state(self.kind(), state, 0)?;
+        *self.core_mut() = core;
+        Ok(())
+    }
+}
+
+/// The [`Core`] a state describes, after checking that it is one for `kind` with
+/// `children` nested states and possible values.
+pub(crate) fn check_state(kind: &str, state: &SchedulerState, children: usize) -> Result<Core> {
+    let refuse = |what: String| Err(Error::InvalidState(format!("{kind} state: {what}")));
+    if state.kind != kind {
+        return refuse(format!("it is the state of a {}", state.kind));
+    }
+    if state.schedulers.len() != children {
+        return refuse(format!(
+            "it holds {} scheduler states, this scheduler has {children}",
+            state.schedulers.len()
+        ));
+    }
+    for (name, v) in [("base_lr", state.base_lr), ("last_lr", state.last_lr)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return refuse(format!("{name} = {v}: a learning rate is finite and >= 0"));
+        }
+    }
+    if state.last_epoch < -1 {
+        return refuse(format!("last_epoch = {}: must be >= -1", state.last_epoch));
+    }
+    Ok(Core {
+        base_lr: state.base_lr,
+        last_epoch: state.last_epoch,
+        step_count: state.step_count,
+        last_lr: state.last_lr,
+        is_initial: false,
+    })
+}
+
+/// Refuses a hyper-parameter outside its range, in PyTorch's words.
+pub(crate) fn config(
+    ok: bool,
+    field: &'static str,
+    value: f64,
+    allowed: &'static str,
+) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            field,
+            value: value.to_string(),
+            allowed,
+        })
+    }
+}
+
+/// Builds a scheduler on `opt` and makes its first step (the constructor of PyTorch's classes).
+pub(crate) fn start<S: Scheduler>(mut s: S, opt: &mut dyn LrTarget) -> Result<S> {
+    s.initial_step(opt)?;
+    Ok(s)
+}
