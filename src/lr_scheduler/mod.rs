@@ -14,9 +14,9 @@
 //! use tch_fabric::lr_scheduler::{CosineAnnealingLR, LinearLR, Scheduler, SequentialLR};
 //! use tch_fabric::{Fabric, FusedAdamW, StepOutcome};
 //! let fabric = Fabric::new("32-true")?;
-//! let vs = nn::VarStore::new(Device::Cpu);
-//! let _layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
-//! let mut opt = fabric.setup_optimizers(FusedAdamW::new(&vs, 0.1)?)?;
+//! let mut vs = nn::VarStore::new(Device::Cpu);
+//! let layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+//! let (_model, mut opt) = fabric.setup(layer, &mut vs, FusedAdamW::new(&vs, 0.1)?)?;
 //! // Warm up for 5 steps, then cosine over 95: PyTorch's SequentialLR.
 //! let warmup = LinearLR::new(&mut opt, 0.01, 1.0, 5)?;
 //! let cosine = CosineAnnealingLR::new(&mut opt, 95, 0.0)?;
@@ -32,7 +32,7 @@ mod schedules;
 mod sequential;
 
 pub use closure::LrScheduler;
-pub use one_cycle::{Anneal, OneCycleLR};
+pub use one_cycle::{Anneal, OneCycle, OneCycleLR};
 pub use schedules::{
     ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR, MultiStepLR, StepLR,
 };

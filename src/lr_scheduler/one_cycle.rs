@@ -85,9 +85,9 @@ struct Phase {
 /// use tch_fabric::lr_scheduler::{OneCycle, OneCycleLR, Scheduler};
 /// use tch_fabric::{Fabric, FusedSgd, StepOutcome};
 /// let fabric = Fabric::new("32-true")?;
-/// let vs = nn::VarStore::new(Device::Cpu);
-/// let _layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
-/// let mut opt = fabric.setup_optimizers(FusedSgd::new(&vs, 0.1)?.momentum(0.9))?;
+/// let mut vs = nn::VarStore::new(Device::Cpu);
+/// let layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+/// let (_model, mut opt) = fabric.setup(layer, &mut vs, FusedSgd::new(&vs, 0.1)?.momentum(0.9))?;
 /// let mut sched = OneCycleLR::new(&mut opt, OneCycle::new(1.0, 10))?;
 /// assert_eq!((opt.lr(), opt.momentum()), (1.0 / 25.0, Some(0.95)));
 /// for _ in 0..10 {
