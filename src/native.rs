@@ -468,7 +468,6 @@ pub(crate) struct SgdHyper {
 }
 
 /// `torch._fused_sgd_`; `buffers` has one entry per parameter when momentum is non-zero.
-#[allow(clippy::too_many_arguments)] // the kernel's own argument list
 /// PyTorch's SGD step without `fused=True` (`_multi_tensor_sgd` when `foreach`, else
 /// `_single_tensor_sgd`); `fresh[i]` marks a momentum buffer made for this step.
 pub(crate) fn sgd_for_loop(
@@ -513,6 +512,7 @@ pub(crate) fn sgd_for_loop(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // the kernel's own argument list
 pub(crate) fn fused_sgd(
     params: &[&Tensor],
     grads: &[&Tensor],

@@ -245,3 +245,74 @@ fn default_optimizers_match_torch_optim_bit_for_bit_in_every_precision() {
         failures.join("\n")
     );
 }
+
+/// Runs `steps` steps of the MLP with `make`'s optimizer, saving at `save_at` or starting from
+/// `resume`; returns the final weights and optimizer state.
+fn resumable<O: Optimizer + 'static>(
+    precision: &str,
+    make: impl Fn(&nn::VarStore) -> O,
+    resume: Option<&std::path::Path>,
+    save_at: Option<(usize, &std::path::Path)>,
+) -> Vec<(String, Tensor)> {
+    let (x, y) = data();
+    let f = fabric(precision);
+    tch::manual_seed(5);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let m = model(&vs);
+    let opt = make(&vs);
+    let (m, mut opt) = f.setup(m, &mut vs, opt).unwrap();
+    let start = resume.map_or(0, |p| f.load::<usize>(p).unwrap());
+    for i in start..20 {
+        if let Some((at, p)) = save_at {
+            if i == at {
+                f.save(p, &i).unwrap();
+            }
+        }
+        opt.zero_grad().unwrap();
+        let out = m.forward(&x);
+        let loss = {
+            let _ac = f.autocast().unwrap();
+            out.mse_loss(&y, Reduction::Mean)
+        };
+        f.backward(&loss).unwrap();
+        opt.step().unwrap();
+    }
+    let mut all: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    all.extend(opt.state_tensors().unwrap());
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_exact() {
+    let _serial = common::exclusive();
+    tch::set_num_threads(1);
+    let dir = std::env::temp_dir().join(format!(
+        "tch-fabric-torch-optim-resume-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |name: &str, full: Vec<(String, Tensor)>, resumed: Vec<(String, Tensor)>| {
+        assert_eq!(full.len(), resumed.len(), "{name}: same state");
+        for ((n, a), (m, b)) in full.iter().zip(&resumed) {
+            assert_eq!(n, m);
+            assert_eq!(bits(a), bits(b), "{name}: {n} differs after resume");
+        }
+    };
+    let ckpt = dir.join("adamw.safetensors");
+    let adamw = |vs: &nn::VarStore| AdamW::new(vs, 1e-2).unwrap();
+    let full = resumable("16-mixed", adamw, None, Some((10, &ckpt)));
+    let resumed = resumable("16-mixed", adamw, Some(&ckpt), None);
+    assert!(
+        full.iter().any(|(n, _)| n.ends_with(".step")),
+        "AdamW keeps step counts"
+    );
+    check("16-mixed AdamW", full, resumed);
+
+    let ckpt = dir.join("sgd.safetensors");
+    let sgd = |vs: &nn::VarStore| Sgd::new(vs, 0.05).unwrap().momentum(0.9).nesterov(true);
+    let full = resumable("bf16-true", sgd, None, Some((10, &ckpt)));
+    let resumed = resumable("bf16-true", sgd, Some(&ckpt), None);
+    assert!(full.iter().any(|(n, _)| n.ends_with(".momentum_buffer")));
+    check("bf16-true Sgd", full, resumed);
+}

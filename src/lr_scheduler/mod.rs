@@ -16,7 +16,8 @@
 //! let fabric = Fabric::new("32-true")?;
 //! let mut vs = nn::VarStore::new(Device::Cpu);
 //! let layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
-//! let (_model, mut opt) = fabric.setup(layer, &mut vs, FusedAdamW::new(&vs, 0.1)?)?;
+//! let opt = FusedAdamW::new(&vs, 0.1)?;
+//! let (_model, mut opt) = fabric.setup(layer, &mut vs, opt)?;
 //! // Warm up for 5 steps, then cosine over 95: PyTorch's SequentialLR.
 //! let warmup = LinearLR::new(&mut opt, 0.01, 1.0, 5)?;
 //! let cosine = CosineAnnealingLR::new(&mut opt, 95, 0.0)?;

@@ -7,13 +7,15 @@
 //!     LD_LIBRARY_PATH=... cargo run --features cuda     # also: the CUDA kernel is registered
 use anyhow::{ensure, Context, Result};
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
-use tch_fabric::{Clip, Fabric, FusedAdamW, FusedSgd, GradScalerConfig, StepOutcome};
+use tch_fabric::lr_scheduler::{CosineAnnealingLR, LinearLR, Scheduler, SequentialLR};
+use tch_fabric::{AdamW, Clip, Fabric, FusedAdamW, FusedSgd, GradScalerConfig, StepOutcome};
 
 fn main() -> Result<()> {
     tch::manual_seed(0);
     ops_are_registered()?;
     fp16_adamw_with_clipping()?;
     sgd_step()?;
+    default_adamw_with_schedule()?;
     checkpoint_round_trip()?;
     println!("downstream: all checks passed");
     Ok(())
@@ -105,6 +107,46 @@ fn sgd_step() -> Result<()> {
         "one momentum buffer per parameter"
     );
     println!("FusedSgd step: ok");
+    Ok(())
+}
+
+/// PyTorch's default AdamW (the shim's for-loop step) under 16-mixed, with a warm-up + cosine
+/// schedule from `tch_fabric::lr_scheduler`.
+fn default_adamw_with_schedule() -> Result<()> {
+    let fabric = Fabric::builder()
+        .accelerator("cpu")
+        .precision("16-mixed")
+        .cpu_fp16_autocast(true)
+        .build()?;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = mlp(&vs);
+    let opt = AdamW::new(&vs, 1e-2)?;
+    let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+    let warmup = LinearLR::new(&mut opt, 0.1, 1.0, 5)?;
+    let cosine = CosineAnnealingLR::new(&mut opt, 25, 0.0)?;
+    let mut sched = SequentialLR::new(&mut opt, vec![Box::new(warmup), Box::new(cosine)], vec![5])?;
+    ensure!((opt.lr() - 1e-3).abs() < 1e-15, "warm-up starts at lr/10");
+    let (x, y) = batch();
+    let (mut first, mut last) = (None, 0.0);
+    for _ in 0..30 {
+        opt.zero_grad()?;
+        let out = model.forward(&x);
+        let loss = {
+            let _ac = fabric.autocast()?;
+            out.mse_loss(&y, Reduction::Mean)
+        };
+        fabric.backward(&loss)?;
+        let outcome = opt.step()?;
+        sched.step(&outcome, &mut opt)?;
+        last = loss.f_double_value(&[])?;
+        first.get_or_insert(last);
+    }
+    let first = first.context("trained")?;
+    ensure!(last < first, "16-mixed AdamW: loss {first} -> {last}");
+    println!(
+        "16-mixed AdamW + SequentialLR: loss {first:.4} -> {last:.4}, lr {:.2e}",
+        opt.lr()
+    );
     Ok(())
 }
 
