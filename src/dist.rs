@@ -184,6 +184,8 @@ pub struct ProcessGroup {
     rank: usize,
     local_rank: usize,
     world_size: usize,
+    /// All-reduce collectives issued so far ([`ProcessGroup::all_reduce_calls`]).
+    all_reduces: std::cell::Cell<u64>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -198,6 +200,7 @@ impl ProcessGroup {
             rank: 0,
             local_rank: 0,
             world_size: 1,
+            all_reduces: std::cell::Cell::new(0),
         }
     }
 
@@ -256,6 +259,7 @@ impl ProcessGroup {
             rank: env.rank,
             local_rank: env.local_rank,
             world_size: env.world_size,
+            all_reduces: std::cell::Cell::new(0),
         })
     }
 
@@ -288,11 +292,19 @@ impl ProcessGroup {
             return Ok(());
         };
         raw.all_reduce(tensor, op.into())?;
+        self.all_reduces.set(self.all_reduces.get() + 1);
         if op == ReduceOp::Mean {
             let _ = tch::no_grad(|| tensor.shallow_clone().f_div_scalar_(self.world_size as f64))
                 .op("div_")?;
         }
         Ok(())
+    }
+
+    /// How many all-reduce collectives this process issued in this group (none in a
+    /// one-process group): what a loop costs in communication, e.g. one bucket set per
+    /// optimizer step under [`crate::Fabric::no_backward_sync`].
+    pub fn all_reduce_calls(&self) -> u64 {
+        self.all_reduces.get()
     }
 
     /// Replaces `tensor` on every rank with rank `root`'s.

@@ -97,7 +97,7 @@ pub use dist::{
 pub use error::{Error, Result};
 pub use fabric::{
     Convert, Description, Fabric, FabricBuilder, FabricModule, FabricOptimizer, IntoPrecision,
-    PrecisionArg, BACKWARD_MESSAGE,
+    NoBackwardSync, PrecisionArg, BACKWARD_MESSAGE,
 };
 pub use lr_scheduler::LrScheduler;
 pub use memory::{memory_stats, reset_peak_memory_stats, MemorySource, MemoryStats};

@@ -35,6 +35,11 @@ struct Config {
     ckpt_every: usize,
     devices: Option<usize>,
     rendezvous_timeout_ms: u64,
+    /// Micro-batches per optimizer step (gradient accumulation; 1: none).
+    accumulate: usize,
+    /// With accumulation: pause the gradient sync on all micro-batches but the last
+    /// (`fabric.no_backward_sync`).
+    no_sync: bool,
 }
 
 impl Config {
@@ -53,6 +58,8 @@ impl Config {
             ckpt_every: 0,
             devices: None,
             rendezvous_timeout_ms: 20_000,
+            accumulate: 1,
+            no_sync: false,
         }
     }
 }
@@ -66,6 +73,8 @@ struct RankReport {
     scales: Vec<f64>,
     /// The step stored in the last checkpoint, as every rank loaded it at the end.
     loaded_step: Option<usize>,
+    /// All-reduce collectives issued in each step.
+    all_reduces: Vec<u64>,
 }
 
 fn mlp(vs: &nn::Path) -> impl Module {
@@ -124,7 +133,9 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
 
     let mut skipped = Vec::new();
     let mut scales = Vec::new();
+    let mut all_reduces = Vec::new();
     for step in 0..cfg.steps {
+        let calls_before = fabric.process_group().all_reduce_calls();
         if cfg.crash == Some((rank, step)) {
             std::process::exit(3);
         }
@@ -136,16 +147,24 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
         let (x, y) = global_batch(step, cfg.global_batch);
         let (x, y) = (x.index_select(0, &rows), y.index_select(0, &rows));
         opt.zero_grad().unwrap();
-        let out = model.forward(&x);
-        let mut loss = {
-            let _ac = fabric.autocast()?;
-            out.mse_loss(&y, tch::Reduction::Mean)
-        };
         let inject = rank == cfg.inject_rank && cfg.inject_inf_steps.contains(&step);
-        if inject && !cfg.inject_after_backward {
-            loss *= f64::INFINITY;
+        let micro = cfg.accumulate.max(1);
+        let (xs, ys) = (x.chunk(micro as i64, 0), y.chunk(micro as i64, 0));
+        for (k, (x, y)) in xs.iter().zip(&ys).enumerate() {
+            let _sync = fabric.no_backward_sync(&model, cfg.no_sync && k + 1 < micro)?;
+            let out = model.forward(x);
+            let mut loss = {
+                let _ac = fabric.autocast()?;
+                out.mse_loss(y, tch::Reduction::Mean)
+            };
+            if micro > 1 {
+                loss /= micro as f64;
+            }
+            if inject && !cfg.inject_after_backward {
+                loss *= f64::INFINITY;
+            }
+            fabric.backward(&loss)?;
         }
-        fabric.backward(&loss)?;
         if inject && cfg.inject_after_backward {
             let (_, g) = &opt.gradients().unwrap()[0];
             let _ = g.shallow_clone().fill_(f64::INFINITY);
@@ -155,6 +174,7 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
             skipped.push(step);
         }
         scales.push(fabric.loss_scale().unwrap());
+        all_reduces.push(fabric.process_group().all_reduce_calls() - calls_before);
         if cfg.ckpt_every > 0 && (step + 1) % cfg.ckpt_every == 0 {
             fabric.save(cfg.out.join("ckpt.safetensors"), &(step + 1))?;
         }
@@ -178,6 +198,7 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
         skipped,
         scales,
         loaded_step,
+        all_reduces,
     };
     std::fs::write(
         cfg.out.join(format!("rank{rank}.json")),
@@ -307,6 +328,39 @@ fn check_parity(precision: &str, tol: f32) {
             "{precision} on {world} processes differs from one process by {diff}"
         );
     }
+}
+
+/// Gradient accumulation over 3 micro-batches per rank on 2 ranks, with
+/// `fabric.no_backward_sync` on all but the last: one all-reduce per optimizer step (the
+/// model fits one bucket) instead of 3, and the weights of one process on the whole batch.
+#[test]
+fn accumulation_with_no_backward_sync_syncs_once_per_step() {
+    let single_dir = out_dir("accum-single");
+    let (out, _) = launch(&Config::new("32-true", &single_dir), 0, &[]);
+    assert_ok(&out, "single-process run");
+    let single = report(&single_dir, 0);
+    let mut results = Vec::new();
+    for no_sync in [true, false] {
+        let dir = out_dir(&format!("accum-{no_sync}"));
+        let mut cfg = Config::new("32-true", &dir);
+        (cfg.accumulate, cfg.no_sync) = (3, no_sync);
+        let (out, _) = launch(&cfg, 2, &[]);
+        assert_ok(&out, "accumulation on 2 processes");
+        let (r0, r1) = (report(&dir, 0), report(&dir, 1));
+        assert_eq!(r0.weights, r1.weights, "the ranks agree");
+        let per_step = if no_sync { 1 } else { 3 };
+        assert_eq!(
+            r0.all_reduces,
+            vec![per_step; cfg.steps],
+            "no_sync={no_sync}"
+        );
+        let diff = max_abs_diff(&r0.weights, &single.weights);
+        eprintln!("accumulate 3 x 2 ranks, no_sync={no_sync}: max |ddp - single| = {diff:e}");
+        assert!(diff <= 1e-5, "differs from one process by {diff}");
+        results.push(r0.weights);
+    }
+    let diff = max_abs_diff(&results[0], &results[1]);
+    assert!(diff <= 1e-6, "syncing once or every micro-batch: {diff}");
 }
 
 #[test]

@@ -64,6 +64,9 @@ struct State {
     /// The variables of every model set up, in checkpoint-key order (the same on every rank):
     /// the gradients DDP averages.
     variables: Vec<Tensor>,
+    /// Per model: its range in `variables`, and how many [`NoBackwardSync`] guards pause its
+    /// gradient synchronisation.
+    model_vars: Vec<(std::ops::Range<usize>, u32)>,
     /// `fabric.backward` calls so far.
     backward_count: u64,
 }
@@ -93,6 +96,7 @@ impl Core {
                 models: Vec::new(),
                 optimizers: Vec::new(),
                 variables: Vec::new(),
+                model_vars: Vec::new(),
                 backward_count: 0,
             }),
         }
@@ -537,9 +541,17 @@ impl Fabric {
         let tensors: Vec<Tensor> = entry.entries()?.into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| self.core.group.broadcast_coalesced(&tensors, 0))?;
         let mut st = self.core.state.borrow_mut();
+        let index = st.models.len();
         st.models.push(entry);
+        let start = st.variables.len();
         st.variables.extend(tensors);
-        Ok(FabricModule::new(model, self.core.settings))
+        let range = start..st.variables.len();
+        st.model_vars.push((range, 0));
+        Ok(FabricModule::new(
+            model,
+            self.core.settings,
+            (self.core.id, index),
+        ))
     }
 
     /// Registers an optimizer over the parameters of a model set up with this Fabric
@@ -643,7 +655,18 @@ impl Fabric {
         scaled.f_backward().op("backward")?;
         st.backward_count += 1;
         if self.world_size() > 1 {
-            let grads: Vec<Tensor> = native::collect_grads(&st.variables)?
+            // The models whose synchronisation no guard pauses (all, outside accumulation).
+            let synced: Vec<Tensor> = st
+                .model_vars
+                .iter()
+                .filter(|(_, paused)| *paused == 0)
+                .flat_map(|(range, _)| st.variables[range.clone()].iter())
+                .map(Tensor::shallow_clone)
+                .collect();
+            if synced.is_empty() {
+                return Ok(());
+            }
+            let grads: Vec<Tensor> = native::collect_grads(&synced)?
                 .into_iter()
                 .flatten()
                 .map(|(g, _)| g)
@@ -653,6 +676,66 @@ impl Fabric {
                 .all_reduce_coalesced(&grads, ReduceOp::Mean)?;
         }
         Ok(())
+    }
+
+    /// Lightning's `fabric.no_backward_sync(module, enabled)`: while the guard lives (and
+    /// `enabled` is true), [`Fabric::backward`] does not average `module`'s gradients across
+    /// processes; they accumulate locally, and the first `backward` after the guard is dropped
+    /// averages what accumulated. Use it on every micro-batch of a gradient-accumulation loop
+    /// but the last:
+    ///
+    /// ```
+    /// # use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+    /// # use tch_fabric::{Fabric, FusedAdamW};
+    /// let fabric = Fabric::new("32-true")?;
+    /// let mut vs = nn::VarStore::new(Device::Cpu);
+    /// let layer = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+    /// let opt = FusedAdamW::new(&vs, 1e-2)?;
+    /// let (model, mut opt) = fabric.setup(layer, &mut vs, opt)?;
+    /// let micro = 4;
+    /// for k in 0..micro {
+    ///     let x = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+    ///     let _sync = fabric.no_backward_sync(&model, k + 1 < micro)?;
+    ///     let loss = model.forward(&x).sum(Kind::Float) / micro as f64;
+    ///     fabric.backward(&loss)?;
+    /// }
+    /// opt.step()?;
+    /// opt.zero_grad()?;
+    /// # Ok::<(), tch_fabric::Error>(())
+    /// ```
+    ///
+    /// In one process there is nothing to synchronise and the guard changes nothing (as
+    /// Lightning's single-device strategy). Under `16-mixed` every micro-batch's loss is
+    /// scaled by `backward`; the unscale, clip, step and scale update happen once, at the
+    /// optimizer step.
+    ///
+    /// # Errors
+    ///
+    /// Lightning's "You need to set up the model first" for a module this Fabric did not set
+    /// up.
+    pub fn no_backward_sync<M>(
+        &self,
+        module: &FabricModule<M>,
+        enabled: bool,
+    ) -> Result<NoBackwardSync> {
+        let (id, index) = module.origin();
+        if id != self.core.id {
+            return Err(Error::Usage(
+                "You need to set up the model first before you can call \
+                 `fabric.no_backward_sync()`: `model = fabric.setup(model, ...)` (this module \
+                 was set up by another Fabric)"
+                    .into(),
+            ));
+        }
+        if enabled {
+            if let Some((_, paused)) = self.core.state.borrow_mut().model_vars.get_mut(index) {
+                *paused += 1;
+            }
+        }
+        Ok(NoBackwardSync {
+            core: Rc::clone(&self.core),
+            model: enabled.then_some(index),
+        })
     }
 
     /// Clips the gradients of `optimizer`'s parameters and returns their global norm before
@@ -895,5 +978,26 @@ impl Fabric {
             s.reset_iteration();
         }
         Ok(state)
+    }
+}
+
+/// The guard of [`Fabric::no_backward_sync`]: the module's gradients are synchronised again
+/// once it is dropped.
+#[must_use = "the synchronisation resumes as soon as the guard is dropped"]
+#[derive(Debug)]
+pub struct NoBackwardSync {
+    core: Rc<Core>,
+    /// The model whose synchronisation it pauses (`None` when not enabled).
+    model: Option<usize>,
+}
+
+impl Drop for NoBackwardSync {
+    fn drop(&mut self) {
+        // The state is never borrowed while user code runs, where guards are dropped.
+        if let (Some(i), Ok(mut st)) = (self.model, self.core.state.try_borrow_mut()) {
+            if let Some((_, paused)) = st.model_vars.get_mut(i) {
+                *paused = paused.saturating_sub(1);
+            }
+        }
     }
 }

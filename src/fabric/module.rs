@@ -46,16 +46,25 @@ pub struct FabricModule<M> {
     settings: Settings,
     convert_inputs: bool,
     training: Cell<bool>,
+    /// Which Fabric set it up, and its index among that Fabric's models (for
+    /// [`crate::Fabric::no_backward_sync`]).
+    origin: (u64, usize),
 }
 
 impl<M> FabricModule<M> {
-    pub(crate) fn new(inner: M, settings: Settings) -> Self {
+    pub(crate) fn new(inner: M, settings: Settings, origin: (u64, usize)) -> Self {
         FabricModule {
             inner,
             settings,
             convert_inputs: true,
             training: Cell::new(true),
+            origin,
         }
+    }
+
+    /// (the Fabric's id, the model's index there).
+    pub(crate) fn origin(&self) -> (u64, usize) {
+        self.origin
     }
 
     /// Whether floating inputs are converted to the precision's input dtype (default: yes, as
