@@ -240,6 +240,14 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
         "WORLD_SIZE",
         "MASTER_ADDR",
         "MASTER_PORT",
+        "SLURM_NTASKS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_NODEID",
+        "SLURM_JOB_NAME",
+        "SLURM_JOB_ID",
+        "SLURM_NODELIST",
     ] {
         cmd.env_remove(v);
     }
@@ -588,4 +596,89 @@ fn the_rendezvous_store_binds_to_master_addr() {
         vec![format!("0100007F{hex_port}")],
         "the store listens on 127.0.0.1 only"
     );
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for every child and checks that the 2 ranks formed one group and trained as one
+/// process on the whole batch does.
+fn check_two_ranks(children: Vec<std::process::Child>, dir: &Path, what: &str) {
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert_ok(&out, what);
+    }
+    let single_dir = out_dir(&format!("{what}-single"));
+    let (out, _) = launch(&Config::new("32-true", &single_dir), 0, &[]);
+    assert_ok(&out, "single-process run");
+    let single = report(&single_dir, 0);
+    let (r0, r1) = (report(dir, 0), report(dir, 1));
+    assert_eq!(
+        (r0.world_size, r1.world_size),
+        (2, 2),
+        "{what}: one group of 2"
+    );
+    assert_eq!(r0.weights, r1.weights, "{what}: the ranks agree");
+    let diff = max_abs_diff(&r0.weights, &single.weights);
+    assert!(diff <= 1e-5, "{what}: differs from one process by {diff}");
+}
+
+/// Two "machines" on loopback, each a `fabric run --num-nodes 2 --node-rank R` with
+/// Lightning's flags, join one group of 2.
+#[test]
+fn two_nodes_on_loopback_join_one_group() {
+    let dir = out_dir("two-nodes");
+    let cfg = Config::new("32-true", &dir);
+    let port = free_port().to_string();
+    let children = (0..2)
+        .map(|node| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fabric"));
+            c.args(["run", "--devices", "1", "--num-nodes", "2", "--node-rank"])
+                .arg(node.to_string())
+                .args(["--main-address", "127.0.0.1", "--main-port", &port, "--"])
+                .args(worker_args());
+            clean_env(&mut c)
+                .env(WORKER_ENV, serde_json::to_string(&cfg).unwrap())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    check_two_ranks(children, &dir, "two nodes");
+}
+
+/// Two tasks started as SLURM's srun starts them (only SLURM's variables, set by hand) join
+/// one group of 2.
+#[test]
+fn slurm_tasks_join_one_group() {
+    let dir = out_dir("slurm");
+    let cfg = Config::new("32-true", &dir);
+    let port = free_port().to_string();
+    let args = worker_args();
+    let children = (0..2)
+        .map(|rank| {
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..]);
+            clean_env(&mut c)
+                .env(WORKER_ENV, serde_json::to_string(&cfg).unwrap())
+                .env("SLURM_NTASKS", "2")
+                .env("SLURM_NTASKS_PER_NODE", "2")
+                .env("SLURM_PROCID", rank.to_string())
+                .env("SLURM_LOCALID", rank.to_string())
+                .env("SLURM_NODEID", "0")
+                .env("SLURM_JOB_NAME", "train")
+                .env("SLURM_NODELIST", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    check_two_ranks(children, &dir, "slurm");
 }
