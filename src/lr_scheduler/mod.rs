@@ -213,9 +213,30 @@ pub trait Scheduler: std::fmt::Debug {
     ///
     /// # Errors
     ///
-    /// As [`Scheduler::advance`], without restoring the state (the callers do).
+    /// As [`Scheduler::advance`]; the scheduler is unchanged then.
     fn update_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
-        let lr = match epoch {
+        let before = self.core().clone();
+        let lr = self.next_lr(epoch, opt);
+        let set = lr.and_then(|lr| opt.set_lr(lr).map(|()| lr));
+        match set {
+            Ok(lr) => {
+                self.core_mut().last_lr = lr;
+                Ok(lr)
+            }
+            Err(e) => {
+                *self.core_mut() = before;
+                Err(e)
+            }
+        }
+    }
+
+    /// The epoch move and rate of [`Scheduler::update_lr`], before the rate is set.
+    ///
+    /// # Errors
+    ///
+    /// As [`Scheduler::get_lr`].
+    fn next_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
+        Ok(match epoch {
             None => {
                 self.core_mut().last_epoch += 1;
                 self.get_lr(opt.lr(), opt)?
@@ -227,10 +248,7 @@ pub trait Scheduler: std::fmt::Debug {
                     None => self.get_lr(opt.lr(), opt)?,
                 }
             }
-        };
-        opt.set_lr(lr)?;
-        self.core_mut().last_lr = lr;
-        Ok(lr)
+        })
     }
 
     /// PyTorch's `_initial_step`: the step every scheduler makes when built.

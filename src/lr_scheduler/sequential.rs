@@ -109,10 +109,7 @@ impl Scheduler for SequentialLR {
         let idx = self.index(epoch);
         let child = &mut self.schedulers[idx];
         let lr = if idx > 0 && self.milestones[idx - 1] == epoch {
-            let before = child.core().clone();
-            child
-                .update_lr(Some(0), opt)
-                .inspect_err(|_| *child.core_mut() = before)?
+            child.update_lr(Some(0), opt)?
         } else {
             child.advance(opt)?
         };
