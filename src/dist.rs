@@ -135,14 +135,7 @@ impl DistEnv {
             .filter(|a| !a.trim().is_empty())
             .unwrap_or_else(|| "127.0.0.1".to_string());
         let master_port = match get("MASTER_PORT") {
-            Some(v) => v
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| {
-                    Error::Distributed(format!("MASTER_PORT={v:?} is not a TCP port (1..65535)"))
-                })?,
+            Some(v) => port(&v)?,
             None if world_size == 1 => 0,
             None => {
                 return Err(Error::Distributed(
@@ -219,14 +212,7 @@ impl DistEnv {
             }
         };
         let master_port = match get("MASTER_PORT") {
-            Some(v) => v
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| {
-                    Error::Distributed(format!("MASTER_PORT={v:?} is not a TCP port (1..65535)"))
-                })?,
+            Some(v) => port(&v)?,
             None => match get("SLURM_JOB_ID") {
                 Some(id) => {
                     // Python's `job_id[-4:]`, by characters.
@@ -255,6 +241,17 @@ impl DistEnv {
             master_port,
         }))
     }
+}
+
+/// A `MASTER_PORT` value.
+fn port(v: &str) -> Result<u16> {
+    v.trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            Error::Distributed(format!("MASTER_PORT={v:?} is not a TCP port (1..65535)"))
+        })
 }
 
 /// The first host of a SLURM node list (`node[03-05,07],gpu1` is `node03`), by Lightning's

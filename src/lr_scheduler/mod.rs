@@ -284,15 +284,7 @@ pub trait Scheduler: std::fmt::Debug {
 
     /// The state to save in a checkpoint.
     fn state_dict(&self) -> SchedulerState {
-        let c = self.core();
-        SchedulerState {
-            kind: self.kind().to_string(),
-            base_lr: c.base_lr,
-            last_epoch: c.last_epoch,
-            step_count: c.step_count,
-            last_lr: c.last_lr,
-            schedulers: Vec::new(),
-        }
+        SchedulerState::of(self.kind(), self.core(), Vec::new())
     }
 
     /// Restores a state from [`Scheduler::state_dict`]. The optimizer's rate is restored with
@@ -306,6 +298,20 @@ pub trait Scheduler: std::fmt::Debug {
         let core = check_state(self.kind(), state, 0)?;
         *self.core_mut() = core;
         Ok(())
+    }
+}
+
+impl SchedulerState {
+    /// The state of a scheduler of `kind` with `core` and nested `schedulers`.
+    pub(crate) fn of(kind: &str, c: &Core, schedulers: Vec<SchedulerState>) -> SchedulerState {
+        SchedulerState {
+            kind: kind.to_string(),
+            base_lr: c.base_lr,
+            last_epoch: c.last_epoch,
+            step_count: c.step_count,
+            last_lr: c.last_lr,
+            schedulers,
+        }
     }
 }
 

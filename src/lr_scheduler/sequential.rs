@@ -125,15 +125,8 @@ impl Scheduler for SequentialLR {
     }
 
     fn state_dict(&self) -> SchedulerState {
-        let c = &self.core;
-        SchedulerState {
-            kind: self.kind().to_string(),
-            base_lr: c.base_lr,
-            last_epoch: c.last_epoch,
-            step_count: c.step_count,
-            last_lr: c.last_lr,
-            schedulers: self.schedulers.iter().map(|s| s.state_dict()).collect(),
-        }
+        let children = self.schedulers.iter().map(|s| s.state_dict()).collect();
+        SchedulerState::of(self.kind(), &self.core, children)
     }
 
     fn load_state_dict(&mut self, state: &SchedulerState) -> Result<()> {

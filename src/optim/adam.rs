@@ -1,25 +1,14 @@
 //! [`AdamW`] and [`Adam`]: `torch.optim.AdamW()` and `torch.optim.Adam()` without `fused=True`
 //! (PyTorch's `_single_tensor_adam` and `_multi_tensor_adam`), op for op in the C++ shim.
 use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
-use super::fused_adamw::validate_adam;
+use super::fused_adamw::{validate_adam, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ};
 use super::slots::{Field, Shape};
 use super::Amp;
 use crate::error::{Error, Result};
 use crate::native::{self, AdamHyper, AdamLists};
 use std::ops::{Deref, DerefMut};
 
-const EXP_AVG: Field = Field {
-    name: "exp_avg",
-    shape: Shape::LikeParam,
-};
-const EXP_AVG_SQ: Field = Field {
-    name: "exp_avg_sq",
-    shape: Shape::LikeParam,
-};
-const MAX_EXP_AVG_SQ: Field = Field {
-    name: "max_exp_avg_sq",
-    shape: Shape::LikeParam,
-};
+/// The step count: on the CPU, as PyTorch keeps it for its for-loop optimizers.
 const STEP: Field = Field {
     name: "step",
     shape: Shape::HostScalar,
@@ -102,6 +91,25 @@ pub(super) fn unscaled_only(op: &str) -> Error {
     ))
 }
 
+/// The builder options [`AdamW`] and [`Adam`] share.
+macro_rules! adam_options {
+    ($ty:ident) => {
+        kernel_options!($ty {
+            /// PyTorch's `foreach`: `true` runs `_multi_tensor_adam` (libtorch's `_foreach_` ops),
+            /// `false` `_single_tensor_adam`. Unset, PyTorch's default: foreach for CUDA parameters
+            /// (decided per device), the for-loop on CPU. On CPU in float16 and bfloat16 the two
+            /// round differently, as in PyTorch.
+            fn foreach(foreach: bool) => h { h.foreach = Some(foreach) }
+            /// The coefficients of the running averages (each in [0, 1)).
+            fn betas(beta1: f64, beta2: f64) => h { (h.beta1, h.beta2) = (beta1, beta2) }
+            /// The term added to the denominator (>= 0).
+            fn eps(eps: f64) => h { h.eps = eps }
+            /// The AMSGrad variant.
+            fn amsgrad(amsgrad: bool) => h { h.amsgrad = amsgrad }
+        });
+    };
+}
+
 /// `torch.optim.AdamW(params, lr)` with PyTorch's defaults, computed as PyTorch computes it
 /// without `fused=True`: the for-loop implementation it picks on CPU, or the foreach one
 /// ([`AdamW::foreach`]). Bit for bit with `torch.optim.AdamW` (and `foreach=True`) in every
@@ -147,19 +155,7 @@ fused_optimizer!(
     "The decoupled weight decay (>= 0)."
 );
 
-kernel_options!(AdamW {
-    /// PyTorch's `foreach`: `true` runs `_multi_tensor_adam` (libtorch's `_foreach_` ops),
-    /// `false` `_single_tensor_adam`. Unset, PyTorch's default: foreach for CUDA parameters
-    /// (decided per device), the for-loop on CPU. On CPU in float16 and bfloat16 the two
-    /// round differently, as in PyTorch.
-    fn foreach(foreach: bool) => h { h.foreach = Some(foreach) }
-    /// The coefficients of the running averages (each in [0, 1)).
-    fn betas(beta1: f64, beta2: f64) => h { (h.beta1, h.beta2) = (beta1, beta2) }
-    /// The term added to the denominator (>= 0).
-    fn eps(eps: f64) => h { h.eps = eps }
-    /// The AMSGrad variant.
-    fn amsgrad(amsgrad: bool) => h { h.amsgrad = amsgrad }
-});
+adam_options!(AdamW);
 
 /// `torch.optim.Adam(params, lr)` with PyTorch's defaults (L2 weight decay added to the
 /// gradient, 0 by default), computed as [`AdamW`] is: PyTorch's for-loop or foreach
@@ -199,16 +195,4 @@ fused_optimizer!(
     "The L2 penalty added to the gradient (>= 0)."
 );
 
-kernel_options!(Adam {
-    /// PyTorch's `foreach`: `true` runs `_multi_tensor_adam` (libtorch's `_foreach_` ops),
-    /// `false` `_single_tensor_adam`. Unset, PyTorch's default: foreach for CUDA parameters
-    /// (decided per device), the for-loop on CPU. On CPU in float16 and bfloat16 the two
-    /// round differently, as in PyTorch.
-    fn foreach(foreach: bool) => h { h.foreach = Some(foreach) }
-    /// The coefficients of the running averages (each in [0, 1)).
-    fn betas(beta1: f64, beta2: f64) => h { (h.beta1, h.beta2) = (beta1, beta2) }
-    /// The term added to the denominator (>= 0).
-    fn eps(eps: f64) => h { h.eps = eps }
-    /// The AMSGrad variant.
-    fn amsgrad(amsgrad: bool) => h { h.amsgrad = amsgrad }
-});
+adam_options!(Adam);

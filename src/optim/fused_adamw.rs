@@ -34,15 +34,15 @@ pub struct FusedAdamW {
     fused: Fused<AdamHyper>,
 }
 
-const EXP_AVG: Field = Field {
+pub(super) const EXP_AVG: Field = Field {
     name: "exp_avg",
     shape: Shape::LikeParam,
 };
-const EXP_AVG_SQ: Field = Field {
+pub(super) const EXP_AVG_SQ: Field = Field {
     name: "exp_avg_sq",
     shape: Shape::LikeParam,
 };
-const MAX_EXP_AVG_SQ: Field = Field {
+pub(super) const MAX_EXP_AVG_SQ: Field = Field {
     name: "max_exp_avg_sq",
     shape: Shape::LikeParam,
 };

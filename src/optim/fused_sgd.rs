@@ -33,7 +33,7 @@ pub struct FusedSgd {
     fused: Fused<SgdHyper>,
 }
 
-const MOMENTUM_BUFFER: Field = Field {
+pub(super) const MOMENTUM_BUFFER: Field = Field {
     name: "momentum_buffer",
     shape: Shape::LikeParam,
 };

@@ -2,18 +2,13 @@
 //! `_multi_tensor_sgd`), op for op in the C++ shim.
 use super::adam::unscaled_only;
 use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
-use super::fused_sgd::validate_sgd;
-use super::slots::{Field, Shape};
+use super::fused_sgd::{validate_sgd, MOMENTUM_BUFFER};
+use super::slots::Field;
 use super::Amp;
 use crate::error::Result;
 use crate::native::{self, SgdHyper};
 use std::ops::{Deref, DerefMut};
 use tch::Tensor;
-
-const MOMENTUM_BUFFER: Field = Field {
-    name: "momentum_buffer",
-    shape: Shape::LikeParam,
-};
 
 /// The hyper-parameters of a for-loop SGD step, and PyTorch's `foreach` (`None`: its
 /// default, foreach on CUDA).
