@@ -10,7 +10,9 @@ mod common;
 
 use serde_json::{json, Value};
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
-use tch_fabric::{Adam, AdamW, Fabric, GradScalerConfig, Optimizer, Sgd};
+use tch_fabric::{
+    Adam, AdamW, Fabric, FabricModule, FabricOptimizer, GradScalerConfig, Optimizer, Sgd,
+};
 
 const STEPS: usize = 25;
 const PRECISIONS: [&str; 6] = [
@@ -113,6 +115,25 @@ fn data() -> (Tensor, Tensor) {
     (x, y)
 }
 
+/// One training step on (x, y): whether the optimizer stepped, and the loss's bits.
+fn step(
+    f: &Fabric,
+    m: &FabricModule<nn::Sequential>,
+    opt: &mut FabricOptimizer,
+    x: &Tensor,
+    y: &Tensor,
+) -> (bool, u64) {
+    opt.zero_grad().unwrap();
+    let out = m.forward(x);
+    let loss = {
+        let _ac = f.autocast().unwrap();
+        out.mse_loss(y, Reduction::Mean)
+    };
+    f.backward(&loss).unwrap();
+    let stepped = !opt.step().unwrap().is_skipped();
+    (stepped, loss.double_value(&[]).to_bits())
+}
+
 fn train<O: Optimizer + 'static>(
     f: &Fabric,
     vs: &mut nn::VarStore,
@@ -126,15 +147,9 @@ fn train<O: Optimizer + 'static>(
         stepped: Vec::new(),
     };
     for _ in 0..STEPS {
-        opt.zero_grad().unwrap();
-        let out = m.forward(&x);
-        let loss = {
-            let _ac = f.autocast().unwrap();
-            out.mse_loss(&y, Reduction::Mean)
-        };
-        f.backward(&loss).unwrap();
-        run.stepped.push(!opt.step().unwrap().is_skipped());
-        run.losses.push(loss.double_value(&[]).to_bits());
+        let (stepped, loss) = step(f, &m, &mut opt, &x, &y);
+        run.stepped.push(stepped);
+        run.losses.push(loss);
     }
     run
 }
@@ -268,14 +283,7 @@ fn resumable<O: Optimizer + 'static>(
                 f.save(p, &i).unwrap();
             }
         }
-        opt.zero_grad().unwrap();
-        let out = m.forward(&x);
-        let loss = {
-            let _ac = f.autocast().unwrap();
-            out.mse_loss(&y, Reduction::Mean)
-        };
-        f.backward(&loss).unwrap();
-        opt.step().unwrap();
+        step(&f, &m, &mut opt, &x, &y);
     }
     let mut all: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     all.extend(opt.state_tensors().unwrap());

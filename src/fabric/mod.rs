@@ -655,21 +655,22 @@ impl Fabric {
         scaled.f_backward().op("backward")?;
         st.backward_count += 1;
         if self.world_size() > 1 {
-            // The models whose synchronisation no guard pauses (all, outside accumulation).
-            let synced: Vec<Tensor> = st
+            // Skip the variables of models a NoBackwardSync guard pauses (none outside
+            // gradient accumulation): their gradients stay local until the next synced backward.
+            let paused: Vec<&std::ops::Range<usize>> = st
                 .model_vars
                 .iter()
-                .filter(|(_, paused)| *paused == 0)
-                .flat_map(|(range, _)| st.variables[range.clone()].iter())
-                .map(Tensor::shallow_clone)
+                .filter(|(_, paused)| *paused > 0)
+                .map(|(range, _)| range)
                 .collect();
-            if synced.is_empty() {
+            if paused.iter().map(|r| r.len()).sum::<usize>() == st.variables.len() {
                 return Ok(());
             }
-            let grads: Vec<Tensor> = native::collect_grads(&synced)?
+            let grads: Vec<Tensor> = native::collect_grads(&st.variables)?
                 .into_iter()
-                .flatten()
-                .map(|(g, _)| g)
+                .enumerate()
+                .filter(|(i, _)| !paused.iter().any(|r| r.contains(i)))
+                .filter_map(|(_, g)| g.map(|(g, _)| g))
                 .collect();
             self.core
                 .group

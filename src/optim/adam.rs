@@ -1,11 +1,11 @@
 //! [`AdamW`] and [`Adam`]: `torch.optim.AdamW()` and `torch.optim.Adam()` without `fused=True`
 //! (PyTorch's `_single_tensor_adam` and `_multi_tensor_adam`), op for op in the C++ shim.
 use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
-use super::fused_adamw::{validate_adam, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ};
+use super::fused_adamw::{adam_fields, adam_lists, validate_adam};
 use super::slots::{Field, Shape};
 use super::Amp;
 use crate::error::{Error, Result};
-use crate::native::{self, AdamHyper, AdamLists};
+use crate::native::{self, AdamHyper};
 use std::ops::{Deref, DerefMut};
 
 /// The step count: on the CPU, as PyTorch keeps it for its for-loop optimizers.
@@ -41,11 +41,7 @@ impl Kernel for AdamForLoop {
     const AMP: bool = false;
 
     fn fields(&self) -> Vec<Field> {
-        if self.amsgrad {
-            vec![EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP]
-        } else {
-            vec![EXP_AVG, EXP_AVG_SQ, STEP]
-        }
+        adam_fields(self, STEP)
     }
 
     fn validate(&self) -> Result<()> {
@@ -64,20 +60,8 @@ impl Kernel for AdamForLoop {
         if !matches!(step.amp, Amp::None) {
             return Err(unscaled_only(Self::OP));
         }
-        let (state, grads, group) = (step.state, step.grads, step.group);
-        let lists = AdamLists {
-            params: step.params(),
-            grads: grads.tensors(group),
-            exp_avgs: state.all(group, &EXP_AVG)?,
-            exp_avg_sqs: state.all(group, &EXP_AVG_SQ)?,
-            max_exp_avg_sqs: if self.amsgrad {
-                state.all(group, &MAX_EXP_AVG_SQ)?
-            } else {
-                Vec::new()
-            },
-            steps: state.all(group, &STEP)?,
-        };
-        let foreach = self.foreach.unwrap_or(group.device.is_cuda());
+        let lists = adam_lists(self, step, &STEP)?;
+        let foreach = self.foreach.unwrap_or(step.group.device.is_cuda());
         native::adam_for_loop(&lists, step.lr, self, self.decoupled, foreach)
     }
 }

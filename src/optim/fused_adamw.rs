@@ -90,13 +90,8 @@ impl Kernel for AdamHyper {
     const OP: &'static str = "_fused_adamw_";
     const AMP: bool = true;
 
-    /// The step count is saved last: a parameter has state when its `exp_avg` is there.
     fn fields(&self) -> Vec<Field> {
-        if self.amsgrad {
-            vec![EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP]
-        } else {
-            vec![EXP_AVG, EXP_AVG_SQ, STEP]
-        }
+        adam_fields(self, STEP)
     }
 
     fn validate(&self) -> Result<()> {
@@ -112,19 +107,8 @@ impl Kernel for AdamHyper {
     }
 
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {
-        let (state, grads, group) = (step.state, step.grads, step.group);
-        let lists = AdamLists {
-            params: step.params(),
-            grads: grads.tensors(group),
-            exp_avgs: state.all(group, &EXP_AVG)?,
-            exp_avg_sqs: state.all(group, &EXP_AVG_SQ)?,
-            max_exp_avg_sqs: if self.amsgrad {
-                state.all(group, &MAX_EXP_AVG_SQ)?
-            } else {
-                Vec::new()
-            },
-            steps: state.all(group, &STEP)?,
-        };
+        let (grads, group) = (step.grads, step.group);
+        let lists = adam_lists(self, step, &STEP)?;
         let (scale, inf) = amp_on(step.amp, group.device)?;
         let own_kernel = matches!(step.amp, Amp::Folded { .. })
             && !self.amsgrad
@@ -150,6 +134,37 @@ impl Kernel for AdamHyper {
         }
         Ok(())
     }
+}
+
+/// The state of an Adam parameter, the step count (`step`, on the device or the host) saved
+/// last: a parameter has state when its `exp_avg` is there.
+pub(super) fn adam_fields(h: &AdamHyper, step: Field) -> Vec<Field> {
+    if h.amsgrad {
+        vec![EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, step]
+    } else {
+        vec![EXP_AVG, EXP_AVG_SQ, step]
+    }
+}
+
+/// One group's tensor lists for an Adam kernel, the step counts from `step`.
+pub(super) fn adam_lists<'a>(
+    h: &AdamHyper,
+    step: &'a GroupStep<'a>,
+    step_field: &Field,
+) -> Result<AdamLists<'a>> {
+    let (state, group) = (step.state, step.group);
+    Ok(AdamLists {
+        params: step.params(),
+        grads: step.grads.tensors(group),
+        exp_avgs: state.all(group, &EXP_AVG)?,
+        exp_avg_sqs: state.all(group, &EXP_AVG_SQ)?,
+        max_exp_avg_sqs: if h.amsgrad {
+            state.all(group, &MAX_EXP_AVG_SQ)?
+        } else {
+            Vec::new()
+        },
+        steps: state.all(group, step_field)?,
+    })
 }
 
 /// PyTorch's checks of `torch.optim.Adam` and `AdamW`.

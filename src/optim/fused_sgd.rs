@@ -66,11 +66,7 @@ impl Kernel for SgdHyper {
     const AMP: bool = true;
 
     fn fields(&self) -> Vec<Field> {
-        if self.momentum != 0.0 {
-            vec![MOMENTUM_BUFFER]
-        } else {
-            Vec::new()
-        }
+        sgd_fields(self)
     }
 
     fn validate(&self) -> Result<()> {
@@ -115,6 +111,15 @@ impl Kernel for SgdHyper {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The state of an SGD parameter: a momentum buffer when there is momentum.
+pub(super) fn sgd_fields(h: &SgdHyper) -> Vec<Field> {
+    if h.momentum != 0.0 {
+        vec![MOMENTUM_BUFFER]
+    } else {
+        Vec::new()
     }
 }
 

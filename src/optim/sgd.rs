@@ -2,7 +2,7 @@
 //! `_multi_tensor_sgd`), op for op in the C++ shim.
 use super::adam::unscaled_only;
 use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
-use super::fused_sgd::{validate_sgd, MOMENTUM_BUFFER};
+use super::fused_sgd::{sgd_fields, validate_sgd, MOMENTUM_BUFFER};
 use super::slots::Field;
 use super::Amp;
 use crate::error::Result;
@@ -33,11 +33,7 @@ impl Kernel for SgdForLoop {
     const AMP: bool = false;
 
     fn fields(&self) -> Vec<Field> {
-        if self.momentum != 0.0 {
-            vec![MOMENTUM_BUFFER]
-        } else {
-            Vec::new()
-        }
+        sgd_fields(self)
     }
 
     fn validate(&self) -> Result<()> {
