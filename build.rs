@@ -53,6 +53,7 @@ fn main() -> Result<()> {
     cxx(&includes, &abi)
         .file("csrc/shim.cpp")
         .file("csrc/dist.cpp")
+        .file("csrc/pickle.cpp")
         .compile("tch_fabric_shim");
 
     let cuda = match std::env::var_os("CARGO_FEATURE_CUDA") {

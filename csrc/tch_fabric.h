@@ -175,6 +175,50 @@ char *tf_pg_broadcast(tf_process_group pg, tf_tensor tensor, int32_t root);
 /* Blocks until every rank reached the barrier. */
 char *tf_pg_barrier(tf_process_group pg);
 
+/* torch.save-format files (pickle.cpp). A `tf_ivalue` is a heap `c10::IValue*` owned by the
+ * caller and released with tf_ivalue_free; buffers from tf_archive_record with tf_free_buffer. */
+typedef void *tf_ivalue;
+enum {
+  TF_IV_NONE = 0,
+  TF_IV_BOOL = 1,
+  TF_IV_INT = 2,
+  TF_IV_DOUBLE = 3,
+  TF_IV_STRING = 4,
+  TF_IV_TENSOR = 5,
+  TF_IV_LIST = 6,
+  TF_IV_TUPLE = 7,
+  TF_IV_DICT = 8
+};
+/* One value: its tag, a bool/int or double payload, and the length of a string, list, tuple or
+ * dict. Any other kind of value is an error naming its type. */
+typedef struct {
+  int32_t tag;
+  int64_t int_value;
+  double double_value;
+  size_t len;
+} tf_ivalue_info;
+void tf_ivalue_free(tf_ivalue v);
+void tf_free_buffer(char *data);
+/* The bytes of record `name` ("data.pkl") of the zip archive at `path` (malloc'ed). */
+char *tf_archive_record(const char *path, const char *name, char **data, size_t *len);
+/* Unpickles `pickle` with the tensors read from the archive at `path`, onto the CPU. */
+char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue *out);
+/* Writes `value` to `path` as torch.save does (zip archive, pickle protocol 2, untagged). */
+char *tf_torch_save(tf_ivalue value, const char *path);
+char *tf_ivalue_inspect(tf_ivalue value, tf_ivalue_info *out);
+/* A string's bytes (tf_ivalue_info.len of them), valid while the value lives. */
+char *tf_ivalue_string(tf_ivalue value, const char **data);
+char *tf_ivalue_tensor(tf_ivalue value, tf_tensor *out);
+/* Element i of a list or tuple. */
+char *tf_ivalue_item(tf_ivalue value, size_t i, tf_ivalue *out);
+/* Entry i of a dict, in insertion order. */
+char *tf_ivalue_entry(tf_ivalue value, size_t i, tf_ivalue *key, tf_ivalue *item);
+/* A new value of `tag`: the payload that tag reads (int_value for bool/int, double_value, text
+ * and len, tensor, or n items: elements, or key, value, key, value for a dict of n/2 entries). */
+char *tf_ivalue_new(int32_t tag, int64_t int_value, double double_value, const char *text,
+                    size_t len, tf_tensor tensor, const tf_ivalue *items, size_t n,
+                    tf_ivalue *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,6 +16,32 @@ pub(crate) struct AutocastState {
     pub cache_enabled: i32,
 }
 
+/// Mirror of `tf_ivalue_info`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(crate) struct IValueInfo {
+    pub tag: i32,
+    pub int_value: i64,
+    pub double_value: f64,
+    pub len: usize,
+}
+
+/// The `c10::IValue*` of the shim's torch.save functions.
+pub(crate) type CIValue = *mut c_void;
+
+/// `TF_IV_*`: the kinds of value a torch.save file holds.
+pub(crate) mod iv_tag {
+    pub const NONE: i32 = 0;
+    pub const BOOL: i32 = 1;
+    pub const INT: i32 = 2;
+    pub const DOUBLE: i32 = 3;
+    pub const STRING: i32 = 4;
+    pub const TENSOR: i32 = 5;
+    pub const LIST: i32 = 6;
+    pub const TUPLE: i32 = 7;
+    pub const DICT: i32 = 8;
+}
+
 /// Mirror of `tf_tensor_meta`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +237,43 @@ extern "C" {
     pub(crate) fn tf_pg_all_reduce(pg: *mut c_void, tensor: CTensor, op: i32) -> *mut c_char;
     pub(crate) fn tf_pg_broadcast(pg: *mut c_void, tensor: CTensor, root: i32) -> *mut c_char;
     pub(crate) fn tf_pg_barrier(pg: *mut c_void) -> *mut c_char;
+    pub(crate) fn tf_ivalue_free(v: CIValue);
+    pub(crate) fn tf_free_buffer(data: *mut c_char);
+    pub(crate) fn tf_archive_record(
+        path: *const c_char,
+        name: *const c_char,
+        data: *mut *mut c_char,
+        len: *mut usize,
+    ) -> *mut c_char;
+    pub(crate) fn tf_torch_load(
+        path: *const c_char,
+        pickle: *const c_char,
+        len: usize,
+        out: *mut CIValue,
+    ) -> *mut c_char;
+    pub(crate) fn tf_torch_save(value: CIValue, path: *const c_char) -> *mut c_char;
+    pub(crate) fn tf_ivalue_inspect(value: CIValue, out: *mut IValueInfo) -> *mut c_char;
+    pub(crate) fn tf_ivalue_string(value: CIValue, data: *mut *const c_char) -> *mut c_char;
+    pub(crate) fn tf_ivalue_tensor(value: CIValue, out: *mut CTensor) -> *mut c_char;
+    pub(crate) fn tf_ivalue_item(value: CIValue, i: usize, out: *mut CIValue) -> *mut c_char;
+    pub(crate) fn tf_ivalue_entry(
+        value: CIValue,
+        i: usize,
+        key: *mut CIValue,
+        item: *mut CIValue,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tf_ivalue_new(
+        tag: i32,
+        int_value: i64,
+        double_value: f64,
+        text: *const c_char,
+        len: usize,
+        tensor: CTensor,
+        items: *const CIValue,
+        n: usize,
+        out: *mut CIValue,
+    ) -> *mut c_char;
 }
 
 /// Turns the shim's return value into a `Result`, freeing the message.

@@ -923,23 +923,34 @@ impl Fabric {
     /// [`Error::Json`] if `state` cannot be serialised (nothing is written then);
     /// [`Error::Io`] / [`Error::Checkpoint`] if the file cannot be written.
     pub fn save<S: Serialize + ?Sized>(&self, path: impl AsRef<Path>, state: &S) -> Result<()> {
-        let state_json = serde_json::to_string(state)?;
+        let path = path.as_ref();
+        let torch_format = checkpoint::torch::is_torch_path(path);
+        let state_json = serde_json::to_value(state)?;
         self.update_scale()?;
         let st = self.core.state.borrow();
         let scaler = st.scaler.as_ref().map(GradScaler::state_dict).transpose()?;
-        let tensors = checkpoint::collect(&st.models, &st.optimizers)?;
-        drop(st);
-        let written = if self.is_global_zero() {
-            checkpoint::write(
-                path.as_ref(),
-                &tensors,
-                self.precision(),
+        let written = if !self.is_global_zero() {
+            Ok(())
+        } else if torch_format {
+            checkpoint::torch::write(
+                path,
+                &st.models,
+                &st.optimizers,
                 scaler.as_ref(),
                 &state_json,
             )
         } else {
-            Ok(())
+            checkpoint::collect(&st.models, &st.optimizers).and_then(|tensors| {
+                checkpoint::write(
+                    path,
+                    &tensors,
+                    self.precision(),
+                    scaler.as_ref(),
+                    &state_json.to_string(),
+                )
+            })
         };
+        drop(st);
         // Reached even when rank 0 failed to write, so the others do not wait for it forever.
         self.core.group.barrier()?;
         written
@@ -961,9 +972,13 @@ impl Fabric {
     /// [`Error::Io`], [`Error::Checkpoint`], [`Error::Json`], [`Error::InvalidState`].
     pub fn load<S: DeserializeOwned>(&self, path: impl AsRef<Path>) -> Result<S> {
         let path = path.as_ref();
-        let contents = checkpoint::read(path)?;
-        let state: S = serde_json::from_str(&contents.state_json)?;
         let mut st = self.core.state.borrow_mut();
+        let contents = if checkpoint::torch::is_torch_file(path)? {
+            checkpoint::torch::read(path, &st.models, &st.optimizers, self.precision())?
+        } else {
+            checkpoint::read(path)?
+        };
+        let state: S = serde_json::from_str(&contents.state_json)?;
         let plan = checkpoint::plan_load(
             path,
             &contents,

@@ -138,9 +138,17 @@ impl Core {
 
 /// A scheduler's state for a checkpoint: PyTorch's `state_dict()` without the
 /// hyper-parameters (which come from building the scheduler, as `LambdaLR`'s functions do).
+///
+/// Its serde form is PyTorch's own (`base_lrs`, `last_epoch`, `_step_count`, `_last_lr`,
+/// SequentialLR's `_schedulers`, LambdaLR's `lr_lambdas: [None]`, plus `kind`), so the
+/// `state_dict()` of a `torch.optim.lr_scheduler` scheduler in a torch.save checkpoint
+/// deserialises into it, and what it serialises to loads with PyTorch's `load_state_dict`. A
+/// state without `kind` (one from Python) loads into any scheduler of the same shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "StateWire", try_from = "StateWire")]
 pub struct SchedulerState {
-    /// The scheduler's PyTorch name (`StepLR`, ...): a state loads only into the same kind.
+    /// The scheduler's PyTorch name (`StepLR`, ...): a state loads only into the same kind;
+    /// empty for a state from Python, which does not record it.
     pub kind: String,
     /// `base_lrs[0]`.
     pub base_lr: f64,
@@ -151,8 +159,80 @@ pub struct SchedulerState {
     /// `_last_lr[0]`.
     pub last_lr: f64,
     /// The states of [`SequentialLR`]'s schedulers, in order (empty for the others).
-    #[serde(default)]
     pub schedulers: Vec<SchedulerState>,
+}
+
+/// [`SchedulerState`] under PyTorch's names.
+#[derive(Serialize, Deserialize)]
+struct StateWire {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    kind: String,
+    /// SequentialLR's PyTorch state has no `base_lrs` and no `_step_count`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    base_lrs: Vec<f64>,
+    last_epoch: i64,
+    #[serde(rename = "_step_count", default)]
+    step_count: u64,
+    #[serde(rename = "_is_initial", default)]
+    is_initial: bool,
+    #[serde(rename = "_get_lr_called_within_step", default)]
+    get_lr_called_within_step: bool,
+    #[serde(rename = "_last_lr")]
+    last_lr: Vec<f64>,
+    #[serde(rename = "_schedulers", default, skip_serializing_if = "Vec::is_empty")]
+    schedulers: Vec<SchedulerState>,
+    /// LambdaLR's `load_state_dict` pops it: one None per parameter group (a plain function
+    /// is not saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lr_lambdas: Option<Vec<()>>,
+}
+
+impl From<SchedulerState> for StateWire {
+    fn from(s: SchedulerState) -> Self {
+        let sequential = s.kind == "SequentialLR";
+        StateWire {
+            lr_lambdas: (s.kind == "LambdaLR").then(|| vec![()]),
+            base_lrs: if sequential {
+                Vec::new()
+            } else {
+                vec![s.base_lr]
+            },
+            kind: s.kind,
+            last_epoch: s.last_epoch,
+            step_count: s.step_count,
+            is_initial: false,
+            get_lr_called_within_step: false,
+            last_lr: vec![s.last_lr],
+            schedulers: s.schedulers,
+        }
+    }
+}
+
+impl TryFrom<StateWire> for SchedulerState {
+    type Error = String;
+    fn try_from(w: StateWire) -> std::result::Result<Self, String> {
+        let one = |name: &str, v: &[f64]| match v {
+            [x] => Ok(*x),
+            _ => Err(format!(
+                "'{name}' holds {} rates; tch-fabric's schedulers drive one parameter group",
+                v.len()
+            )),
+        };
+        let last_lr = one("_last_lr", &w.last_lr)?;
+        let base_lr = if w.base_lrs.is_empty() {
+            last_lr
+        } else {
+            one("base_lrs", &w.base_lrs)?
+        };
+        Ok(SchedulerState {
+            kind: w.kind,
+            base_lr,
+            last_epoch: w.last_epoch,
+            step_count: w.step_count,
+            last_lr,
+            schedulers: w.schedulers,
+        })
+    }
 }
 
 /// A learning-rate scheduler. Implement [`Scheduler::get_lr`] (PyTorch's `get_lr`, the
@@ -319,7 +399,7 @@ impl SchedulerState {
 /// `children` nested states and possible values.
 pub(crate) fn check_state(kind: &str, state: &SchedulerState, children: usize) -> Result<Core> {
     let refuse = |what: String| Err(Error::InvalidState(format!("{kind} state: {what}")));
-    if state.kind != kind {
+    if !state.kind.is_empty() && state.kind != kind {
         return refuse(format!("it is the state of a {}", state.kind));
     }
     if state.schedulers.len() != children {

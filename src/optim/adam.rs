@@ -2,6 +2,7 @@
 //! (PyTorch's `_single_tensor_adam` and `_multi_tensor_adam`), op for op in the C++ shim.
 use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
 use super::fused_adamw::{adam_fields, adam_lists, validate_adam};
+use super::param_group::{adam_group, load_adam, ParamGroup};
 use super::slots::{Field, Shape};
 use super::Amp;
 use crate::error::{Error, Result};
@@ -54,6 +55,19 @@ impl Kernel for AdamForLoop {
 
     fn set_momentum(&mut self, momentum: f64) {
         self.beta1 = momentum;
+    }
+
+    fn param_group(&self) -> ParamGroup {
+        adam_group(self, self.decoupled, self.foreach, false)
+    }
+
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+        load_adam(
+            group,
+            &mut self.hyper,
+            self.decoupled,
+            Some(&mut self.foreach),
+        )
     }
 
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {

@@ -3,6 +3,7 @@
 //! everything before the first kernel runs, calls one kernel per (device, dtype) group, and
 //! keeps new state only once every group stepped. Each optimizer brings its [`Kernel`]
 //! (hyper-parameters, state fields, the kernel call).
+use super::param_group::ParamGroup;
 use super::slots::{Field, Fresh, Slots};
 use super::{non_negative, Amp};
 use crate::error::{Error, Result};
@@ -32,6 +33,14 @@ pub(crate) trait Kernel: std::fmt::Debug {
 
     /// Sets what [`Kernel::momentum`] reads.
     fn set_momentum(&mut self, momentum: f64);
+
+    /// PyTorch's `param_groups[0]` entries of these hyper-parameters (all but `lr`, `params`).
+    fn param_group(&self) -> ParamGroup;
+
+    /// Reads a PyTorch param group into these hyper-parameters (missing keys keep their
+    /// value); refuses a group of another optimizer type or with other structural options.
+    /// May leave `self` half-changed on error: [`Fused`] calls it on a copy.
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()>;
 }
 
 /// What a kernel needs to step one (device, dtype) group.
@@ -162,6 +171,56 @@ impl<K: Kernel> Fused<K> {
         self.configure(|k| k.set_momentum(momentum));
     }
 
+    /// PyTorch's `param_groups[0]` without `params`.
+    pub(crate) fn param_group(&self) -> ParamGroup {
+        let mut g = ParamGroup::new();
+        g.insert("lr".into(), serde_json::Value::from(self.lr));
+        g.extend(self.kernel.param_group());
+        g
+    }
+
+    /// The kernel and rate a param group gives, every check made, nothing changed.
+    fn with_param_group(&self, group: &ParamGroup) -> Result<(K, f64)>
+    where
+        K: Clone,
+    {
+        let mut kernel = self.kernel.clone();
+        kernel.load_param_group(group)?;
+        kernel.validate()?;
+        if kernel.fields() != self.kernel.fields() {
+            return Err(Error::InvalidState(format!(
+                "{}: the checkpoint's param group changes which state the optimizer keeps \
+                 (e.g. momentum zero vs non-zero): build it with the checkpoint's options",
+                K::OP
+            )));
+        }
+        let lr = match group.get("lr") {
+            None => self.lr,
+            Some(v) => v.as_f64().ok_or_else(|| {
+                Error::InvalidState(format!("param_groups[0]['lr'] is {v}, not a number"))
+            })?,
+        };
+        check_lr(lr)?;
+        Ok((kernel, lr))
+    }
+
+    pub(crate) fn check_param_group(&self, group: &ParamGroup) -> Result<()>
+    where
+        K: Clone,
+    {
+        self.with_param_group(group).map(|_| ())
+    }
+
+    pub(crate) fn load_param_group(&mut self, group: &ParamGroup) -> Result<()>
+    where
+        K: Clone,
+    {
+        let (kernel, lr) = self.with_param_group(group)?;
+        self.kernel = kernel;
+        self.lr = lr;
+        Ok(())
+    }
+
     pub(crate) fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.slots.state_tensors(&self.params)
     }
@@ -275,6 +334,24 @@ macro_rules! fused_optimizer {
             fn set_momentum(&mut self, momentum: f64) -> $crate::error::Result<()> {
                 self.fused.set_momentum(momentum);
                 Ok(())
+            }
+
+            fn param_group(&self) -> Option<$crate::optim::ParamGroup> {
+                Some(self.fused.param_group())
+            }
+
+            fn check_param_group(
+                &self,
+                group: &$crate::optim::ParamGroup,
+            ) -> $crate::error::Result<()> {
+                self.fused.check_param_group(group)
+            }
+
+            fn load_param_group(
+                &mut self,
+                group: &$crate::optim::ParamGroup,
+            ) -> $crate::error::Result<()> {
+                self.fused.load_param_group(group)
             }
 
             fn state_tensors(&self) -> $crate::error::Result<Vec<(String, tch::Tensor)>> {

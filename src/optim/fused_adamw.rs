@@ -1,5 +1,6 @@
 //! [`FusedAdamW`]: `torch.optim.AdamW(fused=True)` over libtorch's `_fused_adamw_`.
 use super::fused::{fused_optimizer, kernel_options, Fused, GroupStep, Kernel};
+use super::param_group::{adam_group, load_adam, ParamGroup};
 use super::slots::{Field, Shape};
 use super::{amp_on, non_negative, Amp};
 use crate::error::{Error, Result};
@@ -104,6 +105,14 @@ impl Kernel for AdamHyper {
 
     fn set_momentum(&mut self, momentum: f64) {
         self.beta1 = momentum;
+    }
+
+    fn param_group(&self) -> ParamGroup {
+        adam_group(self, true, None, true)
+    }
+
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+        load_adam(group, self, true, None)
     }
 
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {

@@ -1,5 +1,6 @@
 //! [`FusedSgd`]: `torch.optim.SGD(fused=True)` over libtorch's `_fused_sgd_`.
 use super::fused::{fused_optimizer, kernel_options, Fused, GroupStep, Kernel};
+use super::param_group::{load_sgd, sgd_group, ParamGroup};
 use super::slots::{Field, Shape};
 use super::{amp_on, non_negative};
 use crate::error::{Error, Result};
@@ -79,6 +80,14 @@ impl Kernel for SgdHyper {
 
     fn set_momentum(&mut self, momentum: f64) {
         self.momentum = momentum;
+    }
+
+    fn param_group(&self) -> ParamGroup {
+        sgd_group(self, None, true)
+    }
+
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+        load_sgd(group, self, None)
     }
 
     /// Fresh and older momentum buffers go to separate kernel calls: the kernel's

@@ -7,6 +7,7 @@ mod adam;
 mod fused;
 mod fused_adamw;
 mod fused_sgd;
+mod param_group;
 mod sgd;
 mod slots;
 mod tch_adapter;
@@ -14,6 +15,7 @@ mod tch_adapter;
 pub use adam::{Adam, AdamW};
 pub use fused_adamw::FusedAdamW;
 pub use fused_sgd::FusedSgd;
+pub use param_group::ParamGroup;
 pub use sgd::Sgd;
 pub use tch_adapter::TchOptimizer;
 
@@ -160,6 +162,39 @@ pub trait Optimizer: std::fmt::Debug {
     /// As [`Optimizer::check_state`]; nothing changes then.
     fn load_state(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
         self.check_state(tensors)
+    }
+
+    /// PyTorch's `param_groups[0]` of this optimizer without `params` (`lr`, `betas`, ...,
+    /// as `torch.optim` writes them), for torch.save-format checkpoints; `None` (the default)
+    /// for an optimizer without a `torch.optim` twin, which such checkpoints cannot hold.
+    fn param_group(&self) -> Option<ParamGroup> {
+        None
+    }
+
+    /// Checks a param group read from a torch.save checkpoint for
+    /// [`Optimizer::load_param_group`], changing nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for a group of another optimizer type or with other structural
+    /// options (AMSGrad, zero vs non-zero momentum), or a bad value, naming the key. By
+    /// default every group is refused.
+    fn check_param_group(&self, group: &ParamGroup) -> Result<()> {
+        let _ = group;
+        Err(Error::InvalidState(format!(
+            "{self:?} has no torch.optim twin: a torch.save checkpoint's optimizer state cannot \
+             be loaded into it"
+        )))
+    }
+
+    /// Applies a param group read from a torch.save checkpoint: the learning rate and the
+    /// hyper-parameters, as PyTorch's `load_state_dict` restores them.
+    ///
+    /// # Errors
+    ///
+    /// As [`Optimizer::check_param_group`]; nothing changes then.
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+        self.check_param_group(group)
     }
 }
 

@@ -3,6 +3,7 @@
 use super::adam::unscaled_only;
 use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
 use super::fused_sgd::{sgd_fields, validate_sgd, MOMENTUM_BUFFER};
+use super::param_group::{load_sgd, sgd_group, ParamGroup};
 use super::slots::Field;
 use super::Amp;
 use crate::error::Result;
@@ -46,6 +47,14 @@ impl Kernel for SgdForLoop {
 
     fn set_momentum(&mut self, momentum: f64) {
         self.momentum = momentum;
+    }
+
+    fn param_group(&self) -> ParamGroup {
+        sgd_group(self, self.1, false)
+    }
+
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+        load_sgd(group, &mut self.0, Some(&mut self.1))
     }
 
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {

@@ -14,9 +14,14 @@
 //!   with the model's setup name when it has one (`generator.fc.weight`); optimizer `i`'s state
 //!   as `optimizer.<i>.<param>.<field>`.
 //! - Loading: every check runs before anything changes ([`plan_load`]), then [`apply`].
+mod pickle;
+pub(crate) mod torch;
+mod value;
+
 use crate::error::{Error, Op, Result};
 use crate::native;
 use crate::optim::Optimizer;
+use crate::optim::ParamGroup;
 use crate::params::lock_vars;
 use crate::precision::Precision;
 use crate::scaler::{GradScaler, GradScalerState};
@@ -127,6 +132,8 @@ pub(crate) struct Plan {
     optimizer_states: Vec<Vec<(String, Tensor)>>,
     /// The scaler state to load, when both sides have one.
     scaler: Option<GradScalerState>,
+    /// PyTorch param groups to load, by optimizer index (torch.save files only).
+    param_groups: Vec<(usize, ParamGroup)>,
 }
 
 /// Checks `contents` against the models, optimizers and scaler of a Fabric, changing nothing.
@@ -187,6 +194,18 @@ pub(crate) fn plan_load(
             .check_state(st)
             .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
     }
+    let mut param_groups: Vec<(usize, ParamGroup)> = Vec::new();
+    for (&i, group) in &contents.param_groups {
+        let opt = optimizers.get(i).ok_or_else(|| {
+            bad(format!(
+                "a param group for optimizer {i}, which does not exist"
+            ))
+        })?;
+        opt.borrow()
+            .check_param_group(group)
+            .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
+        param_groups.push((i, group.clone()));
+    }
     let scaler_state = match (&contents.scaler, scaler) {
         (Some(s), Some(scaler)) => {
             scaler.check_state_dict(s)?;
@@ -220,6 +239,7 @@ pub(crate) fn plan_load(
         weights,
         optimizer_states,
         scaler: scaler_state,
+        param_groups,
     })
 }
 
@@ -306,6 +326,9 @@ pub(crate) fn apply(
     for (opt, st) in optimizers.iter().zip(&plan.optimizer_states) {
         opt.borrow_mut().load_state(st)?;
     }
+    for (i, group) in &plan.param_groups {
+        optimizers[*i].borrow_mut().load_param_group(group)?;
+    }
     if let (Some(s), Some(scaler)) = (&plan.scaler, scaler) {
         scaler.load_state_dict(s)?;
     }
@@ -331,6 +354,8 @@ pub(crate) struct Contents {
     pub precision: Precision,
     pub scaler: Option<GradScalerState>,
     pub state_json: String,
+    /// PyTorch param groups by optimizer index (torch.save files only).
+    pub param_groups: HashMap<usize, ParamGroup>,
 }
 
 fn fail(path: &Path, reason: impl Into<String>) -> Error {
@@ -560,7 +585,7 @@ pub(crate) fn write(
         KEY_CHECKSUMS.to_string(),
         serde_json::to_string(&checksums)?,
     );
-    write_atomic(path, |tmp| {
+    let produce = |tmp: &Path| {
         safetensors::tensor::serialize_to_file(staged.iter().map(|s| (s.name, s)), Some(meta), tmp)
             .map_err(|e| match e {
                 safetensors::SafeTensorError::IoError(source) => io(path)(source),
@@ -570,7 +595,8 @@ pub(crate) fn write(
             Some(e) => Err(e),
             None => Ok(()),
         }
-    })
+    };
+    write_atomic(path, produce, |tmp| verify(path, tmp))
 }
 
 /// Where a save to `path` really writes: the end of its chain of symbolic links (so the link
@@ -700,7 +726,11 @@ fn remove_stale_temps(dir: &Path) {
 /// ([`verify`]) and renames it over the target (the end of `path`'s symbolic links), so a
 /// crash at any point leaves either the old file or the new one, never a mix, and a file that
 /// does not read back never replaces a good one.
-fn write_atomic(path: &Path, produce: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+fn write_atomic(
+    path: &Path,
+    produce: impl FnOnce(&Path) -> Result<()>,
+    read_back: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let target = resolve_target(path)?;
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -722,7 +752,7 @@ fn write_atomic(path: &Path, produce: impl FnOnce(&Path) -> Result<()>) -> Resul
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(io(path))?;
-        verify(path, &tmp)?;
+        read_back(&tmp).map_err(|e| not_read_back(path, e))?;
         // Keep the permissions of the file being replaced (a private checkpoint stays private).
         if let Ok(old) = std::fs::metadata(&target) {
             let _ = std::fs::set_permissions(&tmp, old.permissions());
@@ -751,7 +781,12 @@ fn verify(path: &Path, written: &Path) -> Result<()> {
             Ok(())
         })
     };
-    check().map_err(|e| match e {
+    check()
+}
+
+/// The error of a file just written that does not read back, reported for `path`.
+fn not_read_back(path: &Path, e: Error) -> Error {
+    match e {
         Error::Checkpoint { reason, .. } => fail(
             path,
             format!(
@@ -760,7 +795,7 @@ fn verify(path: &Path, written: &Path) -> Result<()> {
         ),
         Error::Io { source, .. } => io(path)(source),
         other => other,
-    })
+    }
 }
 
 /// Opens `path` for reading if it is a regular file. A FIFO is opened without blocking and
@@ -988,5 +1023,6 @@ pub(crate) fn read(path: &Path) -> Result<Contents> {
         precision,
         scaler,
         state_json,
+        param_groups: HashMap::new(),
     })
 }

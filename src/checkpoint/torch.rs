@@ -1,0 +1,491 @@
+//! Checkpoints in `torch.save`'s format, as Lightning Fabric's `fabric.save(path, {"model":
+//! model, "optimizer": optimizer, ...})` writes them and `fabric.load` / `torch.load(path,
+//! weights_only=True)` read them. Read and written by libtorch's own zip container and
+//! pickler (through the shim); the layout:
+//!
+//! - `"model"`: the model's `state_dict` (a model set up with a name sits under its name);
+//! - `"optimizer"` (then `"optimizer_1"`, ...): the optimizer's `state_dict`: `state` by
+//!   parameter index, in the order `model.parameters()` gives (for a file from Python: the
+//!   order of the model's entries), and `param_groups` with PyTorch's hyper-parameter names;
+//! - `"scaler"`: a GradScaler's `state_dict`, when the precision has one;
+//! - every other entry: the user's state, given to and taken from serde as a JSON object.
+use super::value::{self, PyValue};
+use super::{fail, open_regular, Contents, Model, SharedOptimizer, OPTIMIZER_PREFIX};
+use crate::error::{Error, Result};
+use crate::optim::ParamGroup;
+use crate::params::lock_vars;
+use crate::precision::Precision;
+use crate::scaler::GradScalerState;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+use tch::Tensor;
+
+/// The entry of the GradScaler's state.
+pub(crate) const SCALER_KEY: &str = "scaler";
+
+/// The entry of a model: its setup name, or `"model"`.
+pub(crate) fn model_key(m: &Model) -> &str {
+    m.name.as_deref().unwrap_or("model")
+}
+
+/// The entry of optimizer `i`: `"optimizer"`, then `"optimizer_1"`, `"optimizer_2"`, ...
+pub(crate) fn optimizer_key(i: usize) -> String {
+    match i {
+        0 => "optimizer".to_string(),
+        i => format!("optimizer_{i}"),
+    }
+}
+
+/// Whether a save to `path` writes this format: its extension is `.pt`, `.pth` or `.ckpt`.
+pub(crate) fn is_torch_path(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("pt" | "pth" | "ckpt")
+    )
+}
+
+/// Whether the file at `path` is a zip archive (torch.save's format since PyTorch 1.6) rather
+/// than a safetensors file: decided by content, whatever its name.
+pub(crate) fn is_torch_file(path: &Path) -> Result<bool> {
+    let (mut file, len) = open_regular(path)?;
+    if len < 4 {
+        return Ok(false);
+    }
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic).map_err(super::io(path))?;
+    Ok(magic == *b"PK\x03\x04")
+}
+
+/// Reads the archive's value tree.
+fn read_value(path: &Path) -> Result<PyValue> {
+    let bad = |reason: String| fail(path, reason);
+    let pickle = value::archive_record(path, "data.pkl").map_err(|e| {
+        bad(format!(
+            "not a readable torch.save archive: {}",
+            native_reason(&e)
+        ))
+    })?;
+    let pickle =
+        super::pickle::rewrite(&pickle).map_err(|r| bad(format!("cannot be read: {r}")))?;
+    value::load(path, &pickle)
+        .map_err(|e| bad(format!("cannot be unpickled: {}", native_reason(&e))))
+}
+
+fn native_reason(e: &Error) -> String {
+    match e {
+        Error::Native { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The dict's entries without the rewriter's [`super::pickle::BUILD_KEY`].
+fn entries<'a>(path: &Path, what: &str, v: &'a PyValue) -> Result<Vec<(&'a str, &'a PyValue)>> {
+    let e = v.as_str_dict().ok_or_else(|| {
+        fail(
+            path,
+            format!("{what} is a {}, not a dict with string keys", v.type_name()),
+        )
+    })?;
+    Ok(e.into_iter()
+        .filter(|(k, _)| *k != super::pickle::BUILD_KEY)
+        .collect())
+}
+
+/// A state tensor from an optimizer state entry: tensors as they are, numbers (PyTorch < 1.12
+/// kept `step` as a float) as 0-dim float32 tensors.
+fn state_tensor(path: &Path, key: &str, v: &PyValue) -> Result<Option<Tensor>> {
+    match v {
+        PyValue::Tensor(t) => Ok(Some(t.shallow_clone())),
+        PyValue::None => Ok(None),
+        other => match other.as_f64() {
+            Some(x) => Ok(Some(Tensor::from(x as f32))),
+            None => Err(fail(
+                path,
+                format!(
+                    "optimizer state '{key}' is a {}, not a tensor",
+                    other.type_name()
+                ),
+            )),
+        },
+    }
+}
+
+/// Reads a torch.save checkpoint into [`Contents`] for the models and optimizers of a Fabric.
+pub(crate) fn read(
+    path: &Path,
+    models: &[Model],
+    optimizers: &[SharedOptimizer],
+    precision: Precision,
+) -> Result<Contents> {
+    let root = read_value(path)?;
+    let top = entries(path, "the checkpoint", &root)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut claimed: HashSet<&str> = HashSet::new();
+    // Every model variable in file order (VarStore names), for the optimizers' indices.
+    let mut order: Vec<String> = Vec::new();
+    for m in models {
+        let key = model_key(m);
+        let entry = top
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let have: Vec<&str> = top.iter().map(|(k, _)| *k).collect();
+                fail(
+                    path,
+                    format!("the checkpoint has no entry '{key}' for the model (it has {have:?})"),
+                )
+            })?;
+        claimed.insert(key);
+        for (name, v) in entries(path, &format!("entry '{key}'"), entry)? {
+            let PyValue::Tensor(t) = v else {
+                return Err(fail(
+                    path,
+                    format!("'{key}.{name}' is a {}, not a tensor", v.type_name()),
+                ));
+            };
+            tensors.insert(m.key(name), t.shallow_clone());
+            order.push(name.to_string());
+        }
+    }
+    let mut param_groups = HashMap::new();
+    for (i, opt) in optimizers.iter().enumerate() {
+        let key = optimizer_key(i);
+        let Some((_, entry)) = top.iter().find(|(k, _)| *k == key) else {
+            // Like a safetensors file without optimizer state: the optimizer starts fresh.
+            log::info!(
+                "checkpoint {} has no entry '{key}': optimizer {i} keeps its state",
+                path.display()
+            );
+            continue;
+        };
+        claimed.insert(
+            top.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(k, _)| *k)
+                .unwrap_or(""),
+        );
+        let what = format!("entry '{key}'");
+        let groups = match entry.get("param_groups") {
+            Some(PyValue::List(g)) => g,
+            _ => {
+                return Err(fail(
+                    path,
+                    format!("{what} is not an optimizer state_dict (no 'param_groups' list)"),
+                ))
+            }
+        };
+        let [group] = groups.as_slice() else {
+            return Err(fail(
+                path,
+                format!(
+                    "{what} has {} param groups; tch-fabric's optimizers have one",
+                    groups.len()
+                ),
+            ));
+        };
+        let opt = opt.borrow();
+        let names = opt.params().names();
+        let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mine: Vec<&String> = order
+            .iter()
+            .filter(|n| wanted.contains(n.as_str()))
+            .collect();
+        let mut json = ParamGroup::new();
+        let mut indices: Vec<i64> = Vec::new();
+        for (k, v) in entries(path, &format!("{what} param_groups[0]"), group)? {
+            if k == "params" {
+                let PyValue::List(list) = v else {
+                    return Err(fail(path, format!("{what}: 'params' is not a list")));
+                };
+                for p in list {
+                    match p {
+                        PyValue::Int(i) => indices.push(*i),
+                        other => {
+                            return Err(fail(
+                                path,
+                                format!("{what}: a parameter index is a {}", other.type_name()),
+                            ))
+                        }
+                    }
+                }
+            } else if k != "param_names" {
+                json.insert(k.to_string(), to_json(path, &format!("{what}.{k}"), v)?);
+            }
+        }
+        if indices.len() != names.len() || mine.len() != names.len() {
+            return Err(fail(
+                path,
+                format!(
+                    "{what} has {} parameters and the models' entries name {} of this \
+                     optimizer's {}: the optimizer must cover the same parameters",
+                    indices.len(),
+                    mine.len(),
+                    names.len()
+                ),
+            ));
+        }
+        let name_of: HashMap<i64, &String> = indices.iter().copied().zip(mine).collect();
+        if let Some(state) = entry.get("state") {
+            let PyValue::Dict(per_param) = state else {
+                return Err(fail(path, format!("{what}: 'state' is not a dict")));
+            };
+            for (idx, fields) in per_param {
+                let name = match idx {
+                    PyValue::Int(i) => name_of.get(i),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    fail(
+                        path,
+                        format!("{what}: state of an unknown parameter index {idx:?}"),
+                    )
+                })?;
+                for (field, v) in entries(path, &format!("{what} state"), fields)? {
+                    let full = format!("{name}.{field}");
+                    if let Some(t) = state_tensor(path, &full, v)? {
+                        tensors.insert(format!("{OPTIMIZER_PREFIX}{i}.{full}"), t);
+                    }
+                }
+            }
+        }
+        param_groups.insert(i, json);
+    }
+    let mut scaler = None;
+    let mut extra = serde_json::Map::new();
+    for (k, v) in &top {
+        if claimed.contains(k) {
+            continue;
+        }
+        if *k == SCALER_KEY {
+            let json = to_json(path, k, v)?;
+            scaler = Some(
+                serde_json::from_value::<GradScalerState>(json)
+                    .map_err(|e| fail(path, format!("entry '{SCALER_KEY}': {e}")))?,
+            );
+            continue;
+        }
+        extra.insert(k.to_string(), to_json(path, k, v)?);
+    }
+    Ok(Contents {
+        tensors,
+        precision,
+        scaler,
+        state_json: Value::Object(extra).to_string(),
+        param_groups,
+    })
+}
+
+/// A user-state or hyper-parameter value as JSON: dict keys that are ints become strings;
+/// tensors are refused (serde cannot take them), naming `key`.
+fn to_json(path: &Path, key: &str, v: &PyValue) -> Result<Value> {
+    Ok(match v {
+        PyValue::None => Value::Null,
+        PyValue::Bool(b) => Value::Bool(*b),
+        PyValue::Int(i) => Value::from(*i),
+        PyValue::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Value::Number)
+            .ok_or_else(|| fail(path, format!("'{key}' is {f}, which JSON cannot hold")))?,
+        PyValue::Str(s) => Value::String(s.clone()),
+        PyValue::Tensor(_) => {
+            return Err(fail(
+                path,
+                format!(
+                    "'{key}' is a tensor outside the model and optimizer entries: tch-fabric \
+                     hands the user state to serde, which takes no tensors"
+                ),
+            ))
+        }
+        PyValue::List(items) | PyValue::Tuple(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| to_json(path, &format!("{key}[{i}]"), x))
+                .collect::<Result<_>>()?,
+        ),
+        PyValue::Dict(items) => {
+            let mut m = serde_json::Map::new();
+            for (k, x) in items {
+                let name = match k {
+                    PyValue::Str(s) => s.clone(),
+                    PyValue::Int(i) => i.to_string(),
+                    other => {
+                        return Err(fail(
+                            path,
+                            format!("'{key}' has a key of type {}", other.type_name()),
+                        ))
+                    }
+                };
+                if name == super::pickle::BUILD_KEY {
+                    continue;
+                }
+                let sub = format!("{key}.{name}");
+                m.insert(name, to_json(path, &sub, x)?);
+            }
+            Value::Object(m)
+        }
+    })
+}
+
+/// JSON as a Python value; `tuples` names the keys whose arrays PyTorch keeps as tuples.
+fn from_json(v: &Value, tuples: &[&str], key: &str) -> PyValue {
+    match v {
+        Value::Null => PyValue::None,
+        Value::Bool(b) => PyValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => PyValue::Int(i),
+            None => PyValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => PyValue::Str(s.clone()),
+        Value::Array(items) => {
+            let items = items.iter().map(|x| from_json(x, tuples, "")).collect();
+            if tuples.contains(&key) {
+                PyValue::Tuple(items)
+            } else {
+                PyValue::List(items)
+            }
+        }
+        Value::Object(m) => PyValue::Dict(
+            m.iter()
+                .map(|(k, x)| (PyValue::Str(k.clone()), from_json(x, tuples, k)))
+                .collect(),
+        ),
+    }
+}
+
+fn str_dict(entries: Vec<(String, PyValue)>) -> PyValue {
+    PyValue::Dict(
+        entries
+            .into_iter()
+            .map(|(k, v)| (PyValue::Str(k), v))
+            .collect(),
+    )
+}
+
+/// A model's entry: its variables in the optimizers' parameter order (the order their indices
+/// use, and PyTorch's `model.parameters()` order), then the others by name.
+fn model_entry(m: &Model, optimizers: &[SharedOptimizer]) -> Result<PyValue> {
+    let vars = lock_vars(&m.vars)?;
+    let mut named: HashMap<&str, Tensor> = vars
+        .named_variables
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+        .collect();
+    let mut out: Vec<(String, PyValue)> = Vec::with_capacity(named.len());
+    for opt in optimizers {
+        for name in opt.borrow().params().names() {
+            if let Some(t) = named.remove(name.as_str()) {
+                out.push((name.clone(), PyValue::Tensor(t.detach())));
+            }
+        }
+    }
+    let mut rest: Vec<(&str, Tensor)> = named.into_iter().collect();
+    rest.sort_by(|a, b| a.0.cmp(b.0));
+    out.extend(
+        rest.into_iter()
+            .map(|(n, t)| (n.to_string(), PyValue::Tensor(t.detach()))),
+    );
+    Ok(str_dict(out))
+}
+
+/// An optimizer's entry: PyTorch's `state_dict()` layout.
+fn optimizer_entry(path: &Path, i: usize, opt: &SharedOptimizer) -> Result<PyValue> {
+    let opt = opt.borrow();
+    let group = opt.param_group().ok_or_else(|| {
+        fail(
+            path,
+            format!(
+                "optimizer {i} ({opt:?}) has no torch.optim twin, so a torch.save checkpoint \
+                 cannot hold its state: save to a .safetensors path, or use AdamW, Adam, Sgd, \
+                 FusedAdamW or FusedSgd"
+            ),
+        )
+    })?;
+    let names = opt.params().names();
+    let mut per_param: Vec<Vec<(String, PyValue)>> = names.iter().map(|_| Vec::new()).collect();
+    for (full, t) in opt.state_tensors()? {
+        let (param, field) = full
+            .rsplit_once('.')
+            .ok_or_else(|| fail(path, format!("optimizer {i}: state name '{full}'")))?;
+        let k = names
+            .iter()
+            .position(|n| n == param)
+            .ok_or_else(|| fail(path, format!("optimizer {i}: state of unknown '{param}'")))?;
+        per_param[k].push((field.to_string(), PyValue::Tensor(t)));
+    }
+    let state = PyValue::Dict(
+        per_param
+            .into_iter()
+            .enumerate()
+            .filter(|(_, f)| !f.is_empty())
+            .map(|(k, f)| (PyValue::Int(k as i64), str_dict(f)))
+            .collect(),
+    );
+    let mut g: Vec<(String, PyValue)> = group
+        .iter()
+        .map(|(k, v)| (k.clone(), from_json(v, &["betas"], k)))
+        .collect();
+    g.push((
+        "params".to_string(),
+        PyValue::List((0..names.len() as i64).map(PyValue::Int).collect()),
+    ));
+    Ok(str_dict(vec![
+        ("state".to_string(), state),
+        ("param_groups".to_string(), PyValue::List(vec![str_dict(g)])),
+    ]))
+}
+
+/// Writes a torch.save checkpoint atomically (as the safetensors one: a temporary file, read
+/// back in full, renamed over the target).
+pub(crate) fn write(
+    path: &Path,
+    models: &[Model],
+    optimizers: &[SharedOptimizer],
+    scaler: Option<&GradScalerState>,
+    state: &Value,
+) -> Result<()> {
+    let mut top: Vec<(String, PyValue)> = Vec::new();
+    for m in models {
+        top.push((model_key(m).to_string(), model_entry(m, optimizers)?));
+    }
+    for (i, opt) in optimizers.iter().enumerate() {
+        top.push((optimizer_key(i), optimizer_entry(path, i, opt)?));
+    }
+    if let Some(s) = scaler {
+        let json: Value = serde_json::from_str(&s.to_json())?;
+        top.push((SCALER_KEY.to_string(), from_json(&json, &[], "")));
+    }
+    let user = match state {
+        Value::Object(m) => m,
+        Value::Null => &serde_json::Map::new(),
+        other => {
+            return Err(Error::Usage(format!(
+                "a torch.save checkpoint keeps the user state as entries of its top-level \
+                 dict, so the state must serialise to a map (a struct or a map), not {}",
+                match other {
+                    Value::Array(_) => "a sequence",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    _ => "a boolean",
+                }
+            )))
+        }
+    };
+    for (k, v) in user {
+        if top.iter().any(|(t, _)| t == k) {
+            return Err(Error::Usage(format!(
+                "the user state's entry '{k}' collides with the checkpoint's own '{k}' entry \
+                 (models, 'optimizer', 'optimizer_<i>', '{SCALER_KEY}'): rename it"
+            )));
+        }
+        top.push((k.clone(), from_json(v, &[], k)));
+    }
+    let root = str_dict(top);
+    super::write_atomic(
+        path,
+        |tmp| value::save(tmp, &root),
+        |written| read_value(written).map(|_| ()),
+    )
+}

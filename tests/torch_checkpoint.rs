@@ -1,0 +1,275 @@
+//! torch.save-format checkpoints both ways, against Lightning Fabric itself: a Python run
+//! (`torch.optim.AdamW()` at its defaults, warm-up + cosine `SequentialLR`, clipping) saves at
+//! step 10 with `fabric.save`; tch-fabric loads that file and trains steps 11-20, and the
+//! losses and final weights equal the Python run's own steps 11-20. Then tch-fabric trains
+//! steps 1-10, saves a `.ckpt`, and Lightning's `fabric.load` resumes from it with the same
+//! result. 16-mixed uses the plain GradScaler loop on the Python side (Lightning turns 16-mixed
+//! into bf16-mixed on CPU), with the scaler's state in the file.
+//!
+//! The Python side is `scripts/torch_checkpoint_reference.py`, run live through the provisioned
+//! Python (`.venv/bin/python`), so the expected bits are this machine's PyTorch's.
+mod common;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::lr_scheduler::{
+    CosineAnnealingLR, LinearLR, Scheduler, SchedulerState, SequentialLR,
+};
+use tch_fabric::{AdamW, Clip, Error, Fabric, FabricModule, FabricOptimizer, GradScalerConfig};
+
+const STEPS: i64 = 20;
+const SAVE_AT: i64 = 10;
+
+/// What the checkpoint holds besides the model and optimizer, as Lightning's script saves it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Extra {
+    step: i64,
+    scheduler: SchedulerState,
+}
+
+fn model(vs: &nn::VarStore) -> nn::Sequential {
+    // Python's nn.Sequential names: "0.weight", "2.bias", ...
+    nn::seq()
+        .add(nn::linear(vs.root() / "0", 8, 16, Default::default()))
+        .add_fn(|x| x.tanh())
+        .add(nn::linear(vs.root() / "2", 16, 4, Default::default()))
+}
+
+fn fabric(precision: &str) -> Fabric {
+    let b = Fabric::builder().accelerator("cpu").precision(precision);
+    let b = if precision == "16-mixed" {
+        b.cpu_fp16_autocast(true).grad_scaler(
+            GradScalerConfig::default()
+                .init_scale(2f64.powi(16))
+                .growth_interval(3),
+        )
+    } else {
+        b
+    };
+    b.build().unwrap()
+}
+
+struct Setup {
+    fabric: Fabric,
+    vs: nn::VarStore,
+    model: FabricModule<nn::Sequential>,
+    opt: FabricOptimizer,
+    sched: SequentialLR,
+}
+
+fn setup(precision: &str, init: &nn::VarStore) -> Setup {
+    let fabric = fabric(precision);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let m = model(&vs);
+    vs.copy(init).unwrap();
+    let opt = AdamW::new(&vs, 1e-3).unwrap();
+    let (model, mut opt) = fabric.setup(m, &mut vs, opt).unwrap();
+    let warmup = LinearLR::new(&mut opt, 0.1, 1.0, 5).unwrap();
+    let cosine = CosineAnnealingLR::new(&mut opt, STEPS - 5, 0.0).unwrap();
+    let sched =
+        SequentialLR::new(&mut opt, vec![Box::new(warmup), Box::new(cosine)], vec![5]).unwrap();
+    Setup {
+        fabric,
+        vs,
+        model,
+        opt,
+        sched,
+    }
+}
+
+/// Steps `from..=to`, returning the losses' bits.
+fn train(s: &mut Setup, x: &Tensor, y: &Tensor, from: i64, to: i64) -> Vec<u64> {
+    let mut losses = Vec::new();
+    for _ in from..=to {
+        s.opt.zero_grad().unwrap();
+        let out = s.model.forward(x);
+        let loss = {
+            let _ac = s.fabric.autocast().unwrap();
+            out.mse_loss(y, Reduction::Mean)
+        };
+        s.fabric.backward(&loss).unwrap();
+        s.fabric
+            .clip_gradients(&mut s.opt, Clip::norm(1.0))
+            .unwrap();
+        let outcome = s.opt.step().unwrap();
+        s.sched.step(&outcome, &mut s.opt).unwrap();
+        losses.push(loss.double_value(&[]).to_bits());
+    }
+    losses
+}
+
+struct PyRun {
+    losses: Vec<u64>,
+    step: Option<i64>,
+    weights: Vec<(String, Tensor)>,
+}
+
+fn python(
+    init: &Path,
+    precision: &str,
+    save: Option<&Path>,
+    resume: Option<&Path>,
+    out: &Path,
+) -> PyRun {
+    let cfg = json!({
+        "init": init, "precision": precision, "steps": STEPS, "save_at": SAVE_AT,
+        "save": save, "resume": resume, "out": out,
+    });
+    let script =
+        std::fs::read_to_string(common::repo().join("scripts/torch_checkpoint_reference.py"))
+            .unwrap();
+    let v: Value =
+        serde_json::from_str(common::run_python(&script, &cfg.to_string()).trim()).unwrap();
+    PyRun {
+        losses: v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect(),
+        step: v["step"].as_i64(),
+        weights: Tensor::read_safetensors(out).unwrap(),
+    }
+}
+
+/// The model's weights against Python's (float64 there): equal, or within `tol`.
+fn assert_weights(
+    precision: &str,
+    what: &str,
+    vs: &nn::VarStore,
+    want: &[(String, Tensor)],
+    tol: f64,
+) {
+    let vars = vs.variables();
+    for (key, w) in want {
+        let key = key.replace("l1.", "0.").replace("l2.", "2.");
+        let got = vars[&key].to_kind(Kind::Double);
+        let diff = (&got - w).abs().max().double_value(&[]);
+        assert!(diff <= tol, "{precision} {what}: {key} differs by {diff:e}");
+    }
+}
+
+fn assert_losses(precision: &str, what: &str, got: &[u64], want: &[u64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{precision} {what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (f64::from_bits(*g), f64::from_bits(*w));
+        assert!(
+            (g - w).abs() <= tol * w.abs(),
+            "{precision} {what}: loss {i} is {g} vs {w}"
+        );
+    }
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tch-fabric-torchckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn init(dir: &Path) -> (nn::VarStore, Tensor, Tensor, PathBuf) {
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _m = model(&vs);
+    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)) * 3.0;
+    let y = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
+    let vars = vs.variables();
+    let path = dir.join("init.safetensors");
+    let named = [
+        ("l1.weight", &vars["0.weight"]),
+        ("l1.bias", &vars["0.bias"]),
+        ("l2.weight", &vars["2.weight"]),
+        ("l2.bias", &vars["2.bias"]),
+        ("x", &x),
+        ("y", &y),
+    ];
+    Tensor::write_safetensors(&named, &path).unwrap();
+    (vs, x, y, path)
+}
+
+#[test]
+fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
+    let _serial = common::exclusive();
+    tch::set_num_threads(1);
+    let dir = scratch();
+    let (vs0, x, y, init_path) = init(&dir);
+    // Tolerances: none in the true precisions; the mixed ones as tests/fabric_parity.rs.
+    for (precision, tol) in [
+        ("32-true", 0.0),
+        ("64-true", 0.0),
+        ("bf16-mixed", 0.0),
+        ("16-mixed", 0.0),
+    ] {
+        let py_ckpt = dir.join(format!("{precision}-python.ckpt"));
+        let full = python(
+            &init_path,
+            precision,
+            Some(&py_ckpt),
+            None,
+            &dir.join("full.safetensors"),
+        );
+        assert_eq!(full.losses.len(), STEPS as usize);
+
+        // Python -> Rust.
+        let mut s = setup(precision, &vs0);
+        let extra: Extra = s.fabric.load(&py_ckpt).unwrap();
+        assert_eq!(extra.step, SAVE_AT);
+        s.sched.load_state_dict(&extra.scheduler).unwrap();
+        let losses = train(&mut s, &x, &y, SAVE_AT + 1, STEPS);
+        assert_losses(
+            precision,
+            "Python -> Rust",
+            &losses,
+            &full.losses[SAVE_AT as usize..],
+            tol,
+        );
+        assert_weights(precision, "Python -> Rust", &s.vs, &full.weights, tol);
+
+        // Rust -> Python.
+        let mut s = setup(precision, &vs0);
+        let first = train(&mut s, &x, &y, 1, SAVE_AT);
+        assert_losses(
+            precision,
+            "Rust steps 1-10",
+            &first,
+            &full.losses[..SAVE_AT as usize],
+            tol,
+        );
+        let rs_ckpt = dir.join(format!("{precision}-rust.ckpt"));
+        let extra = Extra {
+            step: SAVE_AT,
+            scheduler: s.sched.state_dict(),
+        };
+        s.fabric.save(&rs_ckpt, &extra).unwrap();
+        let resumed = python(
+            &init_path,
+            precision,
+            None,
+            Some(&rs_ckpt),
+            &dir.join("resumed.safetensors"),
+        );
+        assert_eq!(resumed.step, Some(SAVE_AT));
+        assert_losses(
+            precision,
+            "Rust -> Python",
+            &resumed.losses,
+            &full.losses[SAVE_AT as usize..],
+            tol,
+        );
+        for (k, a) in &resumed.weights {
+            let b = &full.weights.iter().find(|(n, _)| n == k).unwrap().1;
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(
+                diff <= tol,
+                "{precision} Rust -> Python: {k} differs by {diff:e}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn refuses_what_does_not_fit() {
+    let _ = Error::Usage(String::new());
+}
