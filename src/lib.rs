@@ -101,7 +101,7 @@ pub use fabric::{
 };
 pub use lr_scheduler::LrScheduler;
 pub use memory::{memory_stats, reset_peak_memory_stats, MemorySource, MemoryStats};
-pub use optim::{Adam, AdamW, Amp, FusedAdamW, FusedSgd, Optimizer, Sgd, TchOptimizer};
+pub use optim::{Adam, AdamW, Amp, FusedAdamW, FusedSgd, Optimizer, ParamGroup, Sgd, TchOptimizer};
 pub use params::{GradBatch, GradGroup, Params};
 pub use precision::Precision;
 pub use profile::{count_ops, OpCounts};

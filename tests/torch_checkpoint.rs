@@ -269,7 +269,104 @@ fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Checkpoints a load must refuse, written by PyTorch itself.
+const BAD_FILES: &str = r#"
+import argparse, collections, sys, torch
+d = sys.stdin.read().strip()
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+sd = m.state_dict()
+adamw = torch.optim.AdamW(m.parameters())
+sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+m(torch.randn(2, 8)).sum().backward(); adamw.step(); sgd.step()
+def save(name, obj): torch.save(obj, f"{d}/{name}.pt")
+save("good", {"model": sd, "optimizer": adamw.state_dict(), "step": 1})
+save("object", {"model": sd, "args": argparse.Namespace(lr=0.1)})
+save("missing", {"model": {k: v for k, v in sd.items() if k != "2.bias"}})
+save("unexpected", {"model": {**sd, "3.weight": torch.ones(2)}})
+save("shape", {"model": {**sd, "0.weight": torch.ones(16, 9)}})
+save("sgd", {"model": sd, "optimizer": sgd.state_dict()})
+save("tensor_extra", {"model": sd, "rng": torch.ones(3)})
+save("no_model", {"weights": sd})
+"#;
+
 #[test]
 fn refuses_what_does_not_fit() {
-    let _ = Error::Usage(String::new());
+    let dir = scratch().join("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    common::run_python(BAD_FILES, &dir.display().to_string());
+    let vs0 = nn::VarStore::new(Device::Cpu);
+    let _m = model(&vs0);
+    let s = setup("32-true", &vs0);
+    let before: Vec<(String, Tensor)> =
+        s.vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.copy()))
+            .collect();
+    let lr = s.opt.lr();
+    let refused = |s: &Setup, name: &str, want: &[&str]| {
+        let path = dir.join(format!("{name}.pt"));
+        match s.fabric.load::<Value>(&path) {
+            Err(Error::Checkpoint { reason, .. }) => {
+                for w in want {
+                    assert!(reason.contains(w), "{name}: '{reason}' does not name '{w}'");
+                }
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    };
+    refused(&s, "object", &["argparse.Namespace", "weights_only"]);
+    refused(&s, "missing", &["'2.bias'", "not in the checkpoint"]);
+    refused(&s, "unexpected", &["'3.weight'", "matches no parameter"]);
+    refused(&s, "shape", &["'0.weight'", "[16, 9]"]);
+    refused(&s, "sgd", &["SGD", "AdamW"]);
+    refused(&s, "tensor_extra", &["'rng'", "tensor"]);
+    refused(&s, "no_model", &["no entry 'model'", "weights"]);
+    // A damaged archive: cut short, or with bytes of its pickle changed.
+    let good = std::fs::read(dir.join("good.pt")).unwrap();
+    std::fs::write(dir.join("short.pt"), &good[..good.len() / 2]).unwrap();
+    refused(&s, "short", &["torch.save archive"]);
+    let mut flipped = good.clone();
+    let at = good.windows(8).position(|w| w == b"data.pkl").unwrap() + 60;
+    flipped[at] ^= 0x55;
+    std::fs::write(dir.join("flipped.pt"), &flipped).unwrap();
+    refused(&s, "flipped", &[]);
+    // Nothing changed by any refusal.
+    for (k, v) in &before {
+        assert!(s.vs.variables()[k].equal(v), "{k} changed");
+    }
+    assert_eq!(s.opt.lr(), lr);
+    // And the good file loads, with its extra entry for serde and its learning rate.
+    let extra: Value = s.fabric.load(dir.join("good.pt")).unwrap();
+    assert_eq!(extra, json!({"step": 1}));
+    assert_eq!(s.opt.lr(), 1e-3);
+
+    // Saving: a state that is not a map, or one colliding with the checkpoint's own entries.
+    let ckpt = dir.join("out.ckpt");
+    assert!(matches!(s.fabric.save(&ckpt, &(1, 2)), Err(Error::Usage(m)) if m.contains("map")));
+    assert!(matches!(
+        s.fabric.save(&ckpt, &json!({"optimizer": 1})),
+        Err(Error::Usage(m)) if m.contains("collides")
+    ));
+    assert!(!ckpt.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_tch_optimizer_has_no_torch_format() {
+    let dir = scratch();
+    let f = Fabric::builder().accelerator("cpu").build().unwrap();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let m = model(&vs);
+    let opt = tch_fabric::TchOptimizer::new(&vs, nn::Adam::default(), 1e-3).unwrap();
+    let _ = f.setup(m, &mut vs, opt).unwrap();
+    let ckpt = dir.join("tch.pt");
+    match f.save(&ckpt, &json!({})) {
+        Err(Error::Checkpoint { reason, .. }) => {
+            assert!(reason.contains("torch.optim twin"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same state saves as safetensors.
+    f.save(dir.join("tch.safetensors"), &json!({})).unwrap();
 }

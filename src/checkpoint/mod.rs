@@ -189,11 +189,7 @@ pub(crate) fn plan_load(
             }
         }
     }
-    for (i, (opt, st)) in optimizers.iter().zip(&optimizer_states).enumerate() {
-        opt.borrow()
-            .check_state(st)
-            .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
-    }
+    // The param groups first: one of another optimizer type explains a state that does not fit.
     let mut param_groups: Vec<(usize, ParamGroup)> = Vec::new();
     for (&i, group) in &contents.param_groups {
         let opt = optimizers.get(i).ok_or_else(|| {
@@ -205,6 +201,11 @@ pub(crate) fn plan_load(
             .check_param_group(group)
             .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
         param_groups.push((i, group.clone()));
+    }
+    for (i, (opt, st)) in optimizers.iter().zip(&optimizer_states).enumerate() {
+        opt.borrow()
+            .check_state(st)
+            .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
     }
     let scaler_state = match (&contents.scaler, scaler) {
         (Some(s), Some(scaler)) => {

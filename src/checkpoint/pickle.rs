@@ -348,3 +348,61 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `data.pkl` of `torch.save({"model": torch.nn.Linear(2, 1).state_dict(), "step": 3})`
+    /// (PyTorch 2.13; regenerate with that and `zipfile` if the format ever changes).
+    const STATE_DICT: &[u8] = include_bytes!("../../tests/data/linear_state_dict.pkl");
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn ordered_dicts_become_dicts_and_their_metadata_an_entry() {
+        assert!(contains(STATE_DICT, b"collections\nOrderedDict\n"));
+        let out = rewrite(STATE_DICT).unwrap();
+        assert!(!contains(&out, b"collections\nOrderedDict\n"));
+        assert!(contains(&out, BUILD_KEY.as_bytes()));
+        // Tensor rebuilds and everything else are copied as they were.
+        assert!(contains(&out, b"torch._utils\n_rebuild_tensor_v2\n"));
+        assert!(contains(&out, b"FloatStorage"));
+        assert_eq!(*out.last().unwrap(), b'.');
+    }
+
+    #[test]
+    fn python_objects_and_bad_streams_are_refused() {
+        let object = b"\x80\x02cargparse\nNamespace\nq\x00)R.";
+        let e = rewrite(object).unwrap_err();
+        assert!(e.contains("argparse.Namespace"), "{e}");
+        assert!(rewrite(b"\x80\x02}").unwrap_err().contains("STOP"));
+        assert!(rewrite(b"\x80\x02X\xff\xff\xff\x7f").is_err());
+        assert!(rewrite(b"\x80\x02u.").unwrap_err().contains("underflow"));
+        assert!(rewrite(b"\xff").unwrap_err().contains("unknown opcode"));
+        assert!(rewrite(b"h\x05.").unwrap_err().contains("memo"));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = rewrite(&bytes);
+        }
+
+        #[test]
+        fn never_panics_on_a_mutated_state_dict(
+            flips in proptest::collection::vec((0..STATE_DICT.len(), any::<u8>()), 1..6),
+            cut in 0..=STATE_DICT.len(),
+        ) {
+            let mut bytes = STATE_DICT.to_vec();
+            for (i, b) in flips {
+                bytes[i] = b;
+            }
+            bytes.truncate(cut.max(1));
+            let _ = rewrite(&bytes);
+        }
+    }
+}

@@ -153,7 +153,7 @@ pub(crate) fn read(
     let mut param_groups = HashMap::new();
     for (i, opt) in optimizers.iter().enumerate() {
         let key = optimizer_key(i);
-        let Some((_, entry)) = top.iter().find(|(k, _)| *k == key) else {
+        let Some(&(found, entry)) = top.iter().find(|(k, _)| *k == key) else {
             // Like a safetensors file without optimizer state: the optimizer starts fresh.
             log::info!(
                 "checkpoint {} has no entry '{key}': optimizer {i} keeps its state",
@@ -161,12 +161,7 @@ pub(crate) fn read(
             );
             continue;
         };
-        claimed.insert(
-            top.iter()
-                .find(|(k, _)| *k == key)
-                .map(|(k, _)| *k)
-                .unwrap_or(""),
-        );
+        claimed.insert(found);
         let what = format!("entry '{key}'");
         let groups = match entry.get("param_groups") {
             Some(PyValue::List(g)) => g,

@@ -913,6 +913,15 @@ impl Fabric {
     /// # Ok::<(), tch_fabric::Error>(())
     /// ```
     ///
+    /// A path ending in `.pt`, `.pth` or `.ckpt` gets `torch.save`'s format instead, laid out as
+    /// Lightning's `fabric.save(path, {"model": model, "optimizer": optimizer, **state})`:
+    /// the model's `state_dict` under `"model"` (a named model under its name), each
+    /// optimizer's `state_dict` (PyTorch's `state` by parameter index and `param_groups`) under
+    /// `"optimizer"`, `"optimizer_1"`, ..., the GradScaler's under `"scaler"`, and the entries
+    /// of `state` (which must serialise to a map) beside them. `torch.load(path,
+    /// weights_only=True)` and Lightning's `fabric.load` read it; written by libtorch's own
+    /// pickler, atomically and read back as above (no checksums: the format has none).
+    ///
     /// The state of a [`crate::FusedAdamW`] or [`crate::FusedSgd`] is saved too (as
     /// `optimizer.<i>.<param>.exp_avg`, ...), so resuming is exact. The moments of tch's own
     /// optimizers ([`crate::TchOptimizer`]) live in C++ and cannot be exported: resuming with
@@ -921,7 +930,10 @@ impl Fabric {
     /// # Errors
     ///
     /// [`Error::Json`] if `state` cannot be serialised (nothing is written then);
-    /// [`Error::Io`] / [`Error::Checkpoint`] if the file cannot be written.
+    /// [`Error::Io`] / [`Error::Checkpoint`] if the file cannot be written, or a torch.save
+    /// file is asked of an optimizer without a `torch.optim` twin ([`crate::TchOptimizer`]);
+    /// [`Error::Usage`] for a torch.save state that is not a map or whose entry collides with
+    /// the model or optimizer entries.
     pub fn save<S: Serialize + ?Sized>(&self, path: impl AsRef<Path>, state: &S) -> Result<()> {
         let path = path.as_ref();
         let torch_format = checkpoint::torch::is_torch_path(path);
@@ -959,6 +971,18 @@ impl Fabric {
     /// Loads a checkpoint written by [`Fabric::save`]: restores the weights (converted to the
     /// current parameter dtype when the checkpoint came from another precision), the optimizer
     /// states and the GradScaler state, and returns the user state.
+    ///
+    /// The format is recognised by content: a zip archive is a `torch.save` file, such as
+    /// Lightning's `fabric.save(path, {"model": model, "optimizer": optimizer, "step": n})`
+    /// writes (layout as in [`Fabric::save`]). Its model weights load by name (name the
+    /// VarStore paths as the PyTorch modules: `"0.weight"`), the optimizer state from
+    /// PyTorch's parameter indices (the order of the model's entries, which is
+    /// `model.parameters()`'s), the learning rate and hyper-parameters from `param_groups`
+    /// (a group of another optimizer type is refused), a `"scaler"` GradScaler state, and the
+    /// other entries go to serde as one JSON object (a `torch.optim.lr_scheduler` state
+    /// deserialises into [`crate::lr_scheduler::SchedulerState`]). Python objects that
+    /// `torch.load(weights_only=True)` refuses are refused too, and so are tensors outside the
+    /// model and optimizer entries.
     ///
     /// Everything is checked before anything changes: a missing, truncated, damaged (checksum)
     /// or foreign file, a variable missing from the file or of another shape, an unexpected

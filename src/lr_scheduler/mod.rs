@@ -168,7 +168,7 @@ struct StateWire {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     kind: String,
     /// SequentialLR's PyTorch state has no `base_lrs` and no `_step_count`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     base_lrs: Vec<f64>,
     last_epoch: i64,
     #[serde(rename = "_step_count", default)]
@@ -189,14 +189,11 @@ struct StateWire {
 
 impl From<SchedulerState> for StateWire {
     fn from(s: SchedulerState) -> Self {
-        let sequential = s.kind == "SequentialLR";
         StateWire {
             lr_lambdas: (s.kind == "LambdaLR").then(|| vec![()]),
-            base_lrs: if sequential {
-                Vec::new()
-            } else {
-                vec![s.base_lr]
-            },
+            // Written for SequentialLR too (PyTorch's has none; its load only sets an
+            // attribute it never reads), so that a state reads back equal.
+            base_lrs: vec![s.base_lr],
             kind: s.kind,
             last_epoch: s.last_epoch,
             step_count: s.step_count,

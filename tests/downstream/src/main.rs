@@ -6,9 +6,14 @@
 //!     LD_LIBRARY_PATH=$(realpath ../../.libtorch/lib) cargo run
 //!     LD_LIBRARY_PATH=... cargo run --features cuda     # also: the CUDA kernel is registered
 use anyhow::{ensure, Context, Result};
+use std::collections::BTreeMap;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
-use tch_fabric::lr_scheduler::{CosineAnnealingLR, LinearLR, Scheduler, SequentialLR};
-use tch_fabric::{AdamW, Clip, Fabric, FusedAdamW, FusedSgd, GradScalerConfig, StepOutcome};
+use tch_fabric::lr_scheduler::{
+    CosineAnnealingLR, LinearLR, Scheduler, SchedulerState, SequentialLR,
+};
+use tch_fabric::{
+    AdamW, Clip, Fabric, FabricModule, FusedAdamW, FusedSgd, GradScalerConfig, StepOutcome,
+};
 
 fn main() -> Result<()> {
     tch::manual_seed(0);
@@ -147,6 +152,53 @@ fn default_adamw_with_schedule() -> Result<()> {
         "16-mixed AdamW + SequentialLR: loss {first:.4} -> {last:.4}, lr {:.2e}",
         opt.lr()
     );
+
+    // A torch.save-format checkpoint (what Lightning's fabric.load reads), with the schedule's
+    // state as an entry of its own; a second Fabric resumes from it to the same rate and step.
+    let dir = std::env::temp_dir().join(format!("tch-fabric-downstream-pt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("resume.ckpt");
+    let state = BTreeMap::from([("scheduler", sched.state_dict())]);
+    fabric.save(&path, &state)?;
+    let fabric2 = Fabric::builder()
+        .accelerator("cpu")
+        .precision("16-mixed")
+        .cpu_fp16_autocast(true)
+        .build()?;
+    let mut vs2 = nn::VarStore::new(Device::Cpu);
+    let model2 = mlp(&vs2);
+    let opt2 = AdamW::new(&vs2, 1e-2)?;
+    let (model2, mut opt2) = fabric2.setup(model2, &mut vs2, opt2)?;
+    let warmup = LinearLR::new(&mut opt2, 0.1, 1.0, 5)?;
+    let cosine = CosineAnnealingLR::new(&mut opt2, 25, 0.0)?;
+    let mut sched2 =
+        SequentialLR::new(&mut opt2, vec![Box::new(warmup), Box::new(cosine)], vec![5])?;
+    let loaded: BTreeMap<String, SchedulerState> = fabric2.load(&path)?;
+    sched2.load_state_dict(&loaded["scheduler"])?;
+    ensure!(
+        opt2.lr() == opt.lr(),
+        "resumed lr {} vs {}",
+        opt2.lr(),
+        opt.lr()
+    );
+    ensure!(
+        sched2.state_dict() == sched.state_dict(),
+        "resumed schedule {:?} vs {:?}",
+        sched2.state_dict(),
+        sched.state_dict()
+    );
+    let next = |m: &FabricModule<nn::Sequential>, f: &Fabric| -> Result<f64> {
+        let out = m.forward(&x);
+        let _ac = f.autocast()?;
+        Ok(out.mse_loss(&y, Reduction::Mean).f_double_value(&[])?)
+    };
+    let (a, b) = (next(&model, &fabric)?, next(&model2, &fabric2)?);
+    ensure!(a == b, "resumed model: loss {a} vs {b}");
+    println!(
+        "torch.save-format checkpoint: resumed at lr {:.2e}, loss {b:.4}",
+        opt2.lr()
+    );
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
