@@ -88,6 +88,7 @@ mod profile;
 mod scaler;
 
 pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
+pub use checkpoint::LoadReport;
 pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip, ClipMethod, GradNorm};
 pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
 pub use dist::{

@@ -336,6 +336,26 @@ fn refuses_what_does_not_fit() {
         assert!(s.vs.variables()[k].equal(v), "{k} changed");
     }
     assert_eq!(s.opt.lr(), lr);
+    // Lightning's strict=False: missing and unexpected weights reported, the rest loaded.
+    let (_, report): (Value, _) = s.fabric.load_non_strict(dir.join("missing.pt")).unwrap();
+    assert_eq!(report.missing_keys, ["2.bias"]);
+    assert!(report.unexpected_keys.is_empty());
+    assert!(
+        s.vs.variables()["2.bias"].equal(&before.iter().find(|(k, _)| k == "2.bias").unwrap().1)
+    );
+    assert!(!s.vs.variables()["0.weight"]
+        .equal(&before.iter().find(|(k, _)| k == "0.weight").unwrap().1));
+    let (_, report): (Value, _) = s.fabric.load_non_strict(dir.join("unexpected.pt")).unwrap();
+    assert_eq!(
+        (report.missing_keys.len(), report.unexpected_keys),
+        (0, vec!["3.weight".to_string()])
+    );
+    // The shape is checked in either mode, as PyTorch's load_state_dict does.
+    assert!(s
+        .fabric
+        .load_non_strict::<Value>(dir.join("shape.pt"))
+        .is_err());
+
     // And the good file loads, with its extra entry for serde and its learning rate.
     let extra: Value = s.fabric.load(dir.join("good.pt")).unwrap();
     assert_eq!(extra, json!({"step": 1}));
@@ -369,4 +389,36 @@ fn a_tch_optimizer_has_no_torch_format() {
     }
     // The same state saves as safetensors.
     f.save(dir.join("tch.safetensors"), &json!({})).unwrap();
+}
+
+#[test]
+fn non_strict_loads_report_in_both_formats() {
+    let dir = scratch().join("nonstrict");
+    std::fs::create_dir_all(&dir).unwrap();
+    for ext in ["safetensors", "pt"] {
+        let path = dir.join(format!("small.{ext}"));
+        // Saved: layers "0" and "2"; loaded into layers "0" and "5".
+        let f = Fabric::builder().accelerator("cpu").build().unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let m = model(&vs);
+        let _ = f.setup_module(m, &mut vs).unwrap();
+        f.save(&path, &json!({"epoch": 2})).unwrap();
+        let g = Fabric::builder().accelerator("cpu").build().unwrap();
+        let mut other = nn::VarStore::new(Device::Cpu);
+        let m2 = nn::seq()
+            .add(nn::linear(other.root() / "0", 8, 16, Default::default()))
+            .add(nn::linear(other.root() / "5", 16, 4, Default::default()));
+        let _ = g.setup_module(m2, &mut other).unwrap();
+        assert!(g.load::<Value>(&path).is_err(), "{ext}: strict refuses");
+        let (state, mut report): (Value, _) = g.load_non_strict(&path).unwrap();
+        assert_eq!(state, json!({"epoch": 2}), "{ext}");
+        report.missing_keys.sort();
+        report.unexpected_keys.sort();
+        assert_eq!(report.missing_keys, ["5.bias", "5.weight"], "{ext}");
+        assert_eq!(report.unexpected_keys, ["2.bias", "2.weight"], "{ext}");
+        assert!(
+            other.variables()["0.weight"].equal(&vs.variables()["0.weight"]),
+            "{ext}"
+        );
+    }
 }

@@ -134,29 +134,62 @@ pub(crate) struct Plan {
     scaler: Option<GradScalerState>,
     /// PyTorch param groups to load, by optimizer index (torch.save files only).
     param_groups: Vec<(usize, ParamGroup)>,
+    /// What a non-strict load leaves out.
+    pub report: LoadReport,
+}
+
+/// What a non-strict load ([`crate::Fabric::load_non_strict`]) left out: PyTorch's
+/// `load_state_dict(strict=False)` report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Variables of the models set up that the checkpoint does not hold (they keep their
+    /// values), by checkpoint key.
+    pub missing_keys: Vec<String>,
+    /// Tensors of the checkpoint that match no variable or optimizer (ignored).
+    pub unexpected_keys: Vec<String>,
+}
+
+/// How a load treats what does not fit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules {
+    /// The Fabric's precision, which the weights are converted to.
+    pub precision: Precision,
+    /// Whether a finite weight may become inf in that conversion.
+    pub allow_overflow: bool,
+    /// Whether missing and unexpected weights are refused (else reported).
+    pub strict: bool,
 }
 
 /// Checks `contents` against the models, optimizers and scaler of a Fabric, changing nothing.
-/// Weights saved in another floating dtype are converted here, and a finite value that the
-/// conversion turns into inf is an error unless `allow_overflow`.
+/// Unless `rules.strict`, missing and unexpected weights are reported in the plan instead of
+/// refused. Weights saved in another floating dtype are converted here, and a finite value
+/// that the conversion turns into inf is an error unless `rules.allow_overflow`.
 pub(crate) fn plan_load(
     path: &Path,
     contents: &Contents,
     models: &[Model],
     optimizers: &[SharedOptimizer],
     scaler: Option<&GradScaler>,
-    precision: Precision,
-    allow_overflow: bool,
+    rules: Rules,
 ) -> Result<Plan> {
+    let Rules {
+        precision,
+        allow_overflow,
+        strict,
+    } = rules;
     let bad = |reason: String| fail(path, reason);
     let mut weights = Vec::new();
     let mut claimed: Vec<&str> = Vec::new();
+    let mut report = LoadReport::default();
     for m in models {
         for (key, p) in m.entries()? {
-            let (k, t) = contents
-                .tensors
-                .get_key_value(&key)
-                .ok_or_else(|| bad(format!("parameter '{key}' is not in the checkpoint")))?;
+            let Some((k, t)) = contents.tensors.get_key_value(&key) else {
+                if strict {
+                    return Err(bad(format!("parameter '{key}' is not in the checkpoint")));
+                }
+                report.missing_keys.push(key);
+                continue;
+            };
             let (want, got) = (native::shape(&p)?, native::shape(t)?);
             if want != got {
                 return Err(bad(format!(
@@ -182,6 +215,7 @@ pub(crate) fn plan_load(
             Some((i, name)) if i < optimizer_states.len() => {
                 optimizer_states[i].push((name.to_string(), t.shallow_clone()))
             }
+            _ if !strict => report.unexpected_keys.push(key.clone()),
             _ => {
                 return Err(bad(format!(
                 "tensor '{key}' in the checkpoint matches no parameter or optimizer of this Fabric"
@@ -241,6 +275,7 @@ pub(crate) fn plan_load(
         optimizer_states,
         scaler: scaler_state,
         param_groups,
+        report,
     })
 }
 

@@ -118,6 +118,7 @@ pub(crate) fn read(
     models: &[Model],
     optimizers: &[SharedOptimizer],
     precision: Precision,
+    strict: bool,
 ) -> Result<Contents> {
     let root = read_value(path)?;
     let top = entries(path, "the checkpoint", &root)?;
@@ -127,17 +128,18 @@ pub(crate) fn read(
     let mut order: Vec<String> = Vec::new();
     for m in models {
         let key = model_key(m);
-        let entry = top
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
-            .ok_or_else(|| {
-                let have: Vec<&str> = top.iter().map(|(k, _)| *k).collect();
-                fail(
-                    path,
-                    format!("the checkpoint has no entry '{key}' for the model (it has {have:?})"),
-                )
-            })?;
+        let found = top.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        if found.is_none() && !strict {
+            // Its variables are then reported missing by the plan.
+            continue;
+        }
+        let entry = found.ok_or_else(|| {
+            let have: Vec<&str> = top.iter().map(|(k, _)| *k).collect();
+            fail(
+                path,
+                format!("the checkpoint has no entry '{key}' for the model (it has {have:?})"),
+            )
+        })?;
         claimed.insert(key);
         for (name, v) in entries(path, &format!("entry '{key}'"), entry)? {
             let PyValue::Tensor(t) = v else {

@@ -8,7 +8,7 @@ pub use module::{Convert, FabricModule};
 pub use optimizer::FabricOptimizer;
 
 use crate::autocast::AutocastGuard;
-use crate::checkpoint::{self, Model, SharedOptimizer};
+use crate::checkpoint::{self, LoadReport, Model, SharedOptimizer};
 use crate::clip::{self, Clip, ClipMethod, GradNorm};
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::error::{Error, Op, Result};
@@ -995,29 +995,57 @@ impl Fabric {
     ///
     /// [`Error::Io`], [`Error::Checkpoint`], [`Error::Json`], [`Error::InvalidState`].
     pub fn load<S: DeserializeOwned>(&self, path: impl AsRef<Path>) -> Result<S> {
-        let path = path.as_ref();
+        self.load_checked(path.as_ref(), true)
+            .map(|(state, _)| state)
+    }
+
+    /// [`Fabric::load`] with Lightning's `strict=False` (PyTorch's
+    /// `load_state_dict(strict=False)`): a model variable the checkpoint does not hold keeps its
+    /// value and a checkpoint tensor that matches nothing is ignored, both reported instead of
+    /// refused (a torch.save file without the model's entry reports all its variables). Every
+    /// other check is as strict as [`Fabric::load`]: shapes, optimizer states, the user state.
+    ///
+    /// # Errors
+    ///
+    /// As [`Fabric::load`].
+    pub fn load_non_strict<S: DeserializeOwned>(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<(S, LoadReport)> {
+        self.load_checked(path.as_ref(), false)
+    }
+
+    fn load_checked<S: DeserializeOwned>(
+        &self,
+        path: &Path,
+        strict: bool,
+    ) -> Result<(S, LoadReport)> {
         let mut st = self.core.state.borrow_mut();
         let contents = if checkpoint::torch::is_torch_file(path)? {
-            checkpoint::torch::read(path, &st.models, &st.optimizers, self.precision())?
+            checkpoint::torch::read(path, &st.models, &st.optimizers, self.precision(), strict)?
         } else {
             checkpoint::read(path)?
         };
         let state: S = serde_json::from_str(&contents.state_json)?;
-        let plan = checkpoint::plan_load(
+        let mut plan = checkpoint::plan_load(
             path,
             &contents,
             &st.models,
             &st.optimizers,
             st.scaler.as_ref(),
-            self.precision(),
-            self.core.settings.allow_load_overflow,
+            checkpoint::Rules {
+                precision: self.precision(),
+                allow_overflow: self.core.settings.allow_load_overflow,
+                strict,
+            },
         )?;
+        let report = std::mem::take(&mut plan.report);
         let st = &mut *st;
         checkpoint::apply(plan, &st.optimizers, st.scaler.as_mut())?;
         if let Some(s) = &mut st.scaler {
             s.reset_iteration();
         }
-        Ok(state)
+        Ok((state, report))
     }
 }
 
