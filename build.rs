@@ -19,10 +19,13 @@ use std::process::Command;
 
 #[path = "build_cuda.rs"]
 mod cuda;
+#[path = "build_gloo.rs"]
+mod gloo;
 
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-changed=build_cuda.rs");
+    println!("cargo:rerun-if-changed=build_gloo.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
 
@@ -50,8 +53,13 @@ fn main() -> Result<()> {
     let abi = cxx11_abi()?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
 
-    cxx(&includes, &abi)
-        .file("csrc/shim.cpp")
+    let mut shim = cxx(&includes, &abi);
+    if let Some(dir) = gloo::configure(&shim, &lib_dir, &out_dir)? {
+        shim.include(dir)
+            .define("USE_C10D_GLOO", None)
+            .define("TF_HAVE_GLOO", None);
+    }
+    shim.file("csrc/shim.cpp")
         .file("csrc/dist.cpp")
         .file("csrc/pickle.cpp")
         .compile("tch_fabric_shim");

@@ -19,50 +19,13 @@
 #include <string>
 #include <vector>
 
-// The PyPI wheels build c10d's Gloo backend into libtorch_cpu.so but ship neither Gloo's headers
-// nor a factory that hides them, so ProcessGroupGloo.hpp cannot be included. What the crate uses
-// of the class is redeclared here, matching the 2.13 header member for member where the layout
-// matters (Options: we write its fields) and only by symbol where it does not (the process
-// group itself is created by its exported constructor and used through Backend's vtable).
-namespace gloo {
-namespace transport {
-class Device;
-}  // namespace transport
-}  // namespace gloo
-
-namespace c10d {
-class ProcessGroupGloo : public Backend {
- public:
-  struct TORCH_API Options : public Backend::Options {
-    explicit Options(std::chrono::milliseconds timeout = kBackendDefaultTimeout);
-    std::vector<std::shared_ptr<::gloo::transport::Device>> devices;
-    int threads{2};
-  };
-
-  static std::shared_ptr<::gloo::transport::Device> createDeviceForInterface(
-      const std::string &interface, bool lazyInit = false);
-  static std::shared_ptr<::gloo::transport::Device> createDeviceForHostname(
-      const std::string &hostname, bool lazyInit = false);
-  static std::shared_ptr<::gloo::transport::Device> createDefaultDevice(bool lazyInit = false);
-
-  explicit ProcessGroupGloo(const c10::intrusive_ptr<Store> &store, int rank, int size,
-                            c10::intrusive_ptr<Options> options);
-  ~ProcessGroupGloo() override;
-
- private:
-  // `new` here allocates with this declaration's size, and the real object is larger than
-  // Backend (Gloo contexts, work queue, threads, ...): libtorch 2.13 allocates 488 bytes for it
-  // (operator new in ProcessGroupGloo::split). Reserve far more, so a patch release that grows
-  // the class still fits.
-  alignas(64) char storage_[16384];
-};
-}  // namespace c10d
-
-// libtorch 2.13 allocates 184 bytes for Options (operator new in Options::create_default); the
-// fields written here must sit where the library reads them.
-static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 184,
-              "c10d's Backend::Options changed: check the Options redeclaration against "
-              "torch/csrc/distributed/c10d/ProcessGroupGloo.hpp of this libtorch");
+// c10d's Gloo backend is built into libtorch_cpu.so; its header needs Gloo's own headers, which
+// the wheels do not ship. build_gloo.rs finds them (Debian's libgloo-dev), checks with
+// csrc/gloo_probe.cpp that they give ProcessGroupGloo this libtorch's layout, and defines
+// TF_HAVE_GLOO; without them the crate builds without multi-process support.
+#ifdef TF_HAVE_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 
 namespace {
 
@@ -149,6 +112,7 @@ bool is_loopback(const std::string &addr) {
   return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
 }
 
+#ifdef TF_HAVE_GLOO
 // The Gloo transport device: GLOO_SOCKET_IFNAME as in PyTorch; the loopback interface when the
 // master is on this machine's loopback (every rank is local then); else the address this
 // host's name resolves to.
@@ -161,6 +125,8 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string &master
   }
   return c10d::ProcessGroupGloo::createDefaultDevice();
 }
+
+#endif
 
 }  // namespace
 
@@ -220,7 +186,8 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
           std::to_string(world_size) + ", timeout " + std::to_string(rendezvous.count()) +
           " ms): " + tch_fabric_shim::message_of(e));
     }
-    auto options = c10::make_intrusive<c10d::ProcessGroupGloo::Options>(rendezvous);
+#ifdef TF_HAVE_GLOO
+    auto options = c10d::ProcessGroupGloo::Options::create(rendezvous);
     options->devices.push_back(gloo_device(addr));
     c10::intrusive_ptr<c10d::Backend> group;
     try {
@@ -231,6 +198,13 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
                                std::to_string(rendezvous.count()) +
                                " ms; do all ranks agree on WORLD_SIZE?): " + tch_fabric_shim::message_of(e));
     }
+#else
+    c10::intrusive_ptr<c10d::Backend> group;
+    throw std::runtime_error(
+        "this build of tch-fabric has no Gloo process group: it was compiled without Gloo's "
+        "headers. Install them (Debian/Ubuntu: apt-get install libgloo-dev) or set "
+        "GLOO_INCLUDE_DIR, then rebuild");
+#endif
     // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
     *out = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms), rank, world_size};
   })

@@ -42,6 +42,24 @@ cuda_stamp="$venv/.tch-fabric-cuda-complete"
 say() { printf '[provision] %s\n' "$*" >&2; }
 die() { printf '[provision] error: %s\n' "$*" >&2; exit 1; }
 
+# Gloo's headers (not in the torch wheels) for multi-process data parallelism: build.rs compiles
+# against libtorch's ProcessGroupGloo.hpp with them and checks the layout. Debian's libgloo-dev,
+# installed here when this runs as root with apt-get; otherwise a hint (the crate then builds
+# without multi-process support).
+gloo_headers() {
+  [[ -n "${TCH_FABRIC_NO_GLOO:-}" ]] && return 0
+  [[ -n "${GLOO_INCLUDE_DIR:-}" && -f "$GLOO_INCLUDE_DIR/gloo/context.h" ]] && return 0
+  [[ -f /usr/include/gloo/context.h || -f /usr/local/include/gloo/context.h ]] && return 0
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Gloo's headers (libgloo-dev) for multi-process data parallelism"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null ||
+      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null; } ||
+      die "apt-get could not install libgloo-dev; install it, set GLOO_INCLUDE_DIR, or set TCH_FABRIC_NO_GLOO=1 to build without multi-process support"
+  else
+    say "warning: no Gloo headers; install libgloo-dev (or set GLOO_INCLUDE_DIR) for multi-process data parallelism"
+  fi
+}
+
 # A user's own libtorch gets no installs; with --cuda it must come with a usable nvcc.
 check_user_nvcc() {
   ((with_cuda)) || return 0
@@ -63,6 +81,7 @@ if [[ -n "${LIBTORCH:-}" ]]; then
     die "LIBTORCH=$LIBTORCH has no lib/ and include/ below it. Point it at a libtorch ${TORCH_VERSION} folder (e.g. <site-packages>/torch), or unset it to let this script install one."
   say "using your libtorch at LIBTORCH=$LIBTORCH; nothing installed"
   check_user_nvcc "$LIBTORCH"
+  gloo_headers
   exit 0
 fi
 if [[ -n "${LIBTORCH_USE_PYTORCH:-}" ]]; then
@@ -74,6 +93,7 @@ if [[ -n "${LIBTORCH_USE_PYTORCH:-}" ]]; then
     die "LIBTORCH_USE_PYTORCH is set but '$py' has torch $have; tch 0.26 needs ${TORCH_VERSION}."
   say "using the torch $have of $py (LIBTORCH_USE_PYTORCH); nothing installed"
   check_user_nvcc "$("$py" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+  gloo_headers
   exit 0
 fi
 
@@ -132,3 +152,4 @@ fi
 link .venv "$venv"
 link .libtorch "$site/torch"
 say "libtorch: $repo/.libtorch -> $site/torch"
+gloo_headers
