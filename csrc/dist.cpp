@@ -26,6 +26,14 @@
 #ifdef TF_HAVE_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+#include <ATen/native/TensorFactories.h>
+
+#include <atomic>
+#include <limits>
+#include <unordered_map>
 
 namespace {
 
@@ -39,29 +47,44 @@ void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds 
 }
 
 
+// Which collective each rank reached, recorded in the rendezvous store, so that a failed one
+// can name the ranks that never came. Shared by the group and its Reducers' hooks.
+struct Arrivals {
+  c10::intrusive_ptr<c10d::Store> store;
+  int rank;
+  int world_size;
+  // Collectives this rank has entered. Every rank runs the same collectives in the same order,
+  // so equal counts mean the same collective.
+  std::atomic<std::uint64_t> seq{0};
+};
+
 struct ProcessGroup {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
   int rank;
   int world_size;
-  // Collectives this rank has entered. Every rank runs the same collectives in the same order,
-  // so equal counts mean the same collective.
-  std::uint64_t seq = 0;
+  std::shared_ptr<Arrivals> arrivals;
+  // The c10d::ProcessGroup over `backend` that DDP's Reducer talks to (for CPU and CUDA
+  // tensors), and the bucket all-reduces its hooks issued.
+  c10::intrusive_ptr<c10d::ProcessGroup> wrapper;
+  std::shared_ptr<std::atomic<std::uint64_t>> bucket_all_reduces =
+      std::make_shared<std::atomic<std::uint64_t>>(0);
 };
 
 std::string arrival_key(int rank) { return "tch_fabric/arrived/" + std::to_string(rank); }
 
 // Records in the store that this rank entered its next collective: one key per rank,
 // overwritten each time (the store never grows), sent without waiting for a reply.
-void arrive(ProcessGroup &g) {
-  ++g.seq;
-  g.store->set(arrival_key(g.rank), std::to_string(g.seq));
+void arrive(Arrivals &g) {
+  const auto seq = ++g.seq;
+  g.store->set(arrival_key(g.rank), std::to_string(seq));
 }
 
 // After a collective failed: which ranks never entered it, read from their arrival keys.
 // Empty when every rank did, or when the store cannot tell (rank 0, which serves it, is gone).
-std::string missing_ranks(ProcessGroup &g) {
+std::string missing_ranks(Arrivals &g) {
+  const std::uint64_t seq = g.seq;
   std::string missing;
   int count = 0;
   try {
@@ -70,7 +93,7 @@ std::string missing_ranks(ProcessGroup &g) {
       const auto key = arrival_key(r);
       std::uint64_t reached = 0;
       if (g.store->check({key})) reached = std::stoull(g.store->get_to_str(key));
-      if (reached >= g.seq) continue;
+      if (reached >= seq) continue;
       missing += (count++ == 0 ? "" : ", ") + std::to_string(r) + " (last at collective " +
                  (reached == 0 ? std::string("none") : "#" + std::to_string(reached)) + ")";
     }
@@ -79,15 +102,53 @@ std::string missing_ranks(ProcessGroup &g) {
   }
   if (count == 0) return "";
   return std::string(count == 1 ? "rank " : "ranks ") + missing + " did not arrive at collective #" +
-         std::to_string(g.seq) + " of rank " + std::to_string(g.rank);
+         std::to_string(seq) + " of rank " + std::to_string(g.rank);
 }
+
+// DDP's default communication (the Reducer's own when no hook is registered: gradients
+// multiplied by 1/world_size while copied into the bucket, then summed), counted. The Reducer
+// copies gradients into the bucket unscaled when a hook is registered, so the multiplication
+// happens here, with the same wrapped-number scalar and the same rounding.
+class CountingAllReduce : public c10d::CommHookInterface {
+ public:
+  CountingAllReduce(c10::intrusive_ptr<c10d::ProcessGroup> pg,
+                    std::shared_ptr<std::atomic<std::uint64_t>> count,
+                    std::shared_ptr<Arrivals> arrivals)
+      : pg_(std::move(pg)), count_(std::move(count)), arrivals_(std::move(arrivals)) {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket &bucket) override {
+    auto &buffer = bucket.getBufferRef();
+    buffer.mul_(at::native::wrapped_scalar_tensor(1.0 / pg_->getSize()));
+    std::vector<at::Tensor> tensors{buffer};
+    ++*count_;
+    try {
+      arrive(*arrivals_);
+    } catch (const std::exception &) {
+      // As in collective(): the record only explains a failure.
+    }
+    return pg_->allreduce(tensors)->getFuture();
+  }
+
+  at::Tensor parseHookResult(const c10::IValue &result) override {
+    return c10d::detail::parseCppCommHookResult(result);
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  std::shared_ptr<std::atomic<std::uint64_t>> count_;
+  std::shared_ptr<Arrivals> arrivals_;
+};
+
+struct Reducer {
+  std::unique_ptr<c10d::Reducer> reducer;
+};
 
 // Runs one collective: announces the arrival, waits at most the group's timeout, and on
 // failure names the ranks that never came (a hung or stopped rank) in the error.
 template <typename Start>
 void collective(ProcessGroup &g, const char *name, Start start) {
   try {
-    arrive(g);
+    arrive(*g.arrivals);
   } catch (const std::exception &) {
     // The record only explains a failure; a store that is gone (rank 0 died) must not keep the
     // collective from reporting its own error.
@@ -95,7 +156,7 @@ void collective(ProcessGroup &g, const char *name, Start start) {
   try {
     wait(start(), g.timeout);
   } catch (const std::exception &e) {
-    const std::string missing = missing_ranks(g);
+    const std::string missing = missing_ranks(*g.arrivals);
     std::string msg = std::string(name) + " failed after at most " +
                       std::to_string(g.timeout.count()) + " ms";
     if (!missing.empty()) msg += ": " + missing;
@@ -206,7 +267,19 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
         "GLOO_INCLUDE_DIR, then rebuild");
 #endif
     // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
-    *out = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms), rank, world_size};
+    auto *g = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms), rank, world_size,
+                               std::make_shared<Arrivals>()};
+    g->arrivals->store = store;
+    g->arrivals->rank = rank;
+    g->arrivals->world_size = world_size;
+    // The Reducer's all-reduces run with the backend's own timeout: the collectives' one.
+    group->setTimeout(std::chrono::milliseconds(timeout_ms));
+    g->wrapper = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world_size);
+    for (auto device : {c10::DeviceType::CPU, c10::DeviceType::CUDA}) {
+      g->wrapper->setBackend(device, c10d::ProcessGroup::BackendType::GLOO, group);
+    }
+    g->wrapper->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    *out = g;
   })
 }
 
@@ -256,6 +329,79 @@ char *tf_pg_barrier(tf_process_group pg) {
     opts.timeout = g.timeout;
     collective(g, "barrier", [&] { return g.backend->barrier(opts); });
   })
+}
+
+char *tf_pg_missing_ranks(tf_process_group pg, char **out) {
+  TF_PROTECT({
+    *out = nullptr;
+    const std::string missing = missing_ranks(*pg_ref(pg).arrivals);
+    *out = ::tch_fabric_shim::dup_message(missing.c_str());
+  })
+}
+
+uint64_t tf_pg_bucket_all_reduces(tf_process_group pg) {
+  return pg == nullptr ? 0 : static_cast<ProcessGroup *>(pg)->bucket_all_reduces->load();
+}
+
+char *tf_reducer_new(tf_process_group pg, const tf_tensor *params, size_t n,
+                     const char *const *names, int64_t bucket_bytes, int32_t find_unused,
+                     tf_reducer *out) {
+  TF_PROTECT({
+    *out = nullptr;
+    auto &g = pg_ref(pg);
+    std::vector<at::Tensor> tensors;
+    std::unordered_map<size_t, std::string> param_names;
+    for (size_t i = 0; i < n; ++i) {
+      tensors.push_back(deref(params[i]));
+      param_names[i] = names[i];
+    }
+    // PyTorch 2.13's DDP: without find_unused_parameters every parameter starts in one bucket
+    // and the Reducer rebuilds the buckets by size in the order gradients became ready, after
+    // the first backward; with it, buckets by size from the start (a 1 MiB first bucket).
+    const size_t cap = static_cast<size_t>(bucket_bytes);
+    std::vector<size_t> limits;
+    if (!find_unused) {
+      limits = {std::numeric_limits<size_t>::max()};
+    } else if (static_cast<size_t>(c10d::kDefaultFirstBucketBytes) < cap) {
+      limits = {static_cast<size_t>(c10d::kDefaultFirstBucketBytes), cap};
+    } else {
+      limits = {cap};
+    }
+    std::vector<bool> sparse(n, false);
+    auto assignment = c10d::compute_bucket_assignment_by_size(tensors, limits, sparse);
+    auto buckets = std::get<0>(assignment);
+    // Reversed: gradients come in roughly the reverse of the forward order.
+    std::reverse(buckets.begin(), buckets.end());
+    auto reducer = std::make_unique<c10d::Reducer>(
+        tensors, std::move(buckets), g.wrapper, sparse, bucket_bytes, find_unused != 0,
+        /*gradient_as_bucket_view=*/false, std::move(param_names),
+        c10d::kDefaultFirstBucketBytes, /*skip_all_reduce_unused_params=*/false,
+        /*use_python_reducer=*/false, /*bucket_bytes_cap_list=*/std::vector<int64_t>{});
+    reducer->register_comm_hook(
+        std::make_unique<CountingAllReduce>(g.wrapper, g.bucket_all_reduces, g.arrivals));
+    *out = new Reducer{std::move(reducer)};
+  })
+}
+
+char *tf_reducer_prepare(tf_reducer r, const tf_tensor *outputs, size_t n) {
+  TF_PROTECT({
+    if (r == nullptr) throw std::invalid_argument("tch-fabric shim: null reducer");
+    auto &reducer = *static_cast<Reducer *>(r)->reducer;
+    std::vector<at::Tensor> list;
+    for (size_t i = 0; i < n; ++i) list.push_back(deref(outputs[i]));
+    // As DDP's forward: buckets rebuilt once gradients were seen in order (a collective the
+    // first time), then the hooks armed for this backward.
+    reducer.rebuild_buckets();
+    reducer.prepare_for_backward(list);
+  })
+}
+
+void tf_reducer_free(tf_reducer r) {
+  try {
+    delete static_cast<Reducer *>(r);
+  } catch (...) {
+    // ~Reducer may throw (noexcept(false)); nothing can be done with it here.
+  }
 }
 
 }  // extern "C"

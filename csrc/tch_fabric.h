@@ -174,6 +174,23 @@ char *tf_pg_all_reduce(tf_process_group pg, tf_tensor tensor, int32_t op);
 char *tf_pg_broadcast(tf_process_group pg, tf_tensor tensor, int32_t root);
 /* Blocks until every rank reached the barrier. */
 char *tf_pg_barrier(tf_process_group pg);
+/* After a failed collective: which ranks never entered it ("" when all did), a heap string
+ * freed with tf_free_error. */
+char *tf_pg_missing_ranks(tf_process_group pg, char **out);
+/* Bucket all-reduces the group's DDP Reducers issued. */
+uint64_t tf_pg_bucket_all_reduces(tf_process_group pg);
+
+/* libtorch's DDP Reducer (c10d::Reducer) over `params` (named for its errors): gradients
+ * averaged in buckets of at most `bucket_bytes`, each all-reduced during backward as soon as
+ * its gradients are ready. tf_reducer_prepare arms it for the next backward (`outputs` are
+ * searched for unused parameters when `find_unused`); a backward without it leaves the
+ * gradients local (no_backward_sync). */
+typedef void *tf_reducer;
+char *tf_reducer_new(tf_process_group pg, const tf_tensor *params, size_t n,
+                     const char *const *names, int64_t bucket_bytes, int32_t find_unused,
+                     tf_reducer *out);
+char *tf_reducer_prepare(tf_reducer r, const tf_tensor *outputs, size_t n);
+void tf_reducer_free(tf_reducer r);
 
 /* torch.save-format files (pickle.cpp). A `tf_ivalue` is a heap `c10::IValue*` owned by the
  * caller and released with tf_ivalue_free; buffers from tf_archive_record with tf_free_buffer. */

@@ -427,7 +427,40 @@ impl ProcessGroup {
     /// one-process group): what a loop costs in communication, e.g. one bucket set per
     /// optimizer step under [`crate::Fabric::no_backward_sync`].
     pub fn all_reduce_calls(&self) -> u64 {
-        self.all_reduces.get()
+        let buckets = self.raw.as_ref().map_or(0, |r| r.bucket_all_reduces());
+        self.all_reduces.get() + buckets
+    }
+
+    /// After a failed collective (a Reducer's, inside a backward): the ranks that never entered
+    /// it, as `rank 1 (last at collective #7) did not arrive at collective #8 of rank 0`, or ""
+    /// when every rank did.
+    pub(crate) fn missing_ranks(&self) -> String {
+        self.raw
+            .as_ref()
+            .map_or_else(String::new, |r| r.missing_ranks())
+    }
+
+    /// libtorch's DDP engine (`c10d::Reducer`) over the named parameters of one model:
+    /// gradients averaged as PyTorch's `DistributedDataParallel` does, in buckets of at most
+    /// `bucket_bytes` whose all-reduce starts during backward as soon as their gradients are
+    /// ready. `None` in a group of one.
+    pub(crate) fn reducer(
+        &self,
+        params: Vec<(String, Tensor)>,
+        bucket_bytes: usize,
+        find_unused: bool,
+    ) -> Result<Option<Reducer>> {
+        let Some(raw) = &self.raw else {
+            return Ok(None);
+        };
+        if params.is_empty() {
+            return Ok(None);
+        }
+        let reducer = raw.reducer(&params, bucket_bytes, find_unused)?;
+        Ok(Some(Reducer {
+            raw: reducer,
+            names: params.into_iter().map(|(n, _)| n).collect(),
+        }))
     }
 
     /// Replaces `tensor` on every rank with rank `root`'s.
@@ -525,6 +558,55 @@ pub(crate) fn default_group(
         *slot = Some((env.clone(), Rc::clone(&group)));
         Ok(group)
     })
+}
+
+/// One model's [`ProcessGroup::reducer`].
+#[derive(Debug)]
+pub(crate) struct Reducer {
+    raw: crate::native::RawReducer,
+    /// The parameters' names, by the Reducer's indices.
+    names: Vec<String>,
+}
+
+impl Reducer {
+    /// Arms the Reducer for the next backward: this backward's gradients are then averaged
+    /// across the group while it runs. `outputs` (the loss) are searched for unused
+    /// parameters when the reducer finds them.
+    pub(crate) fn prepare(&self, outputs: &[&Tensor]) -> Result<()> {
+        self.raw.prepare(outputs).map_err(|e| self.name_unused(e))
+    }
+
+    /// c10d names the parameters that got no gradient by index only (unless
+    /// TORCH_DISTRIBUTED_DEBUG=DETAIL, a process-wide setting): adds their names.
+    fn name_unused(&self, e: Error) -> Error {
+        let Error::Native { op, message } = e else {
+            return e;
+        };
+        const MARK: &str = "did not receive grad for rank ";
+        let names: Vec<&str> = message
+            .lines()
+            .find_map(|l| l.split_once(MARK))
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .map(|(_, list)| {
+                list.split_whitespace()
+                    .filter_map(|i| i.trim_matches(',').parse::<usize>().ok())
+                    .filter_map(|i| self.names.get(i).map(String::as_str))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names.is_empty() {
+            return Error::Native { op, message };
+        }
+        Error::Native {
+            op,
+            message: format!(
+                "{message}\nParameters without a gradient in the last backward: {}. Build the \
+                 Fabric with FabricBuilder::find_unused_parameters(true) if the model leaves \
+                 them unused on purpose.",
+                names.join(", ")
+            ),
+        }
+    }
 }
 
 /// Packs `tensors` into buckets (same dtype and device, at most [`BUCKET_BYTES`] unless one

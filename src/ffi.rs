@@ -237,6 +237,23 @@ extern "C" {
     pub(crate) fn tf_pg_all_reduce(pg: *mut c_void, tensor: CTensor, op: i32) -> *mut c_char;
     pub(crate) fn tf_pg_broadcast(pg: *mut c_void, tensor: CTensor, root: i32) -> *mut c_char;
     pub(crate) fn tf_pg_barrier(pg: *mut c_void) -> *mut c_char;
+    pub(crate) fn tf_pg_bucket_all_reduces(pg: *mut c_void) -> u64;
+    pub(crate) fn tf_pg_missing_ranks(pg: *mut c_void, out: *mut *mut c_char) -> *mut c_char;
+    pub(crate) fn tf_reducer_new(
+        pg: *mut c_void,
+        params: *const CTensor,
+        n: usize,
+        names: *const *const c_char,
+        bucket_bytes: i64,
+        find_unused: i32,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub(crate) fn tf_reducer_prepare(
+        reducer: *mut c_void,
+        outputs: *const CTensor,
+        n: usize,
+    ) -> *mut c_char;
+    pub(crate) fn tf_reducer_free(reducer: *mut c_void);
     pub(crate) fn tf_ivalue_free(v: CIValue);
     pub(crate) fn tf_free_buffer(data: *mut c_char);
     pub(crate) fn tf_archive_record(

@@ -727,6 +727,80 @@ impl RawProcessGroup {
     pub(crate) fn barrier(&self) -> Result<()> {
         check("barrier", unsafe { ffi::tf_pg_barrier(self.0) })
     }
+
+    /// After a failed collective: the ranks that never entered it ("" when every rank did or
+    /// the store cannot tell).
+    pub(crate) fn missing_ranks(&self) -> String {
+        let mut out: *mut c_char = std::ptr::null_mut();
+        match check("missing ranks", unsafe {
+            ffi::tf_pg_missing_ranks(self.0, &mut out)
+        }) {
+            // SAFETY: a strdup'ed string the shim handed over.
+            Ok(()) => unsafe { ffi::take_string(out) },
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The bucket all-reduces this group's Reducers issued.
+    pub(crate) fn bucket_all_reduces(&self) -> u64 {
+        unsafe { ffi::tf_pg_bucket_all_reduces(self.0) }
+    }
+
+    /// libtorch's DDP Reducer over `params` in this group.
+    pub(crate) fn reducer(
+        &self,
+        params: &[(String, Tensor)],
+        bucket_bytes: usize,
+        find_unused: bool,
+    ) -> Result<RawReducer> {
+        let names = params
+            .iter()
+            .map(|(n, _)| {
+                CString::new(n.as_str()).map_err(|_| Error::native("Reducer", "NUL in a name"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        let tensors = ptrs(params.iter().map(|(_, t)| t));
+        let bytes = i64::try_from(bucket_bytes).unwrap_or(i64::MAX);
+        let mut out: *mut c_void = std::ptr::null_mut();
+        check("Reducer", unsafe {
+            ffi::tf_reducer_new(
+                self.0,
+                tensors.as_ptr(),
+                tensors.len(),
+                name_ptrs.as_ptr(),
+                bytes,
+                i32::from(find_unused),
+                &mut out,
+            )
+        })?;
+        if out.is_null() {
+            return Err(Error::native("Reducer", "the shim returned no reducer"));
+        }
+        Ok(RawReducer(out))
+    }
+}
+
+/// A `c10d::Reducer` the shim owns.
+#[derive(Debug)]
+pub(crate) struct RawReducer(*mut c_void);
+
+impl RawReducer {
+    /// Arms the hooks for the next backward (`outputs` are searched for unused parameters
+    /// when the reducer was built to find them).
+    pub(crate) fn prepare(&self, outputs: &[&Tensor]) -> Result<()> {
+        let p = ptrs(outputs.iter().copied());
+        check("DDP Reducer", unsafe {
+            ffi::tf_reducer_prepare(self.0, p.as_ptr(), p.len())
+        })
+    }
+}
+
+impl Drop for RawReducer {
+    fn drop(&mut self) {
+        // SAFETY: from tf_reducer_new, freed once; the shim swallows a throwing destructor.
+        unsafe { ffi::tf_reducer_free(self.0) }
+    }
 }
 
 impl Drop for RawProcessGroup {

@@ -114,6 +114,8 @@ pub struct FabricBuilder {
     timeout: Option<Duration>,
     process_wide_default_dtype: bool,
     allow_load_overflow: bool,
+    bucket_cap_mb: Option<f64>,
+    find_unused_parameters: bool,
 }
 
 impl FabricBuilder {
@@ -209,6 +211,22 @@ impl FabricBuilder {
         self
     }
 
+    /// DDP's `bucket_cap_mb` (Lightning: `DDPStrategy(bucket_cap_mb=...)`): the most
+    /// gradient bytes, in MiB, one all-reduce carries; 25 by default, as PyTorch's. Smaller
+    /// buckets start communicating earlier in the backward, at more calls.
+    pub fn bucket_cap_mb(mut self, mb: f64) -> Self {
+        self.bucket_cap_mb = Some(mb);
+        self
+    }
+
+    /// DDP's `find_unused_parameters`: search each backward's graph for parameters the loss
+    /// does not use, so that they do not hold up the all-reduce (off by default, as in
+    /// PyTorch, where such a parameter makes the next backward fail with an error naming it).
+    pub fn find_unused_parameters(mut self, find: bool) -> Self {
+        self.find_unused_parameters = find;
+        self
+    }
+
     /// Builds the Fabric.
     ///
     /// # Errors
@@ -219,6 +237,15 @@ impl FabricBuilder {
     /// [`Error::Native`] when the process group cannot form (taken port, missing rank; after
     /// at most the rendezvous timeout).
     pub fn build(self) -> Result<Fabric> {
+        let mb = self.bucket_cap_mb.unwrap_or(25.0);
+        if !(mb.is_finite() && mb > 0.0 && mb * 1048576.0 <= i64::MAX as f64) {
+            return Err(Error::InvalidConfig {
+                field: "bucket_cap_mb",
+                value: mb.to_string(),
+                allowed: "a positive number of MiB",
+            });
+        }
+        let bucket_bytes = ((mb * 1048576.0) as usize).max(1);
         let cli = std::env::var("LT_CLI_USED")
             .ok()
             .and_then(|v| v.trim().parse::<i64>().ok())
@@ -332,6 +359,8 @@ impl FabricBuilder {
                 device,
                 default_dtype_scope: self.process_wide_default_dtype,
                 allow_load_overflow: self.allow_load_overflow,
+                bucket_bytes,
+                find_unused_parameters: self.find_unused_parameters,
             },
             group,
             scaler,

@@ -10,7 +10,7 @@ pub use optimizer::FabricOptimizer;
 use crate::autocast::AutocastGuard;
 use crate::checkpoint::{self, LoadReport, Model, SharedOptimizer};
 use crate::clip::{self, Clip, ClipMethod, GradNorm};
-use crate::dist::{ProcessGroup, ReduceOp};
+use crate::dist::{ProcessGroup, ReduceOp, Reducer};
 use crate::error::{Error, Op, Result};
 use crate::native;
 use crate::optim::Optimizer;
@@ -40,6 +40,10 @@ pub(crate) struct Settings {
     pub default_dtype_scope: bool,
     /// [`FabricBuilder::allow_load_overflow`].
     pub allow_load_overflow: bool,
+    /// [`FabricBuilder::bucket_cap_mb`], in bytes.
+    pub bucket_bytes: usize,
+    /// [`FabricBuilder::find_unused_parameters`].
+    pub find_unused_parameters: bool,
 }
 
 /// The part of a Fabric its modules and optimizers share.
@@ -52,6 +56,15 @@ pub(crate) struct Core {
     state: RefCell<State>,
 }
 
+/// One model's gradient synchronisation under DDP.
+#[derive(Debug)]
+struct ModelSync {
+    /// libtorch's DDP Reducer over its trainable variables (`None` in a group of one).
+    reducer: Option<Reducer>,
+    /// How many [`NoBackwardSync`] guards pause it.
+    paused: u32,
+}
+
 /// What changes while training.
 #[derive(Debug)]
 struct State {
@@ -61,12 +74,8 @@ struct State {
     models: Vec<Model>,
     /// Every optimizer set up, in order (checkpoints key their state by this index).
     optimizers: Vec<SharedOptimizer>,
-    /// The variables of every model set up, in checkpoint-key order (the same on every rank):
-    /// the gradients DDP averages.
-    variables: Vec<Tensor>,
-    /// Per model: its range in `variables`, and how many [`NoBackwardSync`] guards pause its
-    /// gradient synchronisation.
-    model_vars: Vec<(std::ops::Range<usize>, u32)>,
+    /// Per model, in setup order: its gradient synchronisation.
+    model_sync: Vec<ModelSync>,
     /// `fabric.backward` calls so far.
     backward_count: u64,
 }
@@ -95,8 +104,7 @@ impl Core {
                 scaler,
                 models: Vec::new(),
                 optimizers: Vec::new(),
-                variables: Vec::new(),
-                model_vars: Vec::new(),
+                model_sync: Vec::new(),
                 backward_count: 0,
             }),
         }
@@ -538,15 +546,23 @@ impl Fabric {
             return Err(e);
         }
         // DDP: every rank starts from rank 0's weights, whatever its own initialisation.
-        let tensors: Vec<Tensor> = entry.entries()?.into_iter().map(|(_, t)| t).collect();
+        let named = entry.entries()?;
+        let tensors: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         tch::no_grad(|| self.core.group.broadcast_coalesced(&tensors, 0))?;
+        // Then gradients are averaged by libtorch's DDP engine, over the trainable variables.
+        let trainable: Vec<(String, Tensor)> = named
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        let reducer = self.core.group.reducer(
+            trainable,
+            self.core.settings.bucket_bytes,
+            self.core.settings.find_unused_parameters,
+        )?;
         let mut st = self.core.state.borrow_mut();
         let index = st.models.len();
         st.models.push(entry);
-        let start = st.variables.len();
-        st.variables.extend(tensors);
-        let range = start..st.variables.len();
-        st.model_vars.push((range, 0));
+        st.model_sync.push(ModelSync { reducer, paused: 0 });
         Ok(FabricModule::new(
             model,
             self.core.settings,
@@ -652,30 +668,26 @@ impl Fabric {
             Some(s) => s.scale(loss)?,
             None => loss.shallow_clone(),
         };
-        scaled.f_backward().op("backward")?;
-        st.backward_count += 1;
-        if self.world_size() > 1 {
-            // Skip the variables of models a NoBackwardSync guard pauses (none outside
-            // gradient accumulation): their gradients stay local until the next synced backward.
-            let paused: Vec<&std::ops::Range<usize>> = st
-                .model_vars
-                .iter()
-                .filter(|(_, paused)| *paused > 0)
-                .map(|(range, _)| range)
-                .collect();
-            if paused.iter().map(|r| r.len()).sum::<usize>() == st.variables.len() {
-                return Ok(());
+        // DDP: each model's Reducer is armed unless a NoBackwardSync guard pauses it (then its
+        // gradients accumulate locally until the next synced backward); armed, it averages the
+        // gradients bucket by bucket while the backward runs.
+        for sync in st.model_sync.iter().filter(|s| s.paused == 0) {
+            if let Some(r) = &sync.reducer {
+                r.prepare(&[&scaled])?;
             }
-            let grads: Vec<Tensor> = native::collect_grads(&st.variables)?
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| !paused.iter().any(|r| r.contains(i)))
-                .filter_map(|(_, g)| g.map(|(g, _)| g))
-                .collect();
-            self.core
-                .group
-                .all_reduce_coalesced(&grads, ReduceOp::Mean)?;
         }
+        if let Err(e) = scaled.f_backward().op("backward") {
+            // A Reducer's all-reduce failed inside the backward: name the ranks that never came.
+            let missing = self.core.group.missing_ranks();
+            return Err(match e {
+                Error::Native { op, message } if !missing.is_empty() => Error::Native {
+                    op,
+                    message: format!("{missing}: {message}"),
+                },
+                other => other,
+            });
+        }
+        st.backward_count += 1;
         Ok(())
     }
 
@@ -729,8 +741,8 @@ impl Fabric {
             ));
         }
         if enabled {
-            if let Some((_, paused)) = self.core.state.borrow_mut().model_vars.get_mut(index) {
-                *paused += 1;
+            if let Some(sync) = self.core.state.borrow_mut().model_sync.get_mut(index) {
+                sync.paused += 1;
             }
         }
         Ok(NoBackwardSync {
@@ -1063,8 +1075,8 @@ impl Drop for NoBackwardSync {
     fn drop(&mut self) {
         // The state is never borrowed while user code runs, where guards are dropped.
         if let (Some(i), Ok(mut st)) = (self.model, self.core.state.try_borrow_mut()) {
-            if let Some((_, paused)) = st.model_vars.get_mut(i) {
-                *paused = paused.saturating_sub(1);
+            if let Some(sync) = st.model_sync.get_mut(i) {
+                sync.paused = sync.paused.saturating_sub(1);
             }
         }
     }
