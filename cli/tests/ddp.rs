@@ -40,6 +40,10 @@ struct Config {
     /// With accumulation: pause the gradient sync on all micro-batches but the last
     /// (`fabric.no_backward_sync`).
     no_sync: bool,
+    /// Give the model a layer ("spare") that the forward never uses.
+    unused_layer: bool,
+    /// `FabricBuilder::find_unused_parameters`.
+    find_unused: bool,
 }
 
 impl Config {
@@ -60,6 +64,8 @@ impl Config {
             rendezvous_timeout_ms: 20_000,
             accumulate: 1,
             no_sync: false,
+            unused_layer: false,
+            find_unused: false,
         }
     }
 }
@@ -103,7 +109,8 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
                 .growth_interval(4),
         )
         .rendezvous_timeout(Duration::from_millis(cfg.rendezvous_timeout_ms))
-        .timeout(Duration::from_millis(cfg.timeout_ms));
+        .timeout(Duration::from_millis(cfg.timeout_ms))
+        .find_unused_parameters(cfg.find_unused);
     if let Some(d) = cfg.devices {
         builder = builder.devices(d);
     }
@@ -121,6 +128,9 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     tch::manual_seed(7 + 1000 * rank as i64);
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = mlp(&vs.root());
+    if cfg.unused_layer {
+        let _spare = nn::linear(vs.root() / "spare", 4, 4, Default::default());
+    }
     let opt = FusedAdamW::new(&vs, 1e-2).unwrap();
     let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
     let rows: Vec<i64> = DistributedSampler::new(cfg.global_batch as usize, world, rank)?
@@ -511,6 +521,39 @@ fn a_world_size_mismatch_is_a_clear_error_not_a_hang() {
         "{stderr}"
     );
     assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+/// A parameter the loss never uses: with `find_unused_parameters(true)` the Reducer finds it
+/// each backward and training goes on; without, the next backward fails naming it (c10d alone
+/// gives only its index).
+#[test]
+fn unused_parameters_are_found_or_named() {
+    let dir = out_dir("unused-found");
+    let mut cfg = Config::new("32-true", &dir);
+    cfg.steps = 4;
+    cfg.unused_layer = true;
+    cfg.find_unused = true;
+    let (out, _) = launch(&cfg, 2, &[]);
+    assert_ok(&out, "find_unused_parameters(true)");
+    let (a, b) = (report(&dir, 0), report(&dir, 1));
+    assert_eq!(a.weights, b.weights, "the ranks agree");
+
+    let dir = out_dir("unused-named");
+    let mut cfg = Config::new("32-true", &dir);
+    cfg.steps = 4;
+    cfg.unused_layer = true;
+    let (out, _) = launch(&cfg, 2, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("spare.weight")
+            && stderr.contains("spare.bias")
+            && stderr.contains("find_unused_parameters(true)"),
+        "the error names the unused parameters:\n{stderr}"
+    );
+    if let Some(line) = stderr.lines().find(|l| l.contains("spare.weight")) {
+        eprintln!("without find_unused_parameters: {line}");
+    }
 }
 
 /// A rank that hangs (alive, never reaching the next collective) ends the job within the

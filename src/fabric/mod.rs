@@ -653,10 +653,13 @@ impl Fabric {
 
     /// `loss.backward()`, scaled under `16-mixed` (`scaler.scale(loss).backward()`).
     ///
-    /// Under DDP the gradients of every model set up (its variables at setup) are then averaged
-    /// across processes, in coalesced buckets (one all-reduce per [`crate::BUCKET_BYTES`] of same-dtype gradients),
-    /// so every rank steps on the same gradient. Every rank must call it, and gradients must be
-    /// defined for the same parameters on every rank.
+    /// Under DDP the gradients of every model set up (its trainable variables at setup) are
+    /// averaged across processes by libtorch's `c10d::Reducer`, as PyTorch's
+    /// `DistributedDataParallel` does: in buckets of at most
+    /// [`FabricBuilder::bucket_cap_mb`], each all-reduced during the backward as soon as its
+    /// gradients are ready, so every rank steps on the same gradient. Every rank must call it;
+    /// every parameter must get a gradient (else the next backward fails naming the ones that
+    /// did not) unless [`FabricBuilder::find_unused_parameters`].
     ///
     /// # Errors
     ///
