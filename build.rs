@@ -59,6 +59,15 @@ fn main() -> Result<()> {
             .define("USE_C10D_GLOO", None)
             .define("TF_HAVE_GLOO", None);
     }
+    // With `cuda`, NCCL process groups too: libtorch's ProcessGroupNCCL.hpp against the
+    // wheels' CUDA and NCCL headers (compiled and linked without a GPU, like the kernels).
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        for dir in cuda::nccl_includes(&lib_dir)? {
+            shim.include(dir);
+        }
+        shim.define("USE_C10D_NCCL", None)
+            .define("TF_HAVE_NCCL", None);
+    }
     shim.file("csrc/shim.cpp")
         .file("csrc/dist.cpp")
         .file("csrc/pickle.cpp")

@@ -163,3 +163,37 @@ fn gencode() -> Result<Vec<String>> {
     args.push(format!("-gencode=arch=compute_{max},code=compute_{max}"));
     Ok(args)
 }
+
+/// The headers `csrc/dist.cpp` needs for libtorch's `ProcessGroupNCCL.hpp` under the `cuda`
+/// feature: the CUDA runtime's (the wheel's `nvidia/cu*/include`, else next to nvcc) and
+/// NCCL's (`nvidia/nccl/include`, from the nvidia-nccl wheel torch depends on, or
+/// `NCCL_INCLUDE_DIR`). The library itself is libtorch_cuda's, linked already.
+pub fn nccl_includes(lib_dir: &Path) -> Result<Vec<PathBuf>> {
+    println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
+    let lib_dir = std::fs::canonicalize(lib_dir)
+        .with_context(|| format!("resolving {}", lib_dir.display()))?;
+    let site = lib_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let cuda = site
+        .iter()
+        .flat_map(|s| nvidia_dirs(s).map(|d| d.join("include")))
+        .chain(
+            find_nvcc(site.as_deref())
+                .ok()
+                .and_then(|n| Some(n.parent()?.parent()?.join("include"))),
+        )
+        .find(|d| d.join("cuda_runtime_api.h").exists())
+        .context("no CUDA runtime headers (cuda_runtime_api.h) next to torch or nvcc")?;
+    let nccl = std::env::var_os("NCCL_INCLUDE_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(site.iter().map(|s| s.join("nvidia/nccl/include")))
+        .find(|d| d.join("nccl.h").exists())
+        .context(
+            "no nccl.h: install the nvidia-nccl wheel torch was built with into the Python \
+             that owns libtorch, or set NCCL_INCLUDE_DIR",
+        )?;
+    Ok(vec![cuda, nccl])
+}

@@ -26,6 +26,11 @@
 #ifdef TF_HAVE_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
+#ifdef TF_HAVE_NCCL
+// Under the `cuda` feature: NCCL groups for CUDA tensors, from the wheel's own header.
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
@@ -216,11 +221,19 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
                                   " is not a TCP port (1..65535)");
     }
     if (name == "nccl") {
+#ifdef TF_HAVE_NCCL
+      // Before the rendezvous, so that the other ranks are not left waiting for this one.
+      if (c10::cuda::device_count() == 0) {
+        throw std::invalid_argument(
+            "the NCCL backend needs a CUDA GPU and this process sees none; use the gloo "
+            "backend on CPUs");
+      }
+#else
       throw std::invalid_argument(
-          "the NCCL backend is not available in this build of tch-fabric (it needs CUDA and "
-          "NCCL at build and run time); use the gloo backend, which also handles CUDA tensors");
-    }
-    if (name != "gloo") {
+          "the NCCL backend is not available in this build of tch-fabric (build it with the "
+          "`cuda` feature); use the gloo backend, which also handles CUDA tensors");
+#endif
+    } else if (name != "gloo") {
       throw std::invalid_argument("unknown process group backend '" + name +
                                   "': must be 'gloo' or 'nccl'");
     }
@@ -247,25 +260,42 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
           std::to_string(world_size) + ", timeout " + std::to_string(rendezvous.count()) +
           " ms): " + tch_fabric_shim::message_of(e));
     }
-#ifdef TF_HAVE_GLOO
-    auto options = c10d::ProcessGroupGloo::Options::create(rendezvous);
-    options->devices.push_back(gloo_device(addr));
     c10::intrusive_ptr<c10d::Backend> group;
-    try {
-      group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
-    } catch (const std::exception &e) {
-      throw std::runtime_error("Gloo could not connect the " + std::to_string(world_size) +
-                               " ranks (this is rank " + std::to_string(rank) + ", timeout " +
-                               std::to_string(rendezvous.count()) +
-                               " ms; do all ranks agree on WORLD_SIZE?): " + tch_fabric_shim::message_of(e));
+    auto backend_type = c10d::ProcessGroup::BackendType::GLOO;
+#ifdef TF_HAVE_NCCL
+    if (name == "nccl") {
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = std::chrono::milliseconds(timeout_ms);
+      try {
+        group = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
+      } catch (const std::exception &e) {
+        throw std::runtime_error("NCCL could not set up rank " + std::to_string(rank) + " of " +
+                                 std::to_string(world_size) + ": " +
+                                 tch_fabric_shim::message_of(e));
+      }
+      backend_type = c10d::ProcessGroup::BackendType::NCCL;
     }
-#else
-    c10::intrusive_ptr<c10d::Backend> group;
-    throw std::runtime_error(
-        "this build of tch-fabric has no Gloo process group: it was compiled without Gloo's "
-        "headers. Install them (Debian/Ubuntu: apt-get install libgloo-dev) or set "
-        "GLOO_INCLUDE_DIR, then rebuild");
 #endif
+    if (!group) {
+#ifdef TF_HAVE_GLOO
+      auto options = c10d::ProcessGroupGloo::Options::create(rendezvous);
+      options->devices.push_back(gloo_device(addr));
+      try {
+        group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
+      } catch (const std::exception &e) {
+        throw std::runtime_error("Gloo could not connect the " + std::to_string(world_size) +
+                                 " ranks (this is rank " + std::to_string(rank) + ", timeout " +
+                                 std::to_string(rendezvous.count()) +
+                                 " ms; do all ranks agree on WORLD_SIZE?): " +
+                                 tch_fabric_shim::message_of(e));
+      }
+#else
+      throw std::runtime_error(
+          "this build of tch-fabric has no Gloo process group: it was compiled without Gloo's "
+          "headers. Install them (Debian/Ubuntu: apt-get install libgloo-dev) or set "
+          "GLOO_INCLUDE_DIR, then rebuild");
+#endif
+    }
     // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
     auto *g = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms), rank, world_size,
                                std::make_shared<Arrivals>()};
@@ -275,10 +305,12 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
     // The Reducer's all-reduces run with the backend's own timeout: the collectives' one.
     group->setTimeout(std::chrono::milliseconds(timeout_ms));
     g->wrapper = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world_size);
-    for (auto device : {c10::DeviceType::CPU, c10::DeviceType::CUDA}) {
-      g->wrapper->setBackend(device, c10d::ProcessGroup::BackendType::GLOO, group);
+    // Gloo takes CPU and CUDA tensors; NCCL only CUDA ones.
+    if (backend_type == c10d::ProcessGroup::BackendType::GLOO) {
+      g->wrapper->setBackend(c10::DeviceType::CPU, backend_type, group);
     }
-    g->wrapper->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    g->wrapper->setBackend(c10::DeviceType::CUDA, backend_type, group);
+    g->wrapper->setDefaultBackend(backend_type);
     *out = g;
   })
 }

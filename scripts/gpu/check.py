@@ -464,6 +464,24 @@ def graph(ctx):
     return "3 replays, the last skipped"
 
 
+@check("NCCL: a 1-rank process group all-reduces a CUDA tensor (what strategy('ddp') on CUDA builds)", cuda_only=True)
+def nccl_all_reduce(ctx):
+    import torch.distributed as dist
+    if not dist.is_nccl_available():
+        raise AssertionError("this PyTorch has no NCCL")
+    store = dist.HashStore()
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        t = torch.arange(1024, dtype=torch.float32, device=ctx.dev)
+        dist.all_reduce(t)  # sum over one rank: unchanged
+        ctx.sync()
+        assert torch.equal(t, torch.arange(1024, dtype=torch.float32, device=ctx.dev)), "changed"
+        version = ".".join(map(str, torch.cuda.nccl.version()))
+    finally:
+        dist.destroy_process_group()
+    return f"NCCL {version}"
+
+
 def bench(ctx, n_total, n_tensors, reps):
     """Times one pass over n_total elements in n_tensors tensors per dtype, against the native
     unscale, native unscale + _foreach_norm, and a device copy of the same bytes."""

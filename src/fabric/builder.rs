@@ -340,7 +340,12 @@ impl FabricBuilder {
             Some(env) => crate::dist::default_group(
                 env,
                 &ProcessGroupOptions {
-                    backend: "gloo".into(),
+                    // PyTorch's choice: NCCL for CUDA devices (in a `cuda` build), else Gloo.
+                    backend: if cfg!(feature = "cuda") && device.is_cuda() {
+                        "nccl".into()
+                    } else {
+                        "gloo".into()
+                    },
                     rendezvous_timeout: self
                         .rendezvous_timeout
                         .unwrap_or(crate::dist::DEFAULT_RENDEZVOUS_TIMEOUT),
