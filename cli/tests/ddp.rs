@@ -44,6 +44,8 @@ struct Config {
     unused_layer: bool,
     /// `FabricBuilder::find_unused_parameters`.
     find_unused: bool,
+    /// Initial weights (safetensors, VarStore names) instead of rank 0's own initialisation.
+    init: Option<PathBuf>,
 }
 
 impl Config {
@@ -66,6 +68,7 @@ impl Config {
             no_sync: false,
             unused_layer: false,
             find_unused: false,
+            init: None,
         }
     }
 }
@@ -99,6 +102,8 @@ fn global_batch(step: usize, n: i64) -> (Tensor, Tensor) {
 }
 
 fn train_rank(cfg: &Config) -> anyhow::Result<()> {
+    // One thread per rank, as the Python reference runs (and the ranks share the cores).
+    tch::set_num_threads(1);
     let mut builder = Fabric::builder()
         .precision(cfg.precision.as_str())
         .accelerator("cpu")
@@ -130,6 +135,9 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     let model = mlp(&vs.root());
     if cfg.unused_layer {
         let _spare = nn::linear(vs.root() / "spare", 4, 4, Default::default());
+    }
+    if let Some(init) = &cfg.init {
+        vs.load(init)?;
     }
     let opt = FusedAdamW::new(&vs, 1e-2).unwrap();
     let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
@@ -379,6 +387,46 @@ fn accumulation_with_no_backward_sync_syncs_once_per_step() {
     }
     let diff = max_abs_diff(&results[0], &results[1]);
     assert!(diff <= 1e-6, "syncing once or every micro-batch: {diff}");
+}
+
+/// Against Lightning Fabric's own DDP (PyTorch's DistributedDataParallel and its Reducer) on 2
+/// processes, from the same weights and batches: libtorch's Reducer here too, so the averaged
+/// gradients (multiplied by 1/2, then summed) and the weights agree to float32 rounding.
+#[test]
+fn ddp_matches_lightnings_ddp_32_true() {
+    let dir = out_dir("lightning-ddp");
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _m = mlp(&vs.root());
+    let init = dir.join("init.safetensors");
+    vs.save(&init).unwrap();
+    let mut cfg = Config::new("32-true", &dir);
+    cfg.init = Some(init.clone());
+    let reference = dir.join("lightning.safetensors");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ddp_reference.py");
+    let out = clean_env(&mut Command::new(&python))
+        .arg(&script)
+        .arg(&init)
+        .arg(&reference)
+        .arg(cfg.steps.to_string())
+        .arg(cfg.global_batch.to_string())
+        .output()
+        .expect("start python");
+    assert_ok(&out, "Lightning's DDP");
+    let (out, _) = launch(&cfg, 2, &[]);
+    assert_ok(&out, "tch-fabric's DDP");
+    // The report's weights are in VarStore name order: l1.bias, l1.weight, l2.bias, l2.weight.
+    let want = Tensor::read_safetensors(&reference).unwrap();
+    let mut want: Vec<(String, Tensor)> = want.into_iter().collect();
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut flat = Vec::new();
+    for (_, t) in want {
+        flat.extend(Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap());
+    }
+    let diff = max_abs_diff(&report(&dir, 0).weights, &flat);
+    eprintln!("2 ranks, 20 AdamW steps: max |tch-fabric DDP - Lightning DDP| = {diff:e}");
+    assert!(diff <= 2e-7, "differs from Lightning's DDP by {diff}");
 }
 
 #[test]
