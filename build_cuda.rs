@@ -19,13 +19,7 @@ pub struct Cuda {
 pub fn compile(includes: &[PathBuf], lib_dir: &Path, abi: &str, out_dir: &Path) -> Result<Cuda> {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
-    // `.libtorch/lib` is a link into the venv: resolve it to find the venv's nvidia/ packages.
-    let lib_dir = std::fs::canonicalize(lib_dir)
-        .with_context(|| format!("resolving {}", lib_dir.display()))?;
-    let site = lib_dir
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf);
+    let site = site_packages(lib_dir)?;
     let nvcc = find_nvcc(site.as_deref())?;
 
     let object = out_dir.join("ops_cuda.o");
@@ -170,12 +164,7 @@ fn gencode() -> Result<Vec<String>> {
 /// `NCCL_INCLUDE_DIR`). The library itself is libtorch_cuda's, linked already.
 pub fn nccl_includes(lib_dir: &Path) -> Result<Vec<PathBuf>> {
     println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
-    let lib_dir = std::fs::canonicalize(lib_dir)
-        .with_context(|| format!("resolving {}", lib_dir.display()))?;
-    let site = lib_dir
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf);
+    let site = site_packages(lib_dir)?;
     let cuda = site
         .iter()
         .flat_map(|s| nvidia_dirs(s).map(|d| d.join("include")))
@@ -196,4 +185,15 @@ pub fn nccl_includes(lib_dir: &Path) -> Result<Vec<PathBuf>> {
              that owns libtorch, or set NCCL_INCLUDE_DIR",
         )?;
     Ok(vec![cuda, nccl])
+}
+
+/// The site-packages folder of the torch whose `lib/` is `lib_dir` (`.libtorch/lib` is a link
+/// into the venv: resolved, to find the venv's nvidia/ packages).
+fn site_packages(lib_dir: &Path) -> Result<Option<PathBuf>> {
+    let lib_dir = std::fs::canonicalize(lib_dir)
+        .with_context(|| format!("resolving {}", lib_dir.display()))?;
+    Ok(lib_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf))
 }

@@ -12,14 +12,11 @@
 //! issue #14 is the Reducer's at most half of the after-backward one.
 //!
 //!     cargo build --example ddp_overlap --bin fabric
-//!     target/debug/fabric run --devices 2 --accelerator cpu -- target/debug/examples/ddp_overlap [rounds] [batch]
+//!     target/debug/fabric run --devices 2 --accelerator cpu -- target/debug/examples/ddp_overlap [rounds] [batch] [layers] [width] [bucket_cap_mb]
 use anyhow::Result;
 use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::{Fabric, ReduceOp, Sgd};
-
-const WIDTH: i64 = 2560;
-const LAYERS: usize = 4;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -38,17 +35,23 @@ fn main() -> Result<()> {
     // Per rank. The backward can hide at most its own compute time, so a batch whose backward
     // is shorter than the all-reduce of 100 MiB cannot reach the target on any engine.
     let batch = arg(2, 256)? as i64;
+    let layers = arg(3, 4)?;
+    let width = arg(4, 2560)? as i64;
+    let bucket_mb = arg(5, 25)?;
     // One thread per rank: the two ranks share this machine's cores.
     tch::set_num_threads(1);
-    let fabric = Fabric::builder().accelerator("cpu").build()?;
+    let fabric = Fabric::builder()
+        .accelerator("cpu")
+        .bucket_cap_mb(bucket_mb as f64)
+        .build()?;
     let mut vs = nn::VarStore::new(Device::Cpu);
     let mut seq = nn::seq();
-    for i in 0..LAYERS {
+    for i in 0..layers {
         seq = seq
             .add(nn::linear(
                 vs.root() / format!("l{i}"),
-                WIDTH,
-                WIDTH,
+                width,
+                width,
                 Default::default(),
             ))
             .add_fn(|x| x.relu());
@@ -61,8 +64,8 @@ fn main() -> Result<()> {
     let opt = Sgd::new(&vs, 1e-3)?;
     let (model, mut opt) = fabric.setup(seq, &mut vs, opt)?;
     tch::manual_seed(fabric.global_rank() as i64);
-    let x = Tensor::randn([batch, WIDTH], (Kind::Float, Device::Cpu));
-    let y = Tensor::randn([batch, WIDTH], (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([batch, width], (Kind::Float, Device::Cpu));
+    let y = Tensor::randn([batch, width], (Kind::Float, Device::Cpu));
     let grads = || -> Vec<Tensor> { vs.trainable_variables().iter().map(|t| t.grad()).collect() };
 
     // One step in `mode`, timed from a barrier (so both ranks start together) to the end of
@@ -100,7 +103,7 @@ fn main() -> Result<()> {
     if fabric.is_global_zero() {
         let names = ["no communication", "after backward", "Reducer"];
         println!(
-            "{} ranks, {:.1} M parameters ({:.0} MiB of float32 gradients), batch {batch} per rank, {rounds} rounds",
+            "{} ranks, {:.1} M parameters ({:.0} MiB of float32 gradients), batch {batch} per rank, {layers} layers of {width}, {bucket_mb} MiB buckets, {rounds} rounds",
             fabric.world_size(),
             params as f64 / 1e6,
             params as f64 * 4.0 / 1048576.0

@@ -155,6 +155,17 @@ impl<'a> Walk<'a> {
     }
 }
 
+/// The memo index of a GET/PUT: a decimal line (protocol 0's `g`/`p`) or the binary argument.
+fn memo_index(text: bool, argument: &[u8], binary: u64) -> Result<u64, String> {
+    if !text {
+        return Ok(binary);
+    }
+    String::from_utf8_lossy(argument)
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| "a bad memo index".to_string())
+}
+
 /// `data.pkl` of a torch.save archive, rewritten for libtorch's Unpickler (see the module
 /// documentation), or the reason it cannot be read.
 pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
@@ -237,14 +248,7 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
                 ))
             }
             b'h' | b'j' | b'g' => {
-                let key = if op == b'g' {
-                    String::from_utf8_lossy(argument)
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| "a bad GET index".to_string())?
-                } else {
-                    int_arg
-                };
+                let key = memo_index(op == b'g', argument, int_arg)?;
                 let kind = *w
                     .memo
                     .get(&key)
@@ -255,14 +259,7 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
                 w.push(kind, start);
             }
             b'q' | b'r' | b'p' => {
-                let key = if op == b'p' {
-                    String::from_utf8_lossy(argument)
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| "a bad PUT index".to_string())?
-                } else {
-                    int_arg
-                };
+                let key = memo_index(op == b'p', argument, int_arg)?;
                 let kind = w.top()?.kind;
                 w.memo.insert(key, kind);
             }

@@ -12,7 +12,8 @@ use tch_fabric::lr_scheduler::{
     CosineAnnealingLR, LinearLR, Scheduler, SchedulerState, SequentialLR,
 };
 use tch_fabric::{
-    AdamW, Clip, Fabric, FabricModule, FusedAdamW, FusedSgd, GradScalerConfig, StepOutcome,
+    AdamW, Clip, Fabric, FabricModule, FabricOptimizer, FusedAdamW, FusedSgd, GradScalerConfig,
+    StepOutcome,
 };
 
 fn main() -> Result<()> {
@@ -117,7 +118,13 @@ fn sgd_step() -> Result<()> {
 
 /// PyTorch's default AdamW (the shim's for-loop step) under 16-mixed, with a warm-up + cosine
 /// schedule from `tch_fabric::lr_scheduler`.
-fn default_adamw_with_schedule() -> Result<()> {
+/// A 16-mixed Fabric with the MLP, PyTorch's default AdamW and a warm-up + cosine schedule.
+fn adamw_run() -> Result<(
+    Fabric,
+    FabricModule<nn::Sequential>,
+    FabricOptimizer,
+    SequentialLR,
+)> {
     let fabric = Fabric::builder()
         .accelerator("cpu")
         .precision("16-mixed")
@@ -129,7 +136,12 @@ fn default_adamw_with_schedule() -> Result<()> {
     let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
     let warmup = LinearLR::new(&mut opt, 0.1, 1.0, 5)?;
     let cosine = CosineAnnealingLR::new(&mut opt, 25, 0.0)?;
-    let mut sched = SequentialLR::new(&mut opt, vec![Box::new(warmup), Box::new(cosine)], vec![5])?;
+    let sched = SequentialLR::new(&mut opt, vec![Box::new(warmup), Box::new(cosine)], vec![5])?;
+    Ok((fabric, model, opt, sched))
+}
+
+fn default_adamw_with_schedule() -> Result<()> {
+    let (fabric, model, mut opt, mut sched) = adamw_run()?;
     ensure!((opt.lr() - 1e-3).abs() < 1e-15, "warm-up starts at lr/10");
     let (x, y) = batch();
     let (mut first, mut last) = (None, 0.0);
@@ -160,19 +172,7 @@ fn default_adamw_with_schedule() -> Result<()> {
     let path = dir.join("resume.ckpt");
     let state = BTreeMap::from([("scheduler", sched.state_dict())]);
     fabric.save(&path, &state)?;
-    let fabric2 = Fabric::builder()
-        .accelerator("cpu")
-        .precision("16-mixed")
-        .cpu_fp16_autocast(true)
-        .build()?;
-    let mut vs2 = nn::VarStore::new(Device::Cpu);
-    let model2 = mlp(&vs2);
-    let opt2 = AdamW::new(&vs2, 1e-2)?;
-    let (model2, mut opt2) = fabric2.setup(model2, &mut vs2, opt2)?;
-    let warmup = LinearLR::new(&mut opt2, 0.1, 1.0, 5)?;
-    let cosine = CosineAnnealingLR::new(&mut opt2, 25, 0.0)?;
-    let mut sched2 =
-        SequentialLR::new(&mut opt2, vec![Box::new(warmup), Box::new(cosine)], vec![5])?;
+    let (fabric2, model2, opt2, mut sched2) = adamw_run()?;
     let loaded: BTreeMap<String, SchedulerState> = fabric2.load(&path)?;
     sched2.load_state_dict(&loaded["scheduler"])?;
     ensure!(
