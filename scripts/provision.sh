@@ -50,10 +50,15 @@ gloo_headers() {
   [[ -n "${TCH_FABRIC_NO_GLOO:-}" ]] && return 0
   [[ -n "${GLOO_INCLUDE_DIR:-}" && -f "$GLOO_INCLUDE_DIR/gloo/context.h" ]] && return 0
   [[ -f /usr/include/gloo/context.h || -f /usr/local/include/gloo/context.h ]] && return 0
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  local sudo=()
+  if [[ $(id -u) != 0 ]] && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo=(sudo -n)
+  fi
+  if [[ ($(id -u) == 0 || ${#sudo[@]} -gt 0) ]] && command -v apt-get >/dev/null; then
     say "installing Gloo's headers (libgloo-dev) for multi-process data parallelism"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null ||
-      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null; } ||
+    local install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev)
+    "${install[@]}" >/dev/null ||
+      { "${sudo[@]}" apt-get update -q >/dev/null && "${install[@]}" >/dev/null; } ||
       die "apt-get could not install libgloo-dev; install it, set GLOO_INCLUDE_DIR, or set TCH_FABRIC_NO_GLOO=1 to build without multi-process support"
   else
     say "warning: no Gloo headers; install libgloo-dev (or set GLOO_INCLUDE_DIR) for multi-process data parallelism"

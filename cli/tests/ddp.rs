@@ -46,6 +46,8 @@ struct Config {
     find_unused: bool,
     /// Initial weights (safetensors, VarStore names) instead of rank 0's own initialisation.
     init: Option<PathBuf>,
+    /// Also set up a second model that never runs (a GAN's other half on this step).
+    idle_model: bool,
 }
 
 impl Config {
@@ -69,6 +71,7 @@ impl Config {
             unused_layer: false,
             find_unused: false,
             init: None,
+            idle_model: false,
         }
     }
 }
@@ -141,6 +144,13 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     }
     let opt = FusedAdamW::new(&vs, 1e-2).unwrap();
     let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+    let mut idle_vs = nn::VarStore::new(Device::Cpu);
+    let _idle = if cfg.idle_model {
+        let m = nn::linear(idle_vs.root() / "idle", 4, 4, Default::default());
+        Some(fabric.setup_module_named("idle", m, &mut idle_vs)?)
+    } else {
+        None
+    };
     let rows: Vec<i64> = DistributedSampler::new(cfg.global_batch as usize, world, rank)?
         .shuffle(false)
         .indices()
@@ -585,6 +595,15 @@ fn unused_parameters_are_found_or_named() {
     assert_ok(&out, "find_unused_parameters(true)");
     let (a, b) = (report(&dir, 0), report(&dir, 1));
     assert_eq!(a.weights, b.weights, "the ranks agree");
+
+    // A second model set up but never run (a GAN's other half on this step): none of its
+    // parameters is in the graph, so its Reducer has nothing to wait for.
+    let dir = out_dir("idle-model");
+    let mut cfg = Config::new("32-true", &dir);
+    cfg.steps = 4;
+    cfg.idle_model = true;
+    let (out, _) = launch(&cfg, 2, &[]);
+    assert_ok(&out, "a second model that never runs");
 
     let dir = out_dir("unused-named");
     let mut cfg = Config::new("32-true", &dir);
