@@ -55,6 +55,8 @@ void wait(const c10::intrusive_ptr<c10d::Work> &work, std::chrono::milliseconds 
 // Which collective each rank reached, recorded in the rendezvous store, so that a failed one
 // can name the ranks that never came. Shared by the group and its Reducers' hooks.
 struct Arrivals {
+  Arrivals(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size)
+      : store(std::move(store)), rank(rank), world_size(world_size) {}
   c10::intrusive_ptr<c10d::Store> store;
   int rank;
   int world_size;
@@ -64,12 +66,10 @@ struct Arrivals {
 };
 
 struct ProcessGroup {
-  c10::intrusive_ptr<c10d::Store> store;
+  // First, so that it goes last: the rendezvous store, this rank, the group's size.
+  std::shared_ptr<Arrivals> arrivals;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
-  int rank;
-  int world_size;
-  std::shared_ptr<Arrivals> arrivals;
   // The c10d::ProcessGroup over `backend` that DDP's Reducer talks to (for CPU and CUDA
   // tensors), and the bucket all-reduces its hooks issued.
   c10::intrusive_ptr<c10d::ProcessGroup> wrapper;
@@ -297,11 +297,8 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
 #endif
     }
     // Collectives pass their own, longer timeout (a rank may be busy writing a checkpoint).
-    auto *g = new ProcessGroup{store, group, std::chrono::milliseconds(timeout_ms), rank, world_size,
-                               std::make_shared<Arrivals>()};
-    g->arrivals->store = store;
-    g->arrivals->rank = rank;
-    g->arrivals->world_size = world_size;
+    auto *g = new ProcessGroup{std::make_shared<Arrivals>(store, rank, world_size), group,
+                               std::chrono::milliseconds(timeout_ms)};
     // The Reducer's all-reduces run with the backend's own timeout: the collectives' one.
     group->setTimeout(std::chrono::milliseconds(timeout_ms));
     g->wrapper = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world_size);
