@@ -220,6 +220,7 @@ fn main() -> Result<()> {
     let median = times[times.len() / 2];
     let mut report = serde_json::json!({
         "median_ms": median * 1e3,
+        "min_ms": times[0] * 1e3,
         "peak_rss_mib": rss_mib().1,
         "base_rss_mib": base,
     });
