@@ -16,9 +16,9 @@ their min-max, and the ratio tch-fabric / (the faster of Lightning and plain PyT
 bootstrap: the load a round saw cancels in its ratio instead of widening the interval). A
 target is "met" when the whole interval is at or under it, "missed" when the whole interval
 is above, and "open" when it straddles it: noise as large as the differences is the usual
-case on a shared 2-core VM, and the interval says so instead of a single number. The ratio of
-the fastest steps (the minimum over all runs, which preemption can only make slower) is given
-beside it.
+case on a shared 2-core VM, and the interval says so instead of a single number. A second
+table gives the same ratios and intervals of each run's fastest step, which preemption can
+only make slower; `--report FILE` prints both tables again from a stored `--json` run.
 
 All four use AdamW with PyTorch's fused kernel (`torch.optim.AdamW(fused=True)` in Python,
 `FusedAdamW` in Rust) and the same model, data, conversions and loss, so the differences are
@@ -41,7 +41,7 @@ PRECISIONS = ["64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-t
 STEPS = {"mlp": (500, 50), "transformer": (30, 5), "mlp50m": (3, 1)}
 SLOW_STEPS = {("transformer", "16-true"): (10, 2)}
 # Each configuration runs this many times by default (--repeats), the four implementations
-# interleaved: 15 rounds take about an hour on 2 cores and give intervals of a few percent.
+# interleaved: 15 rounds take about 70 minutes on 2 cores (intervals of about +-10% there).
 REPEATS = 15
 KINDS = ["fabric", "raw", "lightning", "torch"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,9 +245,9 @@ def spread(v):
     return f"{statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]"
 
 
-def ratios(runs, target=None):
+def ratios(runs):
     """tch-fabric / the faster Python loop and tch-fabric / Lightning for one configuration's
-    runs ({kind: [ms per round]}): (ratio of medians, lo, hi, verdict) each."""
+    runs ({kind: [ms per round]}): (ratio of medians, interval lo, interval hi) each."""
     out = {}
     for name, dens in (("best", ["lightning", "torch"]), ("lightning", ["lightning"])):
         med = {k: statistics.median(runs[k]) for k in ["fabric"] + dens}
