@@ -465,11 +465,13 @@ char *tf_tensor_meta_list(const tf_tensor *tensors, size_t n, tf_tensor_meta *ou
   })
 }
 
-char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_tensor_meta *meta) {
+char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_tensor_meta *meta,
+                       tf_tensor_meta *param_meta) {
   TF_PROTECT({
     for (size_t i = 0; i < n; ++i) grads[i] = nullptr;
     try {
       for (size_t i = 0; i < n; ++i) {
+        if (param_meta != nullptr) fill_meta(deref(params[i]), &param_meta[i]);
         const at::Tensor &g = deref(params[i]).grad();
         fill_meta(g, &meta[i]);
         if (g.defined()) grads[i] = new at::Tensor(g);
@@ -479,6 +481,34 @@ char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_t
       for (size_t i = 0; i < n; ++i) grads[i] = nullptr;
       throw;
     }
+  })
+}
+
+char *tf_struct_layouts(size_t *out, size_t n) {
+  TF_PROTECT({
+    const size_t layouts[] = {
+        sizeof(tf_autocast_state),
+        offsetof(tf_autocast_state, enabled),
+        offsetof(tf_autocast_state, dtype),
+        offsetof(tf_autocast_state, cache_enabled),
+        sizeof(tf_tensor_meta),
+        offsetof(tf_tensor_meta, defined),
+        offsetof(tf_tensor_meta, device_type),
+        offsetof(tf_tensor_meta, device_index),
+        offsetof(tf_tensor_meta, dtype),
+        offsetof(tf_tensor_meta, sparse),
+        offsetof(tf_tensor_meta, contiguous),
+        offsetof(tf_tensor_meta, numel),
+        offsetof(tf_tensor_meta, impl),
+        sizeof(tf_ivalue_info),
+        offsetof(tf_ivalue_info, tag),
+        offsetof(tf_ivalue_info, int_value),
+        offsetof(tf_ivalue_info, double_value),
+        offsetof(tf_ivalue_info, len),
+    };
+    const size_t count = sizeof(layouts) / sizeof(layouts[0]);
+    if (n > count) throw std::invalid_argument("tf_struct_layouts knows " + std::to_string(count) + " values, not " + std::to_string(n));
+    for (size_t i = 0; i < n; ++i) out[i] = layouts[i];
   })
 }
 

@@ -46,8 +46,14 @@ void tf_free_error(char *err);
 /* Metadata of n tensors into out[0..n]. */
 char *tf_tensor_meta_list(const tf_tensor *tensors, size_t n, tf_tensor_meta *out);
 /* The gradients of n parameters: grads[i] receives a new tensor (tch frees it) or NULL when the
- * parameter has no gradient, meta[i] its metadata. On error nothing is allocated. */
-char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_tensor_meta *meta);
+ * parameter has no gradient, meta[i] its metadata, param_meta[i] (when not NULL) the
+ * parameter's own. On error nothing is allocated. */
+char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_tensor_meta *meta,
+                       tf_tensor_meta *param_meta);
+/* The layout of the structs above as this compiler lays them out, for the Rust mirrors' check:
+ * sizeof and offsetof of each field, in declaration order, tf_autocast_state (4 values), then
+ * tf_tensor_meta (9), then tf_ivalue_info (5). n must be at most 18. */
+char *tf_struct_layouts(size_t *out, size_t n);
 /* Loads libtorch_cuda.so from the folder of the process's libtorch_cpu.so, so that CUDA is
  * registered even in a binary whose linker dropped it (--as-needed). *loaded is 1 when it is
  * loaded now (or was already), 0 when there is none (a CPU-only libtorch). */

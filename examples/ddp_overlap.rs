@@ -16,7 +16,7 @@
 use anyhow::Result;
 use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
-use tch_fabric::{Fabric, ReduceOp, Sgd};
+use tch_fabric::{dist::ReduceOp, Fabric, Sgd};
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);

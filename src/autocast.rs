@@ -37,7 +37,7 @@ pub fn autocast(device: Device, kind: Kind) -> Result<AutocastGuard> {
 /// ```
 /// use tch::{Device, Kind};
 /// let _g = tch_fabric::autocast(Device::Cpu, Kind::Half)?;
-/// let s = tch_fabric::autocast_state(Device::Cpu)?;
+/// let s = tch_fabric::autocast::autocast_state(Device::Cpu)?;
 /// assert!(s.enabled && s.dtype == Some(Kind::Half));
 /// # Ok::<(), tch_fabric::Error>(())
 /// ```
@@ -46,11 +46,11 @@ pub fn autocast(device: Device, kind: Kind) -> Result<AutocastGuard> {
 ///
 /// [`Error::UnsupportedAutocast`] for a device other than CPU / CUDA.
 pub fn autocast_state(device: Device) -> Result<AutocastState> {
-    let s = native::autocast_get(device_type(device, None)?)?;
+    let s = native::autocast_get(check_device(device, None)?)?;
     Ok(AutocastState {
-        enabled: s.enabled != 0,
-        dtype: native::kind_from_c10(s.dtype),
-        cache_enabled: s.cache_enabled != 0,
+        enabled: s.enabled,
+        dtype: s.kind,
+        cache_enabled: s.cache_enabled,
     })
 }
 
@@ -117,7 +117,7 @@ impl Autocast {
     ///
     /// [`Error::UnsupportedAutocast`] as for [`autocast`].
     pub fn enter(self) -> Result<AutocastGuard> {
-        let device_type = device_type(self.device, Some(self.kind))?;
+        let device = check_device(self.device, Some(self.kind))?;
         if !matches!(self.kind, Kind::Half | Kind::BFloat16) {
             return Err(unsupported(
                 self.device,
@@ -126,21 +126,16 @@ impl Autocast {
                  (for float32 or float64 use a -true precision, or .enabled(false) with one of these)",
             ));
         }
-        if !native::autocast_available(device_type)? {
+        if !native::autocast_available(device)? {
             return Err(unsupported(
                 self.device,
                 Some(self.kind),
                 "this libtorch has no autocast for the device",
             ));
         }
-        let saved = native::autocast_enter(
-            device_type,
-            native::c10_scalar_type(self.kind),
-            self.enabled,
-            self.cache_enabled,
-        )?;
+        let saved = native::autocast_enter(device, self.kind, self.enabled, self.cache_enabled)?;
         Ok(AutocastGuard {
-            scope: Scope::Autocast { device_type, saved },
+            scope: Scope::Autocast { device, saved },
             _not_send: PhantomData,
         })
     }
@@ -180,8 +175,8 @@ pub struct AutocastGuard {
 #[derive(Debug)]
 enum Scope {
     Autocast {
-        device_type: i32,
-        saved: crate::ffi::AutocastState,
+        device: Device,
+        saved: native::SavedAutocast,
     },
     DefaultDtype(#[allow(dead_code)] DefaultDtypeGuard),
     Nothing,
@@ -217,8 +212,8 @@ impl Drop for AutocastGuard {
     fn drop(&mut self) {
         // The exit only touches thread-local flags and cannot fail for a device type that
         // entered successfully; if libtorch ever disagrees, report it rather than panic in drop.
-        if let Scope::Autocast { device_type, saved } = &self.scope {
-            if let Err(e) = native::autocast_exit(*device_type, saved) {
+        if let Scope::Autocast { device, saved } = &self.scope {
+            if let Err(e) = native::autocast_exit(*device, saved) {
                 log::error!("leaving an autocast scope failed: {e}");
             }
         }
@@ -233,14 +228,14 @@ fn unsupported(device: Device, kind: Option<Kind>, reason: &str) -> Error {
     }
 }
 
-/// c10's device type for an autocast device, checking that a CUDA device exists.
-fn device_type(device: Device, kind: Option<Kind>) -> Result<i32> {
+/// `device` when autocast can run on it: the CPU, or a CUDA device that exists.
+fn check_device(device: Device, kind: Option<Kind>) -> Result<Device> {
     match device {
-        Device::Cpu => Ok(native::DEVICE_TYPE_CPU),
+        Device::Cpu => Ok(device),
         Device::Cuda(index) => {
             let count = tch::Cuda::device_count();
             if index < count as usize {
-                Ok(native::DEVICE_TYPE_CUDA)
+                Ok(device)
             } else if count == 0 {
                 Err(unsupported(
                     device,

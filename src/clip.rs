@@ -8,7 +8,7 @@ use tch::Tensor;
 /// non-finite norm is an error.
 ///
 /// ```
-/// use tch_fabric::{Clip, ClipMethod};
+/// use tch_fabric::{Clip, clip::ClipMethod};
 /// let clip = Clip::norm(1.0); // the Euclidean norm, Lightning's default norm_type
 /// assert_eq!(clip.method(), ClipMethod::Norm { max_norm: 1.0, norm_type: 2.0 });
 /// let max_abs = Clip::norm(1.0).norm_type(f64::INFINITY);
@@ -183,9 +183,9 @@ pub fn total_norm(grads: &[Tensor], norm_type: f64) -> Result<Tensor> {
 /// ```
 /// use tch::{Device, Kind, Tensor};
 /// let grads = vec![Tensor::full([4], 3.0, (Kind::Float, Device::Cpu))]; // norm 6
-/// let total = tch_fabric::clip_grad_norm(&grads, 1.0, 2.0, false)?;
+/// let total = tch_fabric::clip::clip_grad_norm(&grads, 1.0, 2.0, false)?;
 /// assert_eq!(total.double_value(&[]), 6.0);
-/// let after = tch_fabric::total_norm(&grads, 2.0)?.double_value(&[]);
+/// let after = tch_fabric::clip::total_norm(&grads, 2.0)?.double_value(&[]);
 /// assert!((after - 1.0).abs() < 1e-5);
 /// # Ok::<(), tch_fabric::Error>(())
 /// ```

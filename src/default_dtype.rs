@@ -4,6 +4,7 @@
 //! the precision's; a [`crate::Fabric`] does so only when asked
 //! ([`crate::FabricBuilder::process_wide_default_dtype`]), because every thread of the process
 //! sees the switch.
+use crate::dtype;
 use crate::error::{Error, Result};
 use crate::native;
 use tch::Kind;
@@ -14,9 +15,8 @@ use tch::Kind;
 ///
 /// [`Error::Native`] if libtorch reports a dtype tch does not know.
 pub fn default_dtype() -> Result<Kind> {
-    let st = native::default_dtype_get()?;
-    native::kind_from_c10(st)
-        .filter(|k| matches!(k, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double))
+    let (st, kind) = native::default_dtype_get()?;
+    kind.filter(|k| dtype::is_float(*k))
         .ok_or_else(|| Error::Native {
             op: "default_dtype_get",
             message: format!("unexpected default scalar type {st}"),
@@ -30,17 +30,14 @@ pub fn default_dtype() -> Result<Kind> {
 ///
 /// [`Error::InvalidConfig`] for a non-floating kind.
 pub fn set_default_dtype(kind: Kind) -> Result<()> {
-    if !matches!(
-        kind,
-        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
-    ) {
+    if !dtype::is_float(kind) {
         return Err(Error::InvalidConfig {
             field: "default dtype",
             value: format!("{kind:?}"),
             allowed: "one of Half, BFloat16, Float, Double",
         });
     }
-    native::default_dtype_set(native::c10_scalar_type(kind))
+    native::default_dtype_set(kind)
 }
 
 /// Switches the process-wide default floating dtype until dropped, then restores the previous
@@ -52,12 +49,12 @@ pub fn set_default_dtype(kind: Kind) -> Result<()> {
 ///
 /// ```
 /// use tch::{Kind, Tensor};
-/// use tch_fabric::DefaultDtypeGuard;
+/// use tch_fabric::default_dtype::DefaultDtypeGuard;
 /// {
 ///     let _guard = DefaultDtypeGuard::new(Kind::Double)?;
-///     assert_eq!(Tensor::zeros([1], (tch_fabric::default_dtype()?, tch::Device::Cpu)).kind(), Kind::Double);
+///     assert_eq!(Tensor::zeros([1], (tch_fabric::default_dtype::default_dtype()?, tch::Device::Cpu)).kind(), Kind::Double);
 /// }
-/// assert_eq!(tch_fabric::default_dtype()?, Kind::Float);
+/// assert_eq!(tch_fabric::default_dtype::default_dtype()?, Kind::Float);
 /// # Ok::<(), tch_fabric::Error>(())
 /// ```
 #[must_use = "the default dtype is restored when the guard is dropped; bind it with `let _guard = ...`"]

@@ -1,6 +1,7 @@
 //! The only place with `extern "C"`: the declarations of the C++ shim in `csrc/tch_fabric.h`,
-//! the structs it shares with Rust, and the check that turns its error strings into
-//! [`Error::Native`]. The safe wrappers are in `native.rs`.
+//! the structs it shares with Rust (their layout checked against the C++ compiler's by a test),
+//! and the check that turns its error strings into [`Error::Native`]. The safe wrappers are in
+//! `native/`.
 use crate::error::{Error, Result};
 use std::ffi::{c_char, c_void, CStr};
 
@@ -68,7 +69,10 @@ extern "C" {
         n: usize,
         grads: *mut CTensor,
         meta: *mut TensorMeta,
+        param_meta: *mut TensorMeta,
     ) -> *mut c_char;
+    #[cfg(test)]
+    pub(crate) fn tf_struct_layouts(out: *mut usize, n: usize) -> *mut c_char;
     pub(crate) fn tf_load_cuda(loaded: *mut i32) -> *mut c_char;
     pub(crate) fn tf_op_has_kernel(
         name: *const c_char,
@@ -318,4 +322,48 @@ pub(crate) unsafe fn take_string(s: *mut c_char) -> String {
     let text = CStr::from_ptr(s).to_string_lossy().into_owned();
     tf_free_error(s);
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// The `#[repr(C)]` mirrors have the C++ compiler's layout of the shim's structs: sizes and
+    /// field offsets, as `tf_struct_layouts` reports them from `sizeof`/`offsetof`.
+    #[test]
+    fn mirrors_match_the_header() {
+        let ours = [
+            size_of::<AutocastState>(),
+            offset_of!(AutocastState, enabled),
+            offset_of!(AutocastState, dtype),
+            offset_of!(AutocastState, cache_enabled),
+            size_of::<TensorMeta>(),
+            offset_of!(TensorMeta, defined),
+            offset_of!(TensorMeta, device_type),
+            offset_of!(TensorMeta, device_index),
+            offset_of!(TensorMeta, dtype),
+            offset_of!(TensorMeta, sparse),
+            offset_of!(TensorMeta, contiguous),
+            offset_of!(TensorMeta, numel),
+            offset_of!(TensorMeta, impl_),
+            size_of::<IValueInfo>(),
+            offset_of!(IValueInfo, tag),
+            offset_of!(IValueInfo, int_value),
+            offset_of!(IValueInfo, double_value),
+            offset_of!(IValueInfo, len),
+        ];
+        let mut theirs = [usize::MAX; 18];
+        check("layouts", unsafe {
+            tf_struct_layouts(theirs.as_mut_ptr(), theirs.len())
+        })
+        .unwrap();
+        assert_eq!(ours, theirs);
+        // Asking for more entries than the shim knows is refused, not read past.
+        let mut more = [0usize; 19];
+        assert!(check("layouts", unsafe {
+            tf_struct_layouts(more.as_mut_ptr(), more.len())
+        })
+        .is_err());
+    }
 }

@@ -37,75 +37,71 @@
 //! # Ok::<(), tch_fabric::Error>(())
 //! ```
 //!
-//! The building blocks work on their own: [`autocast`] is `torch.autocast` (CPU and CUDA),
+//! The building blocks work on their own: [`autocast()`] is `torch.autocast` (CPU and CUDA),
 //! [`GradScaler`] is `torch.amp.GradScaler`, bit for bit.
 //!
 //! ## What is where
 //!
-//! One module per concept; each uses only those listed before it.
+//! The crate root holds what a training loop names: the [`Fabric`] with its builder, module and
+//! optimizer, [`Precision`], [`Clip`], [`StepOutcome`], the optimizers, [`autocast()`], the
+//! [`GradScaler`] and its config, [`memory_stats`], [`Error`]. Everything else is in a public
+//! module named after its concept. Modules are listed in dependency order: each uses only
+//! those above it.
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | `error` | [`Error`], the crate's one error type |
-//! | `ffi`, `native` | the C++ shim's declarations (the only `extern "C"`), and safe wrappers over them |
+//! | `dtype` | the one table of dtypes: tch's, c10's, safetensors', their names |
+//! | `ffi`, `native/` | the C++ shim's declarations (the only `extern "C"`), and the safe wrappers over them, one file per subsystem: every `unsafe` of the crate is there |
+//! | `device` | a tensor on the device a kernel needs |
 //! | `precision` | [`Precision`]: Lightning's values, parsed and queried |
-//! | `default_dtype`, `autocast` | the process-wide default dtype ([`DefaultDtypeGuard`]); [`autocast`] scopes |
-//! | [`ops`], `profile` | the `tch_fabric::` custom ops; [`count_ops`] |
-//! | `params` | [`Params`] (an optimizer's parameters in PyTorch's order) and [`GradBatch`] (their gradients, fetched and grouped once per step) |
-//! | `clip` | [`Clip`] and PyTorch's clipping functions |
-//! | `optim` | the [`Optimizer`] trait, [`FusedAdamW`], [`FusedSgd`], PyTorch's default [`AdamW`], [`Adam`], [`Sgd`], [`TchOptimizer`] |
-//! | `scaler` | [`GradScaler`]: its config, scale policy, state, and the passes over gradients |
-//! | `checkpoint` | the checkpoint file, its key layout, and the checks before a load |
-//! | `dist` | [`ProcessGroup`] (c10d), [`DistEnv`], [`DistributedSampler`] |
-//! | `fabric` | the facade on top: [`Fabric`]; [`FabricModule`] (the precision's conversions around a model) and [`FabricOptimizer`]; [`FabricBuilder`] resolves options, environment and device |
-//! | [`lr_scheduler`], `memory` | PyTorch's learning-rate schedulers and [`LrScheduler`]; [`memory_stats`], [`reset_peak_memory_stats`] |
+//! | [`default_dtype`], [`autocast`](mod@autocast) | the process-wide default dtype; autocast scopes |
+//! | [`ops`], [`profile`] | the `tch_fabric::` custom ops; [`profile::count_ops`] |
+//! | `params` | an optimizer's parameters in PyTorch's order, and their gradients fetched and grouped once per step (public in [`optim`]) |
+//! | [`clip`] | [`Clip`] and PyTorch's clipping functions |
+//! | [`optim`] | the [`Optimizer`] and [`optim::OptimizerState`] traits, [`FusedAdamW`], [`AdamW`], [`Adam`], [`FusedSgd`], [`Sgd`], [`TchOptimizer`] |
+//! | [`scaler`] | [`GradScaler`]: its config, scale policy, state, and the passes over gradients |
+//! | [`checkpoint`] | both checkpoint formats, their key layout, and the checks before a load |
+//! | [`dist`] | [`dist::ProcessGroup`] (c10d), [`dist::DistEnv`], [`dist::DistributedSampler`] |
+//! | [`fabric`] | the facade on top: [`Fabric`], [`FabricBuilder`], [`FabricModule`], [`FabricOptimizer`] |
+//! | [`lr_scheduler`], [`memory`] | PyTorch's learning-rate schedulers; [`memory_stats`] |
 //!
-//! An AMP step goes one way: [`Params::grads`] fetches the gradients once; clipping, the
-//! [`GradScaler`] and the [`Optimizer`] all work on that [`GradBatch`].
+//! An AMP step goes one way: the gradients are fetched once ([`optim::Params::grads`]) with
+//! what the step needs to know of them; the [`GradScaler`] decides how the step runs (clipping
+//! folded into it or not) and hands the [`optim::GradBatch`] to the [`Optimizer`].
 //!
 //! Errors are one enum, [`Error`]; nothing here panics on bad input or a libtorch failure
 //! (the one exception is tch's `Module::forward`, which cannot return an error: use
 //! [`FabricModule::try_forward`]). No call changes process-wide libtorch state except those
-//! named so ([`set_default_dtype`], [`DefaultDtypeGuard`],
+//! named so ([`default_dtype::set_default_dtype`], [`default_dtype::DefaultDtypeGuard`],
 //! [`FabricBuilder::process_wide_default_dtype`], seeding).
 
-mod autocast;
-mod checkpoint;
-mod clip;
-mod default_dtype;
-mod dist;
+mod device;
+mod dtype;
 mod error;
-mod fabric;
 mod ffi;
-pub mod lr_scheduler;
-mod memory;
 mod native;
-pub mod ops;
-mod optim;
 mod params;
 mod precision;
-mod profile;
-mod scaler;
 
-pub use autocast::{autocast, autocast_state, Autocast, AutocastGuard, AutocastState};
-pub use checkpoint::LoadReport;
-pub use clip::{clip_grad_norm, clip_grad_value, total_norm, Clip, ClipMethod, GradNorm};
-pub use default_dtype::{default_dtype, set_default_dtype, DefaultDtypeGuard};
-pub use dist::{
-    DistEnv, DistributedSampler, ProcessGroup, ProcessGroupOptions, ReduceOp, BUCKET_BYTES,
-    DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_TIMEOUT,
-};
+pub mod autocast;
+pub mod checkpoint;
+pub mod clip;
+pub mod default_dtype;
+pub mod dist;
+pub mod fabric;
+pub mod lr_scheduler;
+pub mod memory;
+pub mod ops;
+pub mod optim;
+pub mod profile;
+pub mod scaler;
+
+pub use autocast::{autocast, Autocast, AutocastGuard};
+pub use clip::Clip;
 pub use error::{Error, Result};
-pub use fabric::{
-    Convert, Description, Fabric, FabricBuilder, FabricModule, FabricOptimizer, IntoPrecision,
-    NoBackwardSync, PrecisionArg, BACKWARD_MESSAGE,
-};
-pub use lr_scheduler::LrScheduler;
-pub use memory::{memory_stats, reset_peak_memory_stats, MemorySource, MemoryStats};
-pub use optim::{Adam, AdamW, Amp, FusedAdamW, FusedSgd, Optimizer, ParamGroup, Sgd, TchOptimizer};
-pub use params::{GradBatch, GradGroup, Params};
+pub use fabric::{Fabric, FabricBuilder, FabricModule, FabricOptimizer};
+pub use memory::{memory_stats, reset_peak_memory_stats};
+pub use optim::{Adam, AdamW, FusedAdamW, FusedSgd, Optimizer, Sgd, TchOptimizer};
 pub use precision::Precision;
-pub use profile::{count_ops, OpCounts};
-pub use scaler::{
-    AtMinScale, GradScaler, GradScalerConfig, GradScalerState, ScalePolicy, StepOutcome,
-};
+pub use scaler::{GradScaler, GradScalerConfig, StepOutcome};

@@ -8,6 +8,7 @@
 //! (csrc/ops_cuda.cu) with the `cuda` feature.
 use crate::error::Result;
 use crate::native;
+use std::sync::OnceLock;
 use tch::{Device, Tensor};
 
 /// The path of the ops built as a shared library, for `torch.ops.load_library` in Python. Never
@@ -16,7 +17,8 @@ use tch::{Device, Tensor};
 pub const OPS_LIBRARY: &str = env!("TCH_FABRIC_OPS_LIB");
 
 /// Whether `tch_fabric::unscale_sumsq_` has a kernel for `device`'s type in this process (CPU
-/// always; CUDA when built with the `cuda` feature).
+/// always; CUDA when built with the `cuda` feature; no other device). The dispatcher is asked
+/// once per device type: the kernels register when the library loads and never change.
 ///
 /// ```
 /// assert!(tch_fabric::ops::has_kernel(tch::Device::Cpu)?);
@@ -28,7 +30,18 @@ pub const OPS_LIBRARY: &str = env!("TCH_FABRIC_OPS_LIB");
 ///
 /// [`crate::Error::Native`] if the dispatcher cannot be asked.
 pub fn has_kernel(device: Device) -> Result<bool> {
-    native::op_has_kernel("tch_fabric::unscale_sumsq_", device)
+    static CPU: OnceLock<bool> = OnceLock::new();
+    static CUDA: OnceLock<bool> = OnceLock::new();
+    let known = match device {
+        Device::Cpu => &CPU,
+        Device::Cuda(_) => &CUDA,
+        _ => return Ok(false),
+    };
+    if let Some(&has) = known.get() {
+        return Ok(has);
+    }
+    let has = native::op_has_kernel("tch_fabric::unscale_sumsq_", device)?;
+    Ok(*known.get_or_init(|| has))
 }
 
 /// One pass over `grads`: sets `found_inf` to 1 when any element is inf/NaN (checked before

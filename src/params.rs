@@ -37,7 +37,7 @@ fn next_id() -> u64 {
 /// use tch::{nn, Device};
 /// let vs = nn::VarStore::new(Device::Cpu);
 /// let _layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
-/// let params = tch_fabric::Params::from_var_store(&vs)?;
+/// let params = tch_fabric::optim::Params::from_var_store(&vs)?;
 /// // PyTorch's order: a module's weight, then its bias (tch creates the bias first).
 /// assert_eq!(params.names(), ["fc.weight", "fc.bias"]);
 /// # Ok::<(), tch_fabric::Error>(())
@@ -149,7 +149,8 @@ impl Params {
     ///
     /// [`Error::Native`] if libtorch cannot hand out a gradient.
     pub fn grads(&self) -> Result<GradBatch> {
-        GradBatch::new(native::collect_grads(&self.tensors)?)
+        let (grads, params) = native::collect_grads(&self.tensors)?;
+        Ok(GradBatch::new(grads, Some(params)))
     }
 
     /// `zero_grad(set_to_none=True)`: every gradient becomes undefined, so its memory is free
@@ -183,16 +184,21 @@ pub struct GradGroup {
 
 /// The gradients of a [`Params`] at one step: one entry per parameter (`None` for a parameter
 /// without a gradient, which every step leaves out, as PyTorch does), grouped by (device,
-/// dtype) in first-seen order.
+/// dtype) in first-seen order. Fetched in one native call together with what the step needs
+/// to know of the tensors (device, dtype, layout), which is then never asked again.
 #[derive(Debug)]
 pub struct GradBatch {
     grads: Vec<Option<(Tensor, Meta)>>,
     groups: Vec<GradGroup>,
+    /// The devices of the groups, in first-seen order.
+    devices: Vec<Device>,
+    /// The parameters' own metadata, when the batch was fetched from them.
+    params: Option<Vec<Option<Meta>>>,
 }
 
 impl GradBatch {
-    fn new(grads: Vec<Option<(Tensor, Meta)>>) -> Result<GradBatch> {
-        let groups = group_by(
+    fn new(grads: Vec<Option<(Tensor, Meta)>>, params: Option<Vec<Option<Meta>>>) -> GradBatch {
+        let groups: Vec<GradGroup> = group_by(
             grads
                 .iter()
                 .map(|g| g.as_ref().map(|(_, m)| (m.device, m.kind))),
@@ -204,7 +210,18 @@ impl GradBatch {
             indices,
         })
         .collect();
-        Ok(GradBatch { grads, groups })
+        let mut devices: Vec<Device> = Vec::new();
+        for g in &groups {
+            if !devices.contains(&g.device) {
+                devices.push(g.device);
+            }
+        }
+        GradBatch {
+            grads,
+            groups,
+            devices,
+            params,
+        }
     }
 
     /// Plain tensors taken as gradients (undefined ones are left out), for the free clipping
@@ -215,13 +232,14 @@ impl GradBatch {
     /// [`Error::Native`] if libtorch cannot describe a tensor.
     pub fn from_tensors(tensors: &[Tensor]) -> Result<GradBatch> {
         let metas = native::metas(tensors)?;
-        GradBatch::new(
+        Ok(GradBatch::new(
             tensors
                 .iter()
                 .zip(metas)
                 .map(|(t, m)| m.map(|m| (t.shallow_clone(), m)))
                 .collect(),
-        )
+            None,
+        ))
     }
 
     /// The number of entries (defined or not).
@@ -267,14 +285,22 @@ impl GradBatch {
     }
 
     /// The devices the gradients are on, in first-seen order.
-    pub fn devices(&self) -> Vec<Device> {
-        let mut out: Vec<Device> = Vec::new();
-        for g in &self.groups {
-            if !out.contains(&g.device) {
-                out.push(g.device);
-            }
-        }
-        out
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// Whether the parameters and gradients at `indices` are all contiguous (`None` when the
+    /// batch was not fetched from parameters, so nothing is known of them).
+    pub(crate) fn all_contiguous(&self, indices: &[usize]) -> Option<bool> {
+        let params = self.params.as_ref()?;
+        Some(indices.iter().all(|&i| {
+            params
+                .get(i)
+                .copied()
+                .flatten()
+                .is_some_and(|m| m.contiguous)
+                && self.meta(i).is_some_and(|m| m.contiguous)
+        }))
     }
 
     /// Whether a gradient is sparse.

@@ -16,6 +16,9 @@ pub struct OpCounts {
     /// "self CPU" time; summed over every call). The sum over all ops is the time spent in
     /// libtorch ops, each nanosecond counted once.
     pub self_time: BTreeMap<String, Duration>,
+    /// Calls from Rust into tch-fabric's C++ shim on this thread (each one crosses the FFI
+    /// boundary and takes a list of tensors at once; tch's own calls are not counted).
+    pub shim_calls: u64,
 }
 
 impl OpCounts {
@@ -41,7 +44,7 @@ impl OpCounts {
 /// ```
 /// use tch::{Device, Kind, Tensor};
 /// let a = Tensor::ones([4], (Kind::Float, Device::Cpu));
-/// let (_, counts) = tch_fabric::count_ops(|| &a + &a)?;
+/// let (_, counts) = tch_fabric::profile::count_ops(|| &a + &a)?;
 /// assert_eq!(counts.by_name["aten::add"].1, 1);
 /// # Ok::<(), tch_fabric::Error>(())
 /// ```
@@ -55,10 +58,15 @@ pub fn count_ops<T>(f: impl FnOnce() -> T) -> Result<(T, OpCounts)> {
         other => other,
     })?;
     let counting = Counting;
+    let calls_before = native::calls();
     let out = f();
+    let shim_calls = native::calls() - calls_before;
     std::mem::forget(counting);
     let report = native::op_count_end()?;
-    let mut counts = OpCounts::default();
+    let mut counts = OpCounts {
+        shim_calls,
+        ..OpCounts::default()
+    };
     for line in report.lines() {
         // Op names may hold tabs in principle, never the three numbers after them.
         let mut parts = line.rsplitn(4, '\t');

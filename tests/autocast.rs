@@ -1,7 +1,11 @@
 //! Autocast scopes: nesting, the cast cache, panic safety, per-thread state, refused inputs.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use tch::{Device, Kind, Tensor};
-use tch_fabric::{autocast, autocast_state, Autocast, AutocastState, Error};
+use tch_fabric::{
+    autocast,
+    autocast::{autocast_state, AutocastState},
+    Autocast, Error,
+};
 
 fn cpu_state() -> AutocastState {
     autocast_state(Device::Cpu).unwrap()

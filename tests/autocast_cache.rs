@@ -2,7 +2,7 @@
 //! any thread's outermost scope ends, so this test lives alone in its own test binary: a
 //! parallel test leaving a scope would clear the cache under it.
 use tch::{Device, Kind, Tensor};
-use tch_fabric::{autocast, autocast_state, Autocast};
+use tch_fabric::{autocast, autocast::autocast_state, Autocast};
 
 fn ones() -> Tensor {
     Tensor::ones([2, 2], (Kind::Float, Device::Cpu))

@@ -4,9 +4,15 @@
 //! it used tch's panicking accessors; the test fails on any panic.)
 use tch::{nn, Device, Kind, Tensor};
 use tch_fabric::{
-    autocast, clip_grad_norm, clip_grad_value, count_ops, memory_stats, ops, set_default_dtype,
-    total_norm, Autocast, Clip, DistributedSampler, Error, Fabric, FusedAdamW, FusedSgd, GradBatch,
-    GradScaler, GradScalerConfig, Optimizer, Params, TchOptimizer,
+    autocast,
+    clip::{clip_grad_norm, clip_grad_value, total_norm},
+    default_dtype::set_default_dtype,
+    dist::DistributedSampler,
+    memory_stats, ops,
+    optim::{GradBatch, Params},
+    profile::count_ops,
+    Autocast, Clip, Error, Fabric, FusedAdamW, FusedSgd, GradScaler, GradScalerConfig, Optimizer,
+    TchOptimizer,
 };
 
 fn f32s(n: i64) -> Tensor {
@@ -177,7 +183,11 @@ fn the_fabric_refuses_bad_tensors_files_and_settings() {
     assert!(opt.set_lr(-1.0).is_err());
     assert_eq!(opt.lr(), 1e-3);
     let e = opt.step().unwrap_err();
-    assert_eq!(e.to_string(), tch_fabric::BACKWARD_MESSAGE);
+    assert_eq!(
+        e.to_string(),
+        "The current strategy and precision selection requires you to call \
+         `fabric.backward(loss)` instead of `loss.backward()`."
+    );
     assert!(fabric
         .clip_gradients(&mut opt, Clip::value(f64::NAN))
         .is_err());

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use tch_fabric::{DistEnv, Error};
+use tch_fabric::{dist::DistEnv, Error};
 
 fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>, Error> {
     let map: HashMap<String, String> = vars

@@ -6,9 +6,12 @@ use common::cpu;
 use std::cell::RefCell;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::{
-    default_dtype, Clip, Error, Fabric, GradScalerConfig, LrScheduler, Precision, StepOutcome,
-    TchOptimizer, BACKWARD_MESSAGE,
+    default_dtype::default_dtype, lr_scheduler::ClosureLR, Clip, Error, Fabric, GradScalerConfig,
+    Precision, StepOutcome, TchOptimizer,
 };
+
+/// Lightning's message when a mixed-precision step sees no `fabric.backward` call.
+const BACKWARD_MESSAGE: &str = "The current strategy and precision selection requires you to call `fabric.backward(loss)` instead of `loss.backward()`.";
 
 fn cpu_fp16(init_scale: f64) -> Fabric {
     common::cpu_fp16(
@@ -430,7 +433,7 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
         .into_iter()
         .map(|(_, g)| g)
         .collect();
-    let after = tch_fabric::total_norm(&grads, 2.0)
+    let after = tch_fabric::clip::total_norm(&grads, 2.0)
         .unwrap()
         .double_value(&[]);
     assert!(
@@ -462,7 +465,7 @@ fn clipping_unscales_once_and_survives_an_overflow_step() {
 fn lr_schedule_does_not_advance_on_skipped_steps() {
     let fabric = cpu_fp16(2f64.powi(40));
     let (m, mut opt, _vs) = linear_setup(&fabric, "fc");
-    let mut sched = LrScheduler::new(|n| 0.1 / (1.0 + n as f64));
+    let mut sched = ClosureLR::new(|n| 0.1 / (1.0 + n as f64));
     let mut taken = 0;
     for _ in 0..20 {
         opt.zero_grad().unwrap();
@@ -503,7 +506,7 @@ fn memory_stats_on_cpu() {
         m.current_bytes > 0 && m.peak_bytes >= m.current_bytes,
         "{m:?}"
     );
-    assert_eq!(m.source, tch_fabric::MemorySource::ProcessRss);
+    assert_eq!(m.source, tch_fabric::memory::MemorySource::ProcessRss);
     assert_eq!((m.reserved_bytes, m.peak_reserved_bytes), (None, None));
     // 256 MiB touched and freed raises the peak; a reset brings it back near the current RSS.
     drop(Tensor::ones([64 << 20], (Kind::Float, Device::Cpu)));

@@ -280,7 +280,7 @@ fn an_optimizer_of_another_fabric_is_refused() {
         .iter()
         .map(|n| vs.variables()[*n].grad() / 1024.0)
         .collect();
-    let want = tch_fabric::total_norm(&unscaled, 2.0)
+    let want = tch_fabric::clip::total_norm(&unscaled, 2.0)
         .unwrap()
         .double_value(&[]);
     assert!(

@@ -5,6 +5,7 @@
 mod common;
 
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::optim::OptimizerState;
 use tch_fabric::{Clip, Fabric, FabricModule, FabricOptimizer, FusedAdamW, GradScalerConfig};
 
 const STEPS: usize = 30;

@@ -6,8 +6,9 @@
 mod common;
 
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+use tch_fabric::optim::OptimizerState;
 use tch_fabric::{
-    Amp, Clip, Fabric, FabricModule, FabricOptimizer, FusedSgd, GradScalerConfig, Optimizer,
+    optim::Amp, Clip, Fabric, FabricModule, FabricOptimizer, FusedSgd, GradScalerConfig, Optimizer,
     StepOutcome,
 };
 
@@ -339,6 +340,7 @@ fn a_skipped_first_step_leaves_clean_momentum() {
         Amp::Scaled {
             grad_scale: None,
             found_inf: &inf,
+            device: Device::Cpu,
         },
     )
     .unwrap();
@@ -354,6 +356,7 @@ fn a_skipped_first_step_leaves_clean_momentum() {
         Amp::Scaled {
             grad_scale: None,
             found_inf: &no_inf,
+            device: Device::Cpu,
         },
     )
     .unwrap();

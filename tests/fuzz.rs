@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use std::cell::Cell;
 use tch::{nn, Device};
-use tch_fabric::{Fabric, GradScaler, GradScalerConfig, GradScalerState, Precision};
+use tch_fabric::{scaler::GradScalerState, Fabric, GradScaler, GradScalerConfig, Precision};
 
 fn runner() -> (TestRunner, u32) {
     let config = Config {

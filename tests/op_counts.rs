@@ -1,12 +1,15 @@
 //! What one AMP step asks of libtorch, counted by libtorch's own `RecordFunction` observers
-//! (`tch_fabric::count_ops`): machine-independent, so the hot path's shape can be tested. The
+//! (`tch_fabric::profile::count_ops`): machine-independent, so the hot path's shape can be tested. The
 //! counts do not grow with the number of parameters: gradients are fetched and grouped once,
 //! and every per-tensor operation is one `_foreach_*` or fused kernel call per (device, dtype).
 //! `cargo run --release --example bench_step -- --verbose` prints the same counts per op.
 mod common;
 
 use tch::{nn, Device, Kind, Tensor};
-use tch_fabric::{count_ops, Clip, FusedAdamW, GradScalerConfig, OpCounts};
+use tch_fabric::{
+    profile::{count_ops, OpCounts},
+    Clip, FusedAdamW, GradScalerConfig,
+};
 
 /// Top-level libtorch calls of clip + step + scale update for `n` float32 parameters.
 fn folded_step_counts(n: usize) -> OpCounts {

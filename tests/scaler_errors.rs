@@ -4,7 +4,8 @@ mod common;
 use common::scaler::Probe;
 use tch::{nn, Device, Kind, Tensor};
 use tch_fabric::{
-    AtMinScale, Error, GradScaler, GradScalerConfig, GradScalerState, ScalePolicy, TchOptimizer,
+    scaler::{AtMinScale, GradScalerState, ScalePolicy},
+    Error, GradScaler, GradScalerConfig, TchOptimizer,
 };
 
 fn one() -> Tensor {

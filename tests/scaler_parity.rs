@@ -7,7 +7,7 @@ mod common;
 use common::scaler::{run, Probe};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
-use tch_fabric::{GradScaler, GradScalerConfig, GradScalerState};
+use tch_fabric::{scaler::GradScalerState, GradScaler, GradScalerConfig};
 
 fn config_of(v: &Value) -> GradScalerConfig {
     GradScalerConfig::default()

@@ -10,8 +10,8 @@ use std::cell::Cell;
 use std::rc::Rc;
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::{
-    Amp, Clip, Error, Fabric, FusedAdamW, GradBatch, GradScaler, GradScalerConfig, Optimizer,
-    Params, TchOptimizer,
+    optim::{Amp, GradBatch, OptimizerState, Params},
+    Clip, Error, Fabric, FusedAdamW, GradScaler, GradScalerConfig, Optimizer, TchOptimizer,
 };
 
 /// An optimizer that fails while `failures` is above zero (counting it down), as one that
@@ -21,6 +21,8 @@ struct Flaky<O> {
     inner: O,
     failures: Rc<Cell<u32>>,
 }
+
+impl<O: Optimizer> OptimizerState for Flaky<O> {}
 
 impl<O: Optimizer> Optimizer for Flaky<O> {
     fn params(&self) -> &Params {

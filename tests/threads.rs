@@ -3,7 +3,7 @@
 //! was. (The first wave switched the process-wide default dtype around every `-true` forward:
 //! a `32-true` Fabric on another thread then computed `int64 / 3` in float64 or bfloat16.)
 use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
-use tch_fabric::{default_dtype, Fabric, FusedAdamW};
+use tch_fabric::{default_dtype::default_dtype, Fabric, FusedAdamW};
 
 const STEPS: usize = 60;
 

@@ -31,7 +31,7 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 20)]
     warmup: usize,
-    /// After the timed steps, run one more under `tch_fabric::count_ops` and add its libtorch
+    /// After the timed steps, run one more under `tch_fabric::profile::count_ops` and add its libtorch
     /// ops to the JSON (`"ops": {name: [calls, top-level calls, self microseconds]}`), for
     /// scripts/profile_step.py.
     #[arg(long)]
@@ -173,7 +173,9 @@ fn main() -> Result<()> {
                         .transpose()?;
                     let _dt = match precision {
                         Precision::F64True | Precision::F16True | Precision::Bf16True => {
-                            Some(tch_fabric::DefaultDtypeGuard::new(precision.param_dtype())?)
+                            Some(tch_fabric::default_dtype::DefaultDtypeGuard::new(
+                                precision.param_dtype(),
+                            )?)
                         }
                         _ => None,
                     };
@@ -202,7 +204,7 @@ fn main() -> Result<()> {
         }
     }
     let ops = if args.profile {
-        let (done, counts) = tch_fabric::count_ops(&mut step)?;
+        let (done, counts) = tch_fabric::profile::count_ops(&mut step)?;
         done?;
         let ops: serde_json::Map<String, serde_json::Value> = counts
             .by_name

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
-use tch_fabric::{Clip, DistributedSampler, Fabric, FusedAdamW, GradScalerConfig};
+use tch_fabric::{dist::DistributedSampler, Clip, Fabric, FusedAdamW, GradScalerConfig};
 
 const WORKER_ENV: &str = "TCH_FABRIC_DDP_WORKER";
 

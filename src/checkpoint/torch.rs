@@ -9,9 +9,11 @@
 //!   order of the model's entries), and `param_groups` with PyTorch's hyper-parameter names;
 //! - `"scaler"`: a GradScaler's `state_dict`, when the precision has one;
 //! - every other entry: the user's state, given to and taken from serde as a JSON object.
-use super::value::{self, PyValue};
-use super::{fail, open_regular, Contents, Model, SharedOptimizer, OPTIMIZER_PREFIX};
+use super::atomic::{open_regular, write_atomic};
+use super::layout::{Model, SharedOptimizer, OPTIMIZER_PREFIX};
+use super::{fail, io, Contents};
 use crate::error::{Error, Result};
+use crate::native::{self, PyValue};
 use crate::optim::ParamGroup;
 use crate::params::lock_vars;
 use crate::precision::Precision;
@@ -54,14 +56,14 @@ pub(crate) fn is_torch_file(path: &Path) -> Result<bool> {
         return Ok(false);
     }
     let mut magic = [0u8; 4];
-    file.read_exact(&mut magic).map_err(super::io(path))?;
+    file.read_exact(&mut magic).map_err(io(path))?;
     Ok(magic == *b"PK\x03\x04")
 }
 
 /// Reads the archive's value tree.
 fn read_value(path: &Path) -> Result<PyValue> {
     let bad = |reason: String| fail(path, reason);
-    let pickle = value::archive_record(path, "data.pkl").map_err(|e| {
+    let pickle = native::archive_record(path, "data.pkl").map_err(|e| {
         bad(format!(
             "not a readable torch.save archive: {}",
             native_reason(&e)
@@ -69,7 +71,7 @@ fn read_value(path: &Path) -> Result<PyValue> {
     })?;
     let pickle =
         super::pickle::rewrite(&pickle).map_err(|r| bad(format!("cannot be read: {r}")))?;
-    value::load(path, &pickle)
+    native::torch_load(path, &pickle)
         .map_err(|e| bad(format!("cannot be unpickled: {}", native_reason(&e))))
 }
 
@@ -480,9 +482,9 @@ pub(crate) fn write(
         top.push((k.clone(), from_json(v, &[], k)));
     }
     let root = str_dict(top);
-    super::write_atomic(
+    write_atomic(
         path,
-        |tmp| value::save(tmp, &root),
+        |tmp| native::torch_save(tmp, &root),
         |written| read_value(written).map(|_| ()),
     )
 }

@@ -1,7 +1,7 @@
 //! [`FabricBuilder`]: the options of a [`Fabric`], and how they are resolved against the
 //! environment (`fabric run`'s `LT_*` variables, torchrun's rendezvous), the world of processes
 //! and the device.
-use super::{Core, Fabric, Settings};
+use super::{Fabric, Settings, Shared};
 use crate::dist::{DistEnv, ProcessGroup, ProcessGroupOptions};
 use crate::error::{Error, Result};
 use crate::precision::Precision;
@@ -11,24 +11,59 @@ use std::time::Duration;
 use tch::Device;
 
 /// A precision as Lightning accepts it: a [`Precision`], a string (`"bf16-mixed"`, `"16"`,
-/// ...) or an integer (`16`, `32`, `64`).
-pub trait IntoPrecision {
-    /// The value as given, for error messages and the CLI conflict check.
-    #[doc(hidden)]
-    fn into_arg(self) -> PrecisionArg;
+/// ...) or an integer (`16`, `32`, `64`). Implemented for exactly those types.
+pub trait IntoPrecision: sealed::Sealed {}
+
+impl<T: sealed::Sealed> IntoPrecision for T {}
+
+mod sealed {
+    use crate::precision::Precision;
+
+    /// A precision value as given by the user, kept as given for error messages and the CLI
+    /// conflict check, parsed at build time.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum PrecisionArg {
+        /// Already parsed.
+        Parsed(Precision),
+        /// A string.
+        Str(String),
+        /// An integer.
+        Int(i64),
+    }
+
+    /// The conversion behind [`super::IntoPrecision`], out of users' reach.
+    pub trait Sealed {
+        fn into_arg(self) -> PrecisionArg;
+    }
+
+    impl Sealed for Precision {
+        fn into_arg(self) -> PrecisionArg {
+            PrecisionArg::Parsed(self)
+        }
+    }
+    impl Sealed for &str {
+        fn into_arg(self) -> PrecisionArg {
+            PrecisionArg::Str(self.to_string())
+        }
+    }
+    impl Sealed for String {
+        fn into_arg(self) -> PrecisionArg {
+            PrecisionArg::Str(self)
+        }
+    }
+    impl Sealed for i64 {
+        fn into_arg(self) -> PrecisionArg {
+            PrecisionArg::Int(self)
+        }
+    }
+    impl Sealed for i32 {
+        fn into_arg(self) -> PrecisionArg {
+            PrecisionArg::Int(i64::from(self))
+        }
+    }
 }
 
-/// A precision value as given by the user (see [`IntoPrecision`]).
-#[doc(hidden)]
-#[derive(Debug, Clone, PartialEq)]
-pub enum PrecisionArg {
-    /// Already parsed.
-    Parsed(Precision),
-    /// A string, parsed at build time.
-    Str(String),
-    /// An integer, parsed at build time.
-    Int(i64),
-}
+use sealed::PrecisionArg;
 
 impl PrecisionArg {
     /// Python's `str()` of the value (what Lightning compares with the environment).
@@ -54,32 +89,6 @@ impl PrecisionArg {
             PrecisionArg::Str(s) => s.parse(),
             PrecisionArg::Int(i) => Precision::try_from(*i),
         }
-    }
-}
-
-impl IntoPrecision for Precision {
-    fn into_arg(self) -> PrecisionArg {
-        PrecisionArg::Parsed(self)
-    }
-}
-impl IntoPrecision for &str {
-    fn into_arg(self) -> PrecisionArg {
-        PrecisionArg::Str(self.to_string())
-    }
-}
-impl IntoPrecision for String {
-    fn into_arg(self) -> PrecisionArg {
-        PrecisionArg::Str(self)
-    }
-}
-impl IntoPrecision for i64 {
-    fn into_arg(self) -> PrecisionArg {
-        PrecisionArg::Int(self)
-    }
-}
-impl IntoPrecision for i32 {
-    fn into_arg(self) -> PrecisionArg {
-        PrecisionArg::Int(i64::from(self))
     }
 }
 
@@ -152,7 +161,7 @@ impl FabricBuilder {
     }
 
     /// How long the processes wait for each other to join (default
-    /// [`crate::DEFAULT_RENDEZVOUS_TIMEOUT`]); a missing rank or a taken port is an error after
+    /// [`crate::dist::DEFAULT_RENDEZVOUS_TIMEOUT`]); a missing rank or a taken port is an error after
     /// at most this long.
     pub fn rendezvous_timeout(mut self, timeout: Duration) -> Self {
         self.rendezvous_timeout = Some(timeout);
@@ -161,7 +170,7 @@ impl FabricBuilder {
 
     /// How long one collective (gradient all-reduce, barrier, ...) may wait for the other
     /// processes, as Lightning's `DDPStrategy(timeout=...)`. Default
-    /// [`crate::DEFAULT_TIMEOUT`]: 30 minutes, PyTorch's and Lightning's default, so a hung
+    /// [`crate::dist::DEFAULT_TIMEOUT`]: 30 minutes, PyTorch's and Lightning's default, so a hung
     /// rank is noticed only after that long; the error then names the ranks that did not
     /// arrive. Choose it longer than any wait your ranks have for each other (rank 0 saving a
     /// large checkpoint, an evaluation on one rank).
@@ -332,9 +341,10 @@ impl FabricBuilder {
                     allowed: "enabled under 16-mixed: float16 gradients underflow without it",
                 });
             }
-            Some(GradScaler::new(config)?)
+            GradScaler::new(config)?
         } else {
-            None
+            // The other precisions scale nothing: a disabled scaler passes everything through.
+            GradScaler::new(GradScalerConfig::default().enabled(false))?
         };
         let group = match &dist_env {
             Some(env) => crate::dist::default_group(
@@ -357,7 +367,7 @@ impl FabricBuilder {
         if let Some(seed) = self.seed {
             tch::manual_seed(seed as i64);
         }
-        Ok(Fabric::from_core(Core::new(
+        Ok(Fabric::from_shared(Shared::new(
             Settings {
                 requested,
                 precision,

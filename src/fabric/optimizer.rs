@@ -1,11 +1,8 @@
 //! [`FabricOptimizer`]: an optimizer set up with a [`super::Fabric`], stepping through its
 //! scaler.
-use super::{Core, BACKWARD_MESSAGE};
+use super::{Shared, BACKWARD_MESSAGE};
 use crate::checkpoint::SharedOptimizer;
-use crate::clip::{self, Clip};
 use crate::error::{Error, Result};
-use crate::optim::Amp;
-use crate::params::GradBatch;
 use crate::scaler::StepOutcome;
 use std::rc::Rc;
 use tch::Tensor;
@@ -17,42 +14,37 @@ use tch::Tensor;
 pub struct FabricOptimizer {
     opt: SharedOptimizer,
     id: u64,
-    core: Rc<Core>,
+    shared: Rc<Shared>,
     /// `fabric.backward` calls seen at this optimizer's last step.
     seen_backward: u64,
-    /// Without a scaler: the gradients a clip fetched, for the step of the same backward.
-    clipped: Option<(u64, GradBatch)>,
     /// PyTorch's `param_group["initial_lr"]`, set by the first learning-rate scheduler.
     initial_lr: Option<f64>,
 }
 
 impl FabricOptimizer {
-    pub(crate) fn new(opt: SharedOptimizer, id: u64, core: Rc<Core>, seen_backward: u64) -> Self {
+    pub(crate) fn new(
+        opt: SharedOptimizer,
+        id: u64,
+        shared: Rc<Shared>,
+        seen_backward: u64,
+    ) -> Self {
         FabricOptimizer {
             opt,
             id,
-            core,
+            shared,
             seen_backward,
-            clipped: None,
             initial_lr: None,
         }
     }
 
-    pub(crate) fn core(&self) -> &Rc<Core> {
-        &self.core
+    /// The Fabric it was set up with.
+    pub(crate) fn shared(&self) -> &Rc<Shared> {
+        &self.shared
     }
 
-    pub(crate) fn shared(&self) -> &SharedOptimizer {
+    /// The optimizer itself.
+    pub(crate) fn optimizer(&self) -> &SharedOptimizer {
         &self.opt
-    }
-
-    /// Clipping without a scaler: the gradients as they are, kept for this iteration's step.
-    pub(crate) fn clip_unscaled(&mut self, clip: &Clip) -> Result<Tensor> {
-        let grads = self.opt.borrow().params().grads()?;
-        let norm = clip::clip_batch(&grads, clip)?;
-        let backward = self.core.state.borrow().backward_count;
-        self.clipped = Some((backward, grads));
-        Ok(norm)
     }
 
     /// One optimizer step. Under `16-mixed` a step whose gradients hold inf/NaN is skipped
@@ -63,48 +55,35 @@ impl FabricOptimizer {
     ///
     /// Lightning's "requires you to call `fabric.backward(loss)`" under a mixed precision when
     /// no `fabric.backward` ran since this optimizer's last step (a plain `loss.backward()`
-    /// would otherwise train on scaled gradients); [`Error::Usage`] when this optimizer already
+    /// would otherwise train on scaled gradients); [`crate::Error::Usage`] when this optimizer already
     /// stepped since the last scale update; the scaler's and the optimizer's errors, after
     /// which nothing has changed.
     pub fn step(&mut self) -> Result<StepOutcome> {
-        let mut state = self.core.state.borrow_mut();
+        let mut state = self.shared.state.borrow_mut();
         let st = &mut *state;
-        if self.core.precision().is_mixed() && st.backward_count == self.seen_backward {
+        if self.shared.precision().is_mixed() && st.backward_count == self.seen_backward {
             return Err(Error::Usage(BACKWARD_MESSAGE.to_string()));
         }
-        let backward = st.backward_count;
-        let outcome = match &mut st.scaler {
-            Some(scaler) => {
-                if scaler.has_stepped(self.id) {
-                    return Err(Error::Usage(
-                        "this optimizer already stepped since the last loss-scale update. The \
-                         scale updates once every optimizer set up with this Fabric has stepped; \
-                         a loop that does not step all of them in every iteration calls \
-                         `fabric.update_scale()` at the end of each iteration"
-                            .into(),
-                    ));
-                }
-                let outcome = scaler.step(&mut **self.opt.borrow_mut())?;
-                let all_stepped = st
-                    .optimizers
-                    .iter()
-                    .all(|o| scaler.has_stepped(o.borrow().params().id()));
-                if all_stepped {
-                    scaler.update()?;
-                }
-                outcome
+        let outcome = st.scaler.step(&mut **self.opt.borrow_mut()).map_err(|e| {
+            if !st.scaler.has_stepped(self.id) {
+                return e;
             }
-            None => {
-                let mut opt = self.opt.borrow_mut();
-                let grads = match self.clipped.take() {
-                    Some((b, grads)) if b == backward => grads,
-                    _ => opt.params().grads()?,
-                };
-                opt.step_with(&grads, Amp::None)?;
-                StepOutcome::Stepped
-            }
-        };
-        self.seen_backward = backward;
+            Error::Usage(
+                "this optimizer already stepped since the last loss-scale update. The scale \
+                     updates once every optimizer set up with this Fabric has stepped; a loop \
+                     that does not step all of them in every iteration calls \
+                     `fabric.update_scale()` at the end of each iteration"
+                    .into(),
+            )
+        })?;
+        let all_stepped = st
+            .optimizers
+            .iter()
+            .all(|o| st.scaler.has_stepped(o.borrow().params().id()));
+        if all_stepped {
+            st.scaler.update()?;
+        }
+        self.seen_backward = st.backward_count;
         Ok(outcome)
     }
 
@@ -113,12 +92,9 @@ impl FabricOptimizer {
     ///
     /// # Errors
     ///
-    /// [`Error::Native`] if libtorch refuses.
+    /// [`crate::Error::Native`] if libtorch refuses.
     pub fn zero_grad(&mut self) -> Result<()> {
-        self.clipped = None;
-        if let Some(s) = &mut self.core.state.borrow_mut().scaler {
-            s.forget_grads(self.id);
-        }
+        self.shared.state.borrow_mut().scaler.forget_grads(self.id);
         self.opt.borrow_mut().zero_grad()
     }
 
@@ -156,7 +132,7 @@ impl FabricOptimizer {
     ///
     /// # Errors
     ///
-    /// [`Error::Usage`] for an optimizer without one.
+    /// [`crate::Error::Usage`] for an optimizer without one.
     pub fn set_momentum(&mut self, momentum: f64) -> Result<()> {
         self.opt.borrow_mut().set_momentum(momentum)
     }
@@ -166,7 +142,7 @@ impl FabricOptimizer {
     ///
     /// # Errors
     ///
-    /// [`Error::Native`] if libtorch cannot hand them out.
+    /// [`crate::Error::Native`] if libtorch cannot hand them out.
     pub fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
         let opt = self.opt.borrow();
         let grads = opt.params().grads()?;
@@ -180,7 +156,7 @@ impl FabricOptimizer {
     ///
     /// # Errors
     ///
-    /// As [`crate::Optimizer::state_tensors`].
+    /// As [`crate::optim::OptimizerState::state_tensors`].
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         self.opt.borrow().state_tensors()
     }

@@ -1,4 +1,4 @@
-//! [`LrScheduler`]: a learning-rate schedule given as a closure, driven by step outcomes.
+//! [`ClosureLR`]: a learning-rate schedule given as a closure, driven by step outcomes.
 use crate::error::Result;
 use crate::fabric::FabricOptimizer;
 use crate::scaler::StepOutcome;
@@ -9,25 +9,26 @@ use crate::scaler::StepOutcome;
 /// counts as taken, as in PyTorch.
 ///
 /// ```
-/// use tch_fabric::{LrScheduler, StepOutcome};
-/// let mut sched = LrScheduler::new(|step| 0.1 * 0.5f64.powi(step as i32));
+/// use tch_fabric::lr_scheduler::ClosureLR;
+/// use tch_fabric::StepOutcome;
+/// let mut sched = ClosureLR::new(|step| 0.1 * 0.5f64.powi(step as i32));
 /// assert_eq!(sched.lr(), 0.1);
 /// sched.advance(&StepOutcome::Stepped);
 /// let skipped = StepOutcome::Skipped { scale_before: 2.0, scale_after: 1.0, consecutive: 1, nonfinite: vec![] };
 /// sched.advance(&skipped);
 /// assert_eq!((sched.steps(), sched.lr()), (1, 0.05));
 /// ```
-pub struct LrScheduler<F: FnMut(u64) -> f64> {
+pub struct ClosureLR<F: FnMut(u64) -> f64> {
     schedule: F,
     steps: u64,
     lr: f64,
 }
 
-impl<F: FnMut(u64) -> f64> LrScheduler<F> {
+impl<F: FnMut(u64) -> f64> ClosureLR<F> {
     /// `schedule(n)` is the learning rate after `n` taken steps.
     pub fn new(mut schedule: F) -> Self {
         let lr = schedule(0);
-        LrScheduler {
+        ClosureLR {
             schedule,
             steps: 0,
             lr,
@@ -44,7 +45,7 @@ impl<F: FnMut(u64) -> f64> LrScheduler<F> {
         self.lr
     }
 
-    /// [`LrScheduler::advance`], then sets the rate on `optimizer`.
+    /// [`ClosureLR::advance`], then sets the rate on `optimizer`.
     ///
     /// # Errors
     ///

@@ -1,7 +1,7 @@
 //! Learning-rate schedules: PyTorch's `torch.optim.lr_scheduler` classes with their names and
 //! their own recurrences, so the rates are bit-identical to PyTorch's ([`LambdaLR`], [`StepLR`],
 //! [`MultiStepLR`], [`ConstantLR`], [`LinearLR`], [`ExponentialLR`], [`CosineAnnealingLR`],
-//! [`OneCycleLR`], [`SequentialLR`]), and [`LrScheduler`], a schedule given as a closure.
+//! [`OneCycleLR`], [`SequentialLR`]), and [`ClosureLR`], a schedule given as a closure.
 //!
 //! Every scheduler implements [`Scheduler`]. As in PyTorch, building one sets the optimizer's
 //! rate for the first step, and [`Scheduler::step`] goes after the optimizer's step. Unlike
@@ -32,7 +32,7 @@ mod one_cycle;
 mod schedules;
 mod sequential;
 
-pub use closure::LrScheduler;
+pub use closure::ClosureLR;
 pub use one_cycle::{Anneal, OneCycle, OneCycleLR};
 pub use schedules::{
     ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR, MultiStepLR, StepLR,
@@ -101,7 +101,7 @@ impl LrTarget for FabricOptimizer {
 
 /// What every scheduler keeps: PyTorch's `LRScheduler` attributes for one parameter group.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Core {
+pub struct SchedulerBase {
     /// `base_lrs[0]`: the optimizer's `initial_lr` when the scheduler was built.
     pub base_lr: f64,
     /// `last_epoch`: steps taken (`-1` before the first, internal step).
@@ -114,10 +114,10 @@ pub struct Core {
     pub is_initial: bool,
 }
 
-impl Core {
+impl SchedulerBase {
     /// A scheduler's starting point on `opt`: `initial_lr` set to the current rate unless an
     /// earlier scheduler set it, and taken as the base rate (PyTorch's `last_epoch=-1`).
-    pub fn attach(opt: &mut dyn LrTarget) -> Core {
+    pub fn attach(opt: &mut dyn LrTarget) -> SchedulerBase {
         let base_lr = match opt.initial_lr() {
             Some(lr) => lr,
             None => {
@@ -126,7 +126,7 @@ impl Core {
                 lr
             }
         };
-        Core {
+        SchedulerBase {
             base_lr,
             last_epoch: -1,
             step_count: 0,
@@ -239,12 +239,12 @@ pub trait Scheduler: std::fmt::Debug {
     fn kind(&self) -> &'static str;
 
     /// The shared state.
-    fn core(&self) -> &Core;
+    fn base(&self) -> &SchedulerBase;
 
     /// The shared state, mutably.
-    fn core_mut(&mut self) -> &mut Core;
+    fn base_mut(&mut self) -> &mut SchedulerBase;
 
-    /// The rate for `core().last_epoch`, given the optimizer's current rate `lr` (PyTorch's
+    /// The rate for `base().last_epoch`, given the optimizer's current rate `lr` (PyTorch's
     /// `get_lr`, which reads `group["lr"]`).
     ///
     /// # Errors
@@ -267,7 +267,7 @@ pub trait Scheduler: std::fmt::Debug {
     /// As [`Scheduler::advance`].
     fn step(&mut self, outcome: &StepOutcome, opt: &mut dyn LrTarget) -> Result<f64> {
         if outcome.is_skipped() {
-            return Ok(self.core().last_lr);
+            return Ok(self.base().last_lr);
         }
         self.advance(opt)
     }
@@ -279,10 +279,10 @@ pub trait Scheduler: std::fmt::Debug {
     /// The schedule's error ([`OneCycleLR`] past its total steps) or the optimizer's refusal
     /// of the rate; the scheduler and the rate are unchanged then.
     fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
-        let before = self.core().clone();
-        self.core_mut().step_count += 1;
+        let before = self.base().clone();
+        self.base_mut().step_count += 1;
         self.update_lr(None, opt)
-            .inspect_err(|_| *self.core_mut() = before)
+            .inspect_err(|_| *self.base_mut() = before)
     }
 
     /// PyTorch's `_update_lr(epoch)`: moves to `epoch` (closed form where there is one) or to
@@ -292,16 +292,16 @@ pub trait Scheduler: std::fmt::Debug {
     ///
     /// As [`Scheduler::advance`]; the scheduler is unchanged then.
     fn update_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
-        let before = self.core().clone();
+        let before = self.base().clone();
         let lr = self.next_lr(epoch, opt);
         let set = lr.and_then(|lr| opt.set_lr(lr).map(|()| lr));
         match set {
             Ok(lr) => {
-                self.core_mut().last_lr = lr;
+                self.base_mut().last_lr = lr;
                 Ok(lr)
             }
             Err(e) => {
-                *self.core_mut() = before;
+                *self.base_mut() = before;
                 Err(e)
             }
         }
@@ -315,11 +315,11 @@ pub trait Scheduler: std::fmt::Debug {
     fn next_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
         Ok(match epoch {
             None => {
-                self.core_mut().last_epoch += 1;
+                self.base_mut().last_epoch += 1;
                 self.get_lr(opt.lr(), opt)?
             }
             Some(e) => {
-                self.core_mut().last_epoch = e;
+                self.base_mut().last_epoch = e;
                 match self.closed_form_lr() {
                     Some(lr) => lr,
                     None => self.get_lr(opt.lr(), opt)?,
@@ -334,34 +334,34 @@ pub trait Scheduler: std::fmt::Debug {
     ///
     /// As [`Scheduler::advance`].
     fn initial_step(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
-        let before = self.core().clone();
-        let core = self.core_mut();
-        core.step_count = 1;
-        core.is_initial = true;
+        let before = self.base().clone();
+        let base = self.base_mut();
+        base.step_count = 1;
+        base.is_initial = true;
         let r = self.update_lr(None, opt);
-        self.core_mut().is_initial = false;
-        r.inspect_err(|_| *self.core_mut() = before)
+        self.base_mut().is_initial = false;
+        r.inspect_err(|_| *self.base_mut() = before)
     }
 
     /// What [`SequentialLR`] does to each scheduler it takes (`recursive_undo`): one epoch
     /// back.
     fn undo(&mut self) {
-        self.core_mut().last_epoch -= 1;
+        self.base_mut().last_epoch -= 1;
     }
 
     /// PyTorch's `get_last_lr()[0]`.
     fn get_last_lr(&self) -> f64 {
-        self.core().last_lr
+        self.base().last_lr
     }
 
     /// PyTorch's `last_epoch`.
     fn last_epoch(&self) -> i64 {
-        self.core().last_epoch
+        self.base().last_epoch
     }
 
     /// The state to save in a checkpoint.
     fn state_dict(&self) -> SchedulerState {
-        SchedulerState::of(self.kind(), self.core(), Vec::new())
+        SchedulerState::of(self.kind(), self.base(), Vec::new())
     }
 
     /// Restores a state from [`Scheduler::state_dict`]. The optimizer's rate is restored with
@@ -372,15 +372,19 @@ pub trait Scheduler: std::fmt::Debug {
     /// [`Error::InvalidState`] for another kind of scheduler or impossible values; nothing
     /// changes then.
     fn load_state_dict(&mut self, state: &SchedulerState) -> Result<()> {
-        let core = check_state(self.kind(), state, 0)?;
-        *self.core_mut() = core;
+        let base = check_state(self.kind(), state, 0)?;
+        *self.base_mut() = base;
         Ok(())
     }
 }
 
 impl SchedulerState {
-    /// The state of a scheduler of `kind` with `core` and nested `schedulers`.
-    pub(crate) fn of(kind: &str, c: &Core, schedulers: Vec<SchedulerState>) -> SchedulerState {
+    /// The state of a scheduler of `kind` with `base` and nested `schedulers`.
+    pub(crate) fn of(
+        kind: &str,
+        c: &SchedulerBase,
+        schedulers: Vec<SchedulerState>,
+    ) -> SchedulerState {
         SchedulerState {
             kind: kind.to_string(),
             base_lr: c.base_lr,
@@ -392,9 +396,13 @@ impl SchedulerState {
     }
 }
 
-/// The [`Core`] a state describes, after checking that it is one for `kind` with
+/// The [`SchedulerBase`] a state describes, after checking that it is one for `kind` with
 /// `children` nested states and possible values.
-pub(crate) fn check_state(kind: &str, state: &SchedulerState, children: usize) -> Result<Core> {
+pub(crate) fn check_state(
+    kind: &str,
+    state: &SchedulerState,
+    children: usize,
+) -> Result<SchedulerBase> {
     let refuse = |what: String| Err(Error::InvalidState(format!("{kind} state: {what}")));
     if !state.kind.is_empty() && state.kind != kind {
         return refuse(format!("it is the state of a {}", state.kind));
@@ -413,7 +421,7 @@ pub(crate) fn check_state(kind: &str, state: &SchedulerState, children: usize) -
     if state.last_epoch < -1 {
         return refuse(format!("last_epoch = {}: must be >= -1", state.last_epoch));
     }
-    Ok(Core {
+    Ok(SchedulerBase {
         base_lr: state.base_lr,
         last_epoch: state.last_epoch,
         step_count: state.step_count,

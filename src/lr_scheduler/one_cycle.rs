@@ -1,7 +1,7 @@
 //! [`OneCycleLR`]: PyTorch's 1cycle policy, its rates and momenta computed as PyTorch computes
 //! them.
 use super::schedules::accessors;
-use super::{config, start, Core, LrTarget, Scheduler};
+use super::{config, start, LrTarget, Scheduler, SchedulerBase};
 use crate::error::{Error, Result};
 use std::f64::consts::PI;
 
@@ -100,7 +100,7 @@ struct Phase {
 /// ```
 #[derive(Debug)]
 pub struct OneCycleLR {
-    core: Core,
+    base: SchedulerBase,
     total_steps: i64,
     phases: Vec<Phase>,
     anneal: Anneal,
@@ -190,11 +190,11 @@ impl OneCycleLR {
             opt.set_momentum(top)?;
         }
         opt.set_initial_lr(initial);
-        let mut core = Core::attach(opt);
-        core.base_lr = initial;
+        let mut base = SchedulerBase::attach(opt);
+        base.base_lr = initial;
         start(
             OneCycleLR {
-                core,
+                base,
                 total_steps: c.total_steps,
                 phases,
                 anneal: c.anneal_strategy,
@@ -208,7 +208,7 @@ impl OneCycleLR {
 impl Scheduler for OneCycleLR {
     accessors!("OneCycleLR");
     fn get_lr(&mut self, _lr: f64, opt: &mut dyn LrTarget) -> Result<f64> {
-        let step = self.core.last_epoch;
+        let step = self.base.last_epoch;
         if step > self.total_steps {
             return Err(Error::Usage(format!(
                 "Tried to step {step} times. The specified number of total steps is {}",

@@ -2,21 +2,21 @@
 //! recurrence on the optimizer's current rate, written with the same operations in the same
 //! order (Python floats are f64, `**` is libm's `pow`, `math.cos` libm's `cos`), so the rates
 //! are the same bits.
-use super::{config, start, Core, LrTarget, Scheduler};
+use super::{config, start, LrTarget, Scheduler, SchedulerBase};
 use crate::error::Result;
 use std::f64::consts::PI;
 
-/// Implements the [`Scheduler`] accessors for a struct with a `core: Core` field.
+/// Implements the [`Scheduler`] accessors for a struct with a `base: SchedulerBase` field.
 macro_rules! accessors {
     ($kind:literal) => {
         fn kind(&self) -> &'static str {
             $kind
         }
-        fn core(&self) -> &Core {
-            &self.core
+        fn base(&self) -> &SchedulerBase {
+            &self.base
         }
-        fn core_mut(&mut self) -> &mut Core {
-            &mut self.core
+        fn base_mut(&mut self) -> &mut SchedulerBase {
+            &mut self.base
         }
     };
 }
@@ -24,14 +24,14 @@ pub(crate) use accessors;
 
 /// `torch.optim.lr_scheduler.LambdaLR`: the base rate times `lr_lambda(last_epoch)`.
 pub struct LambdaLR<F: FnMut(i64) -> f64> {
-    core: Core,
+    base: SchedulerBase,
     lr_lambda: F,
 }
 
 impl<F: FnMut(i64) -> f64> std::fmt::Debug for LambdaLR<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LambdaLR")
-            .field("core", &self.core)
+            .field("base", &self.base)
             .finish()
     }
 }
@@ -43,22 +43,22 @@ impl<F: FnMut(i64) -> f64> LambdaLR<F> {
     ///
     /// The optimizer's refusal of the first rate.
     pub fn new(opt: &mut dyn LrTarget, lr_lambda: F) -> Result<Self> {
-        let core = Core::attach(opt);
-        start(LambdaLR { core, lr_lambda }, opt)
+        let base = SchedulerBase::attach(opt);
+        start(LambdaLR { base, lr_lambda }, opt)
     }
 }
 
 impl<F: FnMut(i64) -> f64> Scheduler for LambdaLR<F> {
     accessors!("LambdaLR");
     fn get_lr(&mut self, _lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        Ok(self.core.base_lr * (self.lr_lambda)(self.core.last_epoch))
+        Ok(self.base.base_lr * (self.lr_lambda)(self.base.last_epoch))
     }
 }
 
 /// `torch.optim.lr_scheduler.StepLR`: the rate times `gamma` every `step_size` epochs.
 #[derive(Debug)]
 pub struct StepLR {
-    core: Core,
+    base: SchedulerBase,
     step_size: i64,
     gamma: f64,
 }
@@ -73,10 +73,10 @@ impl StepLR {
     pub fn new(opt: &mut dyn LrTarget, step_size: i64, gamma: f64) -> Result<Self> {
         config(step_size >= 1, "step_size", step_size as f64, ">= 1")?;
         config(gamma.is_finite(), "gamma", gamma, "finite")?;
-        let core = Core::attach(opt);
+        let base = SchedulerBase::attach(opt);
         start(
             StepLR {
-                core,
+                base,
                 step_size,
                 gamma,
             },
@@ -88,7 +88,7 @@ impl StepLR {
 impl Scheduler for StepLR {
     accessors!("StepLR");
     fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        let e = self.core.last_epoch;
+        let e = self.base.last_epoch;
         Ok(if e == 0 || e.rem_euclid(self.step_size) != 0 {
             lr
         } else {
@@ -96,8 +96,8 @@ impl Scheduler for StepLR {
         })
     }
     fn closed_form_lr(&self) -> Option<f64> {
-        let n = self.core.last_epoch.div_euclid(self.step_size);
-        Some(self.core.base_lr * self.gamma.powf(n as f64))
+        let n = self.base.last_epoch.div_euclid(self.step_size);
+        Some(self.base.base_lr * self.gamma.powf(n as f64))
     }
 }
 
@@ -105,7 +105,7 @@ impl Scheduler for StepLR {
 /// milestone given twice applies twice).
 #[derive(Debug)]
 pub struct MultiStepLR {
-    core: Core,
+    base: SchedulerBase,
     milestones: Vec<i64>,
     gamma: f64,
 }
@@ -121,10 +121,10 @@ impl MultiStepLR {
         config(gamma.is_finite(), "gamma", gamma, "finite")?;
         let mut milestones = milestones;
         milestones.sort_unstable();
-        let core = Core::attach(opt);
+        let base = SchedulerBase::attach(opt);
         start(
             MultiStepLR {
-                core,
+                base,
                 milestones,
                 gamma,
             },
@@ -136,7 +136,7 @@ impl MultiStepLR {
 impl Scheduler for MultiStepLR {
     accessors!("MultiStepLR");
     fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        let e = self.core.last_epoch;
+        let e = self.base.last_epoch;
         let n = self.milestones.iter().filter(|&&m| m == e).count();
         Ok(if n == 0 {
             lr
@@ -146,16 +146,16 @@ impl Scheduler for MultiStepLR {
     }
     fn closed_form_lr(&self) -> Option<f64> {
         // bisect_right over the sorted milestones.
-        let e = self.core.last_epoch;
+        let e = self.base.last_epoch;
         let n = self.milestones.partition_point(|&m| m <= e);
-        Some(self.core.base_lr * self.gamma.powf(n as f64))
+        Some(self.base.base_lr * self.gamma.powf(n as f64))
     }
 }
 
 /// `torch.optim.lr_scheduler.ConstantLR`: the rate times `factor` until `total_iters`.
 #[derive(Debug)]
 pub struct ConstantLR {
-    core: Core,
+    base: SchedulerBase,
     factor: f64,
     total_iters: i64,
 }
@@ -176,10 +176,10 @@ impl ConstantLR {
             "between 0 and 1 (Constant multiplicative factor)",
         )?;
         config(total_iters >= 0, "total_iters", total_iters as f64, ">= 0")?;
-        let core = Core::attach(opt);
+        let base = SchedulerBase::attach(opt);
         start(
             ConstantLR {
-                core,
+                base,
                 factor,
                 total_iters,
             },
@@ -191,7 +191,7 @@ impl ConstantLR {
 impl Scheduler for ConstantLR {
     accessors!("ConstantLR");
     fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        let e = self.core.last_epoch;
+        let e = self.base.last_epoch;
         Ok(if e == 0 {
             lr * self.factor
         } else if e != self.total_iters {
@@ -201,12 +201,12 @@ impl Scheduler for ConstantLR {
         })
     }
     fn closed_form_lr(&self) -> Option<f64> {
-        let reached = if self.core.last_epoch >= self.total_iters {
+        let reached = if self.base.last_epoch >= self.total_iters {
             1.0 - self.factor
         } else {
             0.0
         };
-        Some(self.core.base_lr * (self.factor + reached))
+        Some(self.base.base_lr * (self.factor + reached))
     }
 }
 
@@ -214,7 +214,7 @@ impl Scheduler for ConstantLR {
 /// `end_factor` over `total_iters` epochs (a warm-up).
 #[derive(Debug)]
 pub struct LinearLR {
-    core: Core,
+    base: SchedulerBase,
     start_factor: f64,
     end_factor: f64,
     total_iters: i64,
@@ -248,10 +248,10 @@ impl LinearLR {
             "between 0 and 1 (Ending multiplicative factor)",
         )?;
         config(total_iters >= 1, "total_iters", total_iters as f64, ">= 1")?;
-        let core = Core::attach(opt);
+        let base = SchedulerBase::attach(opt);
         start(
             LinearLR {
-                core,
+                base,
                 start_factor,
                 end_factor,
                 total_iters,
@@ -264,11 +264,11 @@ impl LinearLR {
 impl Scheduler for LinearLR {
     accessors!("LinearLR");
     fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        let e = self.core.last_epoch;
+        let e = self.base.last_epoch;
         let (s, f) = (self.start_factor, self.end_factor);
         Ok(if e == 0 {
             lr * s
-        } else if self.core.is_initial || e > self.total_iters {
+        } else if self.base.is_initial || e > self.total_iters {
             lr
         } else {
             lr * (1.0 + (f - s) / (self.total_iters as f64 * s + (e - 1) as f64 * (f - s)))
@@ -276,15 +276,15 @@ impl Scheduler for LinearLR {
     }
     fn closed_form_lr(&self) -> Option<f64> {
         let (s, f) = (self.start_factor, self.end_factor);
-        let done = self.total_iters.min(self.core.last_epoch) as f64;
-        Some(self.core.base_lr * (s + (f - s) * done / self.total_iters as f64))
+        let done = self.total_iters.min(self.base.last_epoch) as f64;
+        Some(self.base.base_lr * (s + (f - s) * done / self.total_iters as f64))
     }
 }
 
 /// `torch.optim.lr_scheduler.ExponentialLR`: the rate times `gamma` every epoch.
 #[derive(Debug)]
 pub struct ExponentialLR {
-    core: Core,
+    base: SchedulerBase,
     gamma: f64,
 }
 
@@ -297,22 +297,22 @@ impl ExponentialLR {
     /// the first rate.
     pub fn new(opt: &mut dyn LrTarget, gamma: f64) -> Result<Self> {
         config(gamma.is_finite(), "gamma", gamma, "finite")?;
-        let core = Core::attach(opt);
-        start(ExponentialLR { core, gamma }, opt)
+        let base = SchedulerBase::attach(opt);
+        start(ExponentialLR { base, gamma }, opt)
     }
 }
 
 impl Scheduler for ExponentialLR {
     accessors!("ExponentialLR");
     fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        Ok(if self.core.is_initial {
+        Ok(if self.base.is_initial {
             lr
         } else {
             lr * self.gamma
         })
     }
     fn closed_form_lr(&self) -> Option<f64> {
-        Some(self.core.base_lr * self.gamma.powf(self.core.last_epoch as f64))
+        Some(self.base.base_lr * self.gamma.powf(self.base.last_epoch as f64))
     }
 }
 
@@ -320,7 +320,7 @@ impl Scheduler for ExponentialLR {
 /// `eta_min` over `t_max` epochs (and back up after, as PyTorch's recurrence does).
 #[derive(Debug)]
 pub struct CosineAnnealingLR {
-    core: Core,
+    base: SchedulerBase,
     t_max: i64,
     eta_min: f64,
 }
@@ -340,10 +340,10 @@ impl CosineAnnealingLR {
             eta_min,
             "finite and >= 0",
         )?;
-        let core = Core::attach(opt);
+        let base = SchedulerBase::attach(opt);
         start(
             CosineAnnealingLR {
-                core,
+                base,
                 t_max,
                 eta_min,
             },
@@ -355,7 +355,7 @@ impl CosineAnnealingLR {
 impl Scheduler for CosineAnnealingLR {
     accessors!("CosineAnnealingLR");
     fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        let (c, t, eta) = (&self.core, self.t_max as f64, self.eta_min);
+        let (c, t, eta) = (&self.base, self.t_max as f64, self.eta_min);
         let e = c.last_epoch;
         Ok(if c.is_initial {
             lr
@@ -369,7 +369,7 @@ impl Scheduler for CosineAnnealingLR {
         })
     }
     fn closed_form_lr(&self) -> Option<f64> {
-        let (c, t, eta) = (&self.core, self.t_max as f64, self.eta_min);
+        let (c, t, eta) = (&self.base, self.t_max as f64, self.eta_min);
         Some(eta + (c.base_lr - eta) * (1.0 + (PI * c.last_epoch as f64 / t).cos()) / 2.0)
     }
 }

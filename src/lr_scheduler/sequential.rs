@@ -1,6 +1,6 @@
 //! [`SequentialLR`]: schedulers one after the other, switching at milestones (a warm-up, then
 //! the main schedule), as PyTorch chains them.
-use super::{check_state, Core, LrTarget, Scheduler, SchedulerState};
+use super::{check_state, LrTarget, Scheduler, SchedulerBase, SchedulerState};
 use crate::error::{Error, Result};
 
 /// `torch.optim.lr_scheduler.SequentialLR`: `schedulers[i]` runs from `milestones[i - 1]`
@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 /// The schedulers must have been built on the same optimizer, as in PyTorch.
 #[derive(Debug)]
 pub struct SequentialLR {
-    core: Core,
+    base: SchedulerBase,
     schedulers: Vec<Box<dyn Scheduler>>,
     milestones: Vec<i64>,
 }
@@ -54,7 +54,7 @@ impl SequentialLR {
         let initial = opt.initial_lr().unwrap_or_else(|| opt.lr());
         opt.set_lr(initial)?;
         let mut s = SequentialLR {
-            core: Core {
+            base: SchedulerBase {
                 base_lr: initial,
                 last_epoch: 0,
                 step_count: 0,
@@ -68,7 +68,7 @@ impl SequentialLR {
             child.undo();
         }
         let idx = s.index(0);
-        s.core.last_lr = s.schedulers[idx].initial_step(opt)?;
+        s.base.last_lr = s.schedulers[idx].initial_step(opt)?;
         Ok(s)
     }
 
@@ -87,11 +87,11 @@ impl Scheduler for SequentialLR {
     fn kind(&self) -> &'static str {
         "SequentialLR"
     }
-    fn core(&self) -> &Core {
-        &self.core
+    fn base(&self) -> &SchedulerBase {
+        &self.base
     }
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn base_mut(&mut self) -> &mut SchedulerBase {
+        &mut self.base
     }
 
     /// PyTorch's SequentialLR has no `get_lr` of its own: it cannot be restarted at a
@@ -105,7 +105,7 @@ impl Scheduler for SequentialLR {
     /// PyTorch's `SequentialLR.step`: the scheduler in charge steps, or restarts at epoch 0
     /// on its milestone.
     fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
-        let epoch = self.core.last_epoch + 1;
+        let epoch = self.base.last_epoch + 1;
         let idx = self.index(epoch);
         let child = &mut self.schedulers[idx];
         let lr = if idx > 0 && self.milestones[idx - 1] == epoch {
@@ -113,8 +113,8 @@ impl Scheduler for SequentialLR {
         } else {
             child.advance(opt)?
         };
-        self.core.last_epoch = epoch;
-        self.core.last_lr = lr;
+        self.base.last_epoch = epoch;
+        self.base.last_lr = lr;
         Ok(lr)
     }
 
@@ -126,11 +126,11 @@ impl Scheduler for SequentialLR {
 
     fn state_dict(&self) -> SchedulerState {
         let children = self.schedulers.iter().map(|s| s.state_dict()).collect();
-        SchedulerState::of(self.kind(), &self.core, children)
+        SchedulerState::of(self.kind(), &self.base, children)
     }
 
     fn load_state_dict(&mut self, state: &SchedulerState) -> Result<()> {
-        let core = check_state(self.kind(), state, self.schedulers.len())?;
+        let base = check_state(self.kind(), state, self.schedulers.len())?;
         // Check every child before changing any: restore all on the first refusal.
         let saved: Vec<SchedulerState> = self.schedulers.iter().map(|s| s.state_dict()).collect();
         for (k, (child, st)) in self
@@ -146,7 +146,7 @@ impl Scheduler for SequentialLR {
                 return Err(e);
             }
         }
-        self.core = core;
+        self.base = base;
         Ok(())
     }
 }

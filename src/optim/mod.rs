@@ -1,28 +1,32 @@
-//! Optimizers: the one [`Optimizer`] trait the [`crate::GradScaler`] and [`crate::Fabric`]
-//! drive, implemented by [`FusedAdamW`] and [`FusedSgd`] (over libtorch's fused kernels), by
-//! [`AdamW`], [`Adam`] and [`Sgd`] (PyTorch's default for-loop implementations), all with
-//! their state owned here, and by [`TchOptimizer`] (tch's own optimizers, over libtorch's C++
-//! ones).
+//! Optimizers: the [`Optimizer`] trait that [`crate::GradScaler`] and [`crate::Fabric`] drive,
+//! the [`OptimizerState`] trait checkpoints save and load through, and the implementations.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `mod` | the two traits, and [`Amp`]: what the loss scaler asks of one step |
+//! | `stepper` | what every optimizer whose state tch-fabric owns shares: parameters, state, one checked step calling a kernel per (device, dtype) |
+//! | `slots` | the per-parameter state tensors, created at a parameter's first step |
+//! | `adam` | the Adam family: [`FusedAdamW`], [`AdamW`], [`Adam`] (one kernel: fused, for-loop or foreach) |
+//! | `sgd` | SGD: [`FusedSgd`], [`Sgd`] (one kernel: fused, for-loop or foreach) |
+//! | `param_group` | PyTorch's `param_groups` entries, for torch.save checkpoints |
+//! | `tch_adapter` | [`TchOptimizer`]: tch's own optimizers behind the trait |
+//!
+//! [`Params`] (an optimizer's parameters in PyTorch's order) and [`GradBatch`] (their
+//! gradients, fetched and grouped once per step) are what the traits speak in.
 mod adam;
-mod fused;
-mod fused_adamw;
-mod fused_sgd;
 mod param_group;
 mod sgd;
 mod slots;
+mod stepper;
 mod tch_adapter;
 
-pub use adam::{Adam, AdamW};
-pub use fused_adamw::FusedAdamW;
-pub use fused_sgd::FusedSgd;
+pub use crate::params::{GradBatch, GradGroup, Params};
+pub use adam::{Adam, AdamFamily, AdamW, FusedAdamW};
 pub use param_group::ParamGroup;
-pub use sgd::Sgd;
+pub use sgd::{FusedSgd, Sgd, SgdFamily};
 pub use tch_adapter::TchOptimizer;
 
-use crate::error::{Error, Op, Result};
-use crate::native;
-use crate::params::{GradBatch, Params};
-use std::ops::Deref;
+use crate::error::{Error, Result};
 use tch::{Device, Tensor};
 
 /// What the loss scaler asks of one optimizer step (decided by [`crate::GradScaler::step`]).
@@ -39,6 +43,8 @@ pub enum Amp<'a> {
         grad_scale: Option<&'a Tensor>,
         /// 1-element float32, non-zero when a gradient held inf/NaN.
         found_inf: &'a Tensor,
+        /// Where `grad_scale` and `found_inf` live.
+        device: Device,
     },
     /// After folded norm clipping: the gradients are still multiplied by `divisor` (`scale /
     /// clip_coef`) and nothing needs them unscaled afterwards, so the step may leave them as
@@ -48,13 +54,16 @@ pub enum Amp<'a> {
         divisor: &'a Tensor,
         /// 1-element float32, non-zero when a gradient held inf/NaN.
         found_inf: &'a Tensor,
+        /// Where `divisor` and `found_inf` live.
+        device: Device,
     },
 }
 
-/// An optimizer [`crate::GradScaler`] and [`crate::Fabric`] can drive. Implement it to plug in
-/// another optimizer: [`Optimizer::params`] and [`Optimizer::step_with`] are the core; the
-/// rest has defaults.
-pub trait Optimizer: std::fmt::Debug {
+/// An optimizer [`crate::GradScaler`] and [`crate::Fabric`] can step. Implement it (with
+/// [`OptimizerState`], whose methods all have defaults) to plug in another optimizer:
+/// [`Optimizer::params`], [`Optimizer::step_with`], [`Optimizer::lr`] and
+/// [`Optimizer::set_lr`] are required, the rest has defaults.
+pub trait Optimizer: OptimizerState + std::fmt::Debug {
     /// The parameters it updates, in PyTorch's order.
     fn params(&self) -> &Params;
 
@@ -129,8 +138,15 @@ pub trait Optimizer: std::fmt::Debug {
     fn validate(&self) -> Result<()> {
         Ok(())
     }
+}
 
-    /// The state to save with a checkpoint, as named tensors (none by default).
+/// What a checkpoint saves of an optimizer and restores: its per-parameter state tensors and
+/// PyTorch's `param_groups` entries, each half with a dry-run check, so that a checkpoint can be
+/// refused before anything changes. Every method has a default: an optimizer without state
+/// (`impl OptimizerState for Mine {}`) saves nothing and refuses to load state, which it would
+/// otherwise silently drop.
+pub trait OptimizerState: std::fmt::Debug {
+    /// The state to save with a checkpoint, as `<param>.<field>` tensors (none by default).
     ///
     /// # Errors
     ///
@@ -139,13 +155,12 @@ pub trait Optimizer: std::fmt::Debug {
         Ok(Vec::new())
     }
 
-    /// Checks state for [`Optimizer::load_state`] without applying it (the dry run that lets
-    /// a checkpoint be refused before anything changes).
+    /// Checks state for [`OptimizerState::load_state`] without applying it.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidState`] naming the tensor that does not fit. By default any state is
-    /// refused: an optimizer without state would silently drop it.
+    /// refused.
     fn check_state(&self, tensors: &[(String, Tensor)]) -> Result<()> {
         match tensors.first() {
             None => Ok(()),
@@ -155,11 +170,11 @@ pub trait Optimizer: std::fmt::Debug {
         }
     }
 
-    /// Restores state saved by [`Optimizer::state_tensors`].
+    /// Restores state saved by [`OptimizerState::state_tensors`].
     ///
     /// # Errors
     ///
-    /// As [`Optimizer::check_state`]; nothing changes then.
+    /// As [`OptimizerState::check_state`]; nothing changes then.
     fn load_state(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
         self.check_state(tensors)
     }
@@ -172,7 +187,7 @@ pub trait Optimizer: std::fmt::Debug {
     }
 
     /// Checks a param group read from a torch.save checkpoint for
-    /// [`Optimizer::load_param_group`], changing nothing.
+    /// [`OptimizerState::load_param_group`], changing nothing.
     ///
     /// # Errors
     ///
@@ -192,68 +207,10 @@ pub trait Optimizer: std::fmt::Debug {
     ///
     /// # Errors
     ///
-    /// As [`Optimizer::check_param_group`]; nothing changes then.
+    /// As [`OptimizerState::check_param_group`]; nothing changes then.
     fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
         self.check_param_group(group)
     }
-}
-
-/// A tensor on the device a kernel needs: the caller's own when it is there already, else a
-/// copy.
-#[derive(Debug)]
-pub(crate) enum OnDevice<'a> {
-    Borrowed(&'a Tensor),
-    Owned(Tensor),
-}
-
-impl Deref for OnDevice<'_> {
-    type Target = Tensor;
-    fn deref(&self) -> &Tensor {
-        match self {
-            OnDevice::Borrowed(t) => t,
-            OnDevice::Owned(t) => t,
-        }
-    }
-}
-
-impl OnDevice<'_> {
-    /// An owned handle (shallow for a borrowed tensor).
-    pub(crate) fn into_owned(self) -> Tensor {
-        match self {
-            OnDevice::Borrowed(t) => t.shallow_clone(),
-            OnDevice::Owned(t) => t,
-        }
-    }
-}
-
-/// `t` on `device`: borrowed when it is there already (no dispatcher call), else copied.
-pub(crate) fn on_device(t: &Tensor, device: Device) -> Result<OnDevice<'_>> {
-    match native::meta(t)? {
-        Some(m) if m.device == device => Ok(OnDevice::Borrowed(t)),
-        _ => Ok(OnDevice::Owned(t.f_to_device(device).op("to")?)),
-    }
-}
-
-/// The AMP tensors of a fused step moved to one group's device: (grad_scale or divisor,
-/// found_inf).
-pub(crate) fn amp_on<'a>(
-    amp: &Amp<'a>,
-    device: Device,
-) -> Result<(Option<OnDevice<'a>>, Option<OnDevice<'a>>)> {
-    Ok(match *amp {
-        Amp::None => (None, None),
-        Amp::Scaled {
-            grad_scale,
-            found_inf,
-        } => (
-            grad_scale.map(|s| on_device(s, device)).transpose()?,
-            Some(on_device(found_inf, device)?),
-        ),
-        Amp::Folded { divisor, found_inf } => (
-            Some(on_device(divisor, device)?),
-            Some(on_device(found_inf, device)?),
-        ),
-    })
 }
 
 /// A finite, non-negative hyper-parameter, or PyTorch's error for it.

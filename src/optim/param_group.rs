@@ -112,7 +112,7 @@ pub(crate) fn load_adam(
     g: &ParamGroup,
     h: &mut AdamHyper,
     decoupled: bool,
-    foreach: Option<&mut Option<bool>>,
+    foreach: &mut Option<bool>,
 ) -> Result<()> {
     let name = adam_name(decoupled);
     other_type(g, name, &["momentum", "nesterov", "dampening"], "SGD")?;
@@ -143,8 +143,8 @@ pub(crate) fn load_adam(
     h.eps = float(g, "eps")?.unwrap_or(h.eps);
     h.weight_decay = float(g, "weight_decay")?.unwrap_or(h.weight_decay);
     h.maximize = boolean(g, "maximize")?.unwrap_or(h.maximize);
-    if let (Some(f), Some(saved)) = (foreach, optional_bool(g, "foreach")?) {
-        *f = saved;
+    if let Some(saved) = optional_bool(g, "foreach")? {
+        *foreach = saved;
     }
     Ok(())
 }
@@ -168,11 +168,7 @@ pub(crate) fn sgd_group(h: &SgdHyper, foreach: Option<bool>, fused: bool) -> Par
 }
 
 /// Reads an SGD group into `h` and `foreach`.
-pub(crate) fn load_sgd(
-    g: &ParamGroup,
-    h: &mut SgdHyper,
-    foreach: Option<&mut Option<bool>>,
-) -> Result<()> {
+pub(crate) fn load_sgd(g: &ParamGroup, h: &mut SgdHyper, foreach: &mut Option<bool>) -> Result<()> {
     other_type(g, "SGD", &["betas", "eps", "amsgrad"], "the Adam family")?;
     if !g.contains_key("momentum") {
         return Err(Error::InvalidState(
@@ -185,8 +181,8 @@ pub(crate) fn load_sgd(
     h.weight_decay = float(g, "weight_decay")?.unwrap_or(h.weight_decay);
     h.nesterov = boolean(g, "nesterov")?.unwrap_or(h.nesterov);
     h.maximize = boolean(g, "maximize")?.unwrap_or(h.maximize);
-    if let (Some(f), Some(saved)) = (foreach, optional_bool(g, "foreach")?) {
-        *f = saved;
+    if let Some(saved) = optional_bool(g, "foreach")? {
+        *foreach = saved;
     }
     Ok(())
 }

@@ -1,93 +1,193 @@
-//! [`Sgd`]: `torch.optim.SGD()` without `fused=True` (PyTorch's `_single_tensor_sgd` and
-//! `_multi_tensor_sgd`), op for op in the C++ shim.
-use super::adam::unscaled_only;
-use super::fused::{fused_optimizer, kernel_options, GroupStep, Kernel};
-use super::fused_sgd::{sgd_fields, validate_sgd, MOMENTUM_BUFFER};
+//! SGD: `torch.optim.SGD(fused=True)` over libtorch's `_fused_sgd_` ([`FusedSgd`]), and
+//! `torch.optim.SGD()` without it ([`Sgd`]: PyTorch's `_single_tensor_sgd` and
+//! `_multi_tensor_sgd`, op for op in the shim). One kernel with a fused / for-loop / foreach
+//! switch, one generic type ([`SgdFamily`]) for both.
 use super::param_group::{load_sgd, sgd_group, ParamGroup};
-use super::slots::Field;
-use super::Amp;
-use crate::error::Result;
+use super::slots::{Field, Shape};
+use super::stepper::{unscaled_only, GroupStep, Impl, Kernel, Stepped, Stepper};
+use super::{non_negative, Amp, Params};
+use crate::error::{Error, Result};
 use crate::native::{self, SgdHyper};
-use std::ops::{Deref, DerefMut};
-use tch::Tensor;
+use crate::params::group_by;
+use tch::{nn, Tensor};
 
-/// The hyper-parameters of a for-loop SGD step, and PyTorch's `foreach` (`None`: its
-/// default, foreach on CUDA).
+const MOMENTUM_BUFFER: Field = Field {
+    name: "momentum_buffer",
+    shape: Shape::LikeParam,
+};
+
+/// The SGD algorithm: its hyper-parameters and which of PyTorch's implementations runs it.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct SgdForLoop(SgdHyper, Option<bool>);
+pub struct SgdKernel {
+    hyper: SgdHyper,
+    implementation: Impl,
+}
 
-impl Deref for SgdForLoop {
-    type Target = SgdHyper;
-    fn deref(&self) -> &SgdHyper {
-        &self.0
+impl SgdKernel {
+    /// The momentum buffers of `indices` (none without momentum).
+    fn buffers<'a>(&self, step: &'a GroupStep<'a>, indices: &[usize]) -> Result<Vec<&'a Tensor>> {
+        if self.hyper.momentum == 0.0 {
+            return Ok(Vec::new());
+        }
+        indices
+            .iter()
+            .map(|&i| step.state.get(i, &MOMENTUM_BUFFER))
+            .collect()
+    }
+
+    /// Fresh and older momentum buffers go to separate kernel calls: the kernel's
+    /// `is_first_step` covers a whole call.
+    fn run_fused(&self, step: &GroupStep<'_>) -> Result<()> {
+        let (state, grads, group) = (step.state, step.grads, step.group);
+        let (scale, inf) = step.amp_tensors()?;
+        let fresh = group_by(group.indices.iter().map(|&i| Some(state.is_fresh(i))));
+        for (first, positions) in fresh {
+            let indices: Vec<usize> = positions.iter().map(|&k| group.indices[k]).collect();
+            let p: Vec<&Tensor> = indices.iter().map(|&i| &step.params.tensors()[i]).collect();
+            let g: Vec<&Tensor> = indices.iter().filter_map(|&i| grads.get(i)).collect();
+            native::fused_sgd(
+                &p,
+                &g,
+                &self.buffers(step, &indices)?,
+                step.lr,
+                &self.hyper,
+                first,
+                scale.as_deref(),
+                inf.as_deref(),
+            )?;
+        }
+        Ok(())
     }
 }
 
-impl DerefMut for SgdForLoop {
-    fn deref_mut(&mut self) -> &mut SgdHyper {
-        &mut self.0
+impl Kernel for SgdKernel {
+    fn op(&self) -> &'static str {
+        match self.implementation {
+            Impl::Fused => "_fused_sgd_",
+            Impl::ForLoop { .. } => "_single_tensor_sgd",
+        }
     }
-}
 
-impl Kernel for SgdForLoop {
-    const OP: &'static str = "_single_tensor_sgd";
-    const AMP: bool = false;
+    fn supports_amp(&self) -> bool {
+        self.implementation == Impl::Fused
+    }
 
+    /// A momentum buffer when there is momentum.
     fn fields(&self) -> Vec<Field> {
-        sgd_fields(self)
+        if self.hyper.momentum != 0.0 {
+            vec![MOMENTUM_BUFFER]
+        } else {
+            Vec::new()
+        }
     }
 
+    /// PyTorch's checks of `torch.optim.SGD`, with its wording ("Invalid momentum value",
+    /// "Invalid weight_decay value", "Nesterov momentum requires a momentum and zero
+    /// dampening").
     fn validate(&self) -> Result<()> {
-        validate_sgd(self)
-    }
-
-    fn momentum(&self) -> f64 {
-        self.momentum
-    }
-
-    fn set_momentum(&mut self, momentum: f64) {
-        self.momentum = momentum;
-    }
-
-    fn param_group(&self) -> ParamGroup {
-        sgd_group(self, self.1, false)
-    }
-
-    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
-        load_sgd(group, &mut self.0, Some(&mut self.1))
+        let h = &self.hyper;
+        non_negative("momentum", h.momentum, "Invalid momentum value")?;
+        non_negative("weight_decay", h.weight_decay, "Invalid weight_decay value")?;
+        non_negative("dampening", h.dampening, "Invalid dampening value")?;
+        if h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "nesterov",
+                value: format!(
+                    "true with momentum {} and dampening {}",
+                    h.momentum, h.dampening
+                ),
+                allowed: "Nesterov momentum requires a momentum and zero dampening",
+            });
+        }
+        Ok(())
     }
 
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()> {
-        if !matches!(step.amp, Amp::None) {
-            return Err(unscaled_only(Self::OP));
+        if self.implementation == Impl::Fused {
+            return self.run_fused(step);
         }
-        let (state, grads, group) = (step.state, step.grads, step.group);
-        let bufs: Vec<&Tensor> = if self.momentum != 0.0 {
-            state.all(group, &MOMENTUM_BUFFER)?
-        } else {
-            Vec::new()
-        };
+        if !matches!(step.amp, Amp::None) {
+            return Err(unscaled_only(self.op()));
+        }
+        let (state, group) = (step.state, step.group);
         let fresh: Vec<bool> = group.indices.iter().map(|&i| state.is_fresh(i)).collect();
         native::sgd_for_loop(
             &step.params(),
-            &grads.tensors(group),
-            &bufs,
+            &step.grads.tensors(group),
+            &self.buffers(step, &group.indices)?,
             &fresh,
             step.lr,
-            self,
-            self.1.unwrap_or(group.device.is_cuda()),
+            &self.hyper,
+            self.implementation.foreach_on(group.device),
         )
+    }
+
+    fn momentum(&self) -> f64 {
+        self.hyper.momentum
+    }
+
+    fn set_momentum(&mut self, momentum: f64) {
+        self.hyper.momentum = momentum;
+    }
+
+    fn param_group(&self) -> ParamGroup {
+        let fused = self.implementation == Impl::Fused;
+        sgd_group(&self.hyper, self.implementation.foreach(), fused)
+    }
+
+    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+        let mut foreach = self.implementation.foreach();
+        load_sgd(group, &mut self.hyper, &mut foreach)?;
+        if let Impl::ForLoop { .. } = self.implementation {
+            self.implementation = Impl::ForLoop { foreach };
+        }
+        Ok(())
     }
 }
 
-/// `torch.optim.SGD(params, lr)` with PyTorch's defaults (no momentum, dampening, weight
-/// decay or Nesterov), computed as PyTorch computes it without `fused=True`: the for-loop
-/// implementation or the foreach one ([`Sgd::foreach`]), bit for bit on CPU in every
-/// precision.
-/// A parameter's momentum buffer starts as its first step's gradient, as in PyTorch.
+/// SGD as PyTorch's `torch.optim.SGD` has it: `FUSED` selects `fused=True`. Use it through its
+/// names: [`FusedSgd`], [`Sgd`].
+///
+/// A parameter's momentum buffer starts as its first step's gradient, as in PyTorch. Builder
+/// options set the hyper-parameters; they are checked when the optimizer is set up or steps
+/// (PyTorch's messages).
+#[derive(Debug)]
+pub struct SgdFamily<const FUSED: bool> {
+    stepper: Stepper<SgdKernel>,
+}
+
+/// SGD with momentum, dampening, Nesterov and weight decay, computed by libtorch's
+/// `_fused_sgd_` exactly as `torch.optim.SGD(params, fused=True)` computes it.
+///
+/// The momentum buffers are created as zeros at a parameter's first step, which that step
+/// overwrites with the gradient as PyTorch does. PyTorch creates them uninitialised, so a first
+/// step that the GradScaler skips leaves it with garbage momentum; here the buffer stays zero and
+/// the next step starts cleanly.
 ///
 /// ```
 /// use tch::{nn, nn::Module, Device, Kind, Tensor};
+/// use tch_fabric::optim::OptimizerState;
+/// use tch_fabric::{FusedSgd, Optimizer};
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+/// let mut opt = FusedSgd::new(&vs, 0.1)?.momentum(0.9).nesterov(true);
+/// let loss = model.forward(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu))).sum(Kind::Float);
+/// loss.backward();
+/// opt.step()?;
+/// assert_eq!(opt.state_tensors()?.len(), 2); // one momentum buffer per parameter
+/// assert!(FusedSgd::new(&vs, 0.1)?.nesterov(true).step().is_err()); // needs momentum
+/// # Ok::<(), tch_fabric::Error>(())
+/// ```
+pub type FusedSgd = SgdFamily<true>;
+
+/// `torch.optim.SGD(params, lr)` with PyTorch's defaults (no momentum, dampening, weight
+/// decay or Nesterov), computed as PyTorch computes it without `fused=True`: the for-loop
+/// implementation or the foreach one ([`SgdFamily::foreach`]), bit for bit on CPU in every
+/// precision.
+///
+/// ```
+/// use tch::{nn, nn::Module, Device, Kind, Tensor};
+/// use tch_fabric::optim::OptimizerState;
 /// use tch_fabric::{Optimizer, Sgd};
 /// let vs = nn::VarStore::new(Device::Cpu);
 /// let model = nn::linear(vs.root() / "fc", 4, 1, Default::default());
@@ -98,39 +198,97 @@ impl Kernel for SgdForLoop {
 /// assert_eq!(opt.state_tensors()?.len(), 2); // one momentum buffer per parameter
 /// # Ok::<(), tch_fabric::Error>(())
 /// ```
-#[derive(Debug)]
-pub struct Sgd {
-    fused: super::fused::Fused<SgdForLoop>,
+pub type Sgd = SgdFamily<false>;
+
+impl<const FUSED: bool> Stepped for SgdFamily<FUSED> {
+    type Kernel = SgdKernel;
+    fn stepper(&self) -> &Stepper<SgdKernel> {
+        &self.stepper
+    }
+    fn stepper_mut(&mut self) -> &mut Stepper<SgdKernel> {
+        &mut self.stepper
+    }
 }
 
-fused_optimizer!(
-    Sgd,
-    SgdForLoop(
-        SgdHyper {
-            momentum: 0.0,
-            dampening: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-            maximize: false,
-        },
-        None
-    ),
-    "SGD over the trainable variables of `vs` with PyTorch's defaults: no momentum, no \
-     dampening, no weight decay, no Nesterov.",
-    "The L2 penalty added to the gradient (>= 0)."
-);
+impl<const FUSED: bool> SgdFamily<FUSED> {
+    /// SGD over the trainable variables of `vs` with PyTorch's defaults: no momentum, no
+    /// dampening, no weight decay, no Nesterov.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidConfig`] for a negative or non-finite `lr` (PyTorch's "Invalid
+    /// learning rate"); the errors of [`Params::from_var_store`].
+    pub fn new(vs: &nn::VarStore, lr: f64) -> Result<Self> {
+        Self::with_params(Params::from_var_store(vs)?, lr)
+    }
 
-kernel_options!(Sgd {
+    /// The same over an explicit parameter list.
+    ///
+    /// # Errors
+    ///
+    /// As [`SgdFamily::new`].
+    pub fn with_params(params: Params, lr: f64) -> Result<Self> {
+        let kernel = SgdKernel {
+            hyper: SgdHyper {
+                momentum: 0.0,
+                dampening: 0.0,
+                weight_decay: 0.0,
+                nesterov: false,
+                maximize: false,
+            },
+            implementation: if FUSED {
+                Impl::Fused
+            } else {
+                Impl::ForLoop { foreach: None }
+            },
+        };
+        Ok(SgdFamily {
+            stepper: Stepper::new(params, lr, kernel)?,
+        })
+    }
+
+    fn configure(mut self, change: impl FnOnce(&mut SgdKernel)) -> Self {
+        self.stepper.configure(change);
+        self
+    }
+
+    /// The momentum factor (>= 0).
+    pub fn momentum(self, momentum: f64) -> Self {
+        self.configure(|k| k.hyper.momentum = momentum)
+    }
+
+    /// The dampening of the momentum (>= 0).
+    pub fn dampening(self, dampening: f64) -> Self {
+        self.configure(|k| k.hyper.dampening = dampening)
+    }
+
+    /// Nesterov momentum (needs momentum > 0 and zero dampening).
+    pub fn nesterov(self, nesterov: bool) -> Self {
+        self.configure(|k| k.hyper.nesterov = nesterov)
+    }
+
+    /// The L2 penalty added to the gradient (>= 0).
+    pub fn weight_decay(self, weight_decay: f64) -> Self {
+        self.configure(|k| k.hyper.weight_decay = weight_decay)
+    }
+
+    /// Maximise the objective instead of minimising it.
+    pub fn maximize(self, maximize: bool) -> Self {
+        self.configure(|k| k.hyper.maximize = maximize)
+    }
+}
+
+impl SgdFamily<false> {
     /// PyTorch's `foreach`: `true` runs `_multi_tensor_sgd` (libtorch's `_foreach_` ops),
     /// `false` `_single_tensor_sgd`. Unset, PyTorch's default: foreach for CUDA parameters
     /// (decided per device), the for-loop on CPU. As in PyTorch, the foreach path with
     /// Nesterov momentum adds into the gradients in place (when neither `maximize` nor weight
     /// decay copied them).
-    fn foreach(foreach: bool) => h { h.1 = Some(foreach) }
-    /// The momentum factor (>= 0).
-    fn momentum(momentum: f64) => h { h.momentum = momentum }
-    /// The dampening of the momentum (>= 0).
-    fn dampening(dampening: f64) => h { h.dampening = dampening }
-    /// Nesterov momentum (needs momentum > 0 and zero dampening).
-    fn nesterov(nesterov: bool) => h { h.nesterov = nesterov }
-});
+    pub fn foreach(self, foreach: bool) -> Self {
+        self.configure(|k| {
+            k.implementation = Impl::ForLoop {
+                foreach: Some(foreach),
+            }
+        })
+    }
+}

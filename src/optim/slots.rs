@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 /// The shape of one state tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Shape {
+pub enum Shape {
     /// The parameter's shape, dtype and device (moments, momentum buffers).
     LikeParam,
     /// A 0-dim float32 on the parameter's device (the step count of fused optimizers).
@@ -20,7 +20,7 @@ pub(crate) enum Shape {
 
 /// One named state tensor of every parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Field {
+pub struct Field {
     pub name: &'static str,
     pub shape: Shape,
 }

@@ -1,6 +1,6 @@
 //! [`TchOptimizer`]: tch's own optimizers (libtorch's C++ `torch::optim`) behind the crate's
 //! [`Optimizer`] trait.
-use super::{Amp, Optimizer};
+use super::{Amp, Optimizer, OptimizerState};
 use crate::error::{Error, Op, Result};
 use crate::params::{lock_vars, GradBatch, Params};
 use tch::nn::{self, OptimizerConfig};
@@ -58,6 +58,10 @@ impl TchOptimizer {
 fn check_lr(lr: f64) -> Result<()> {
     super::non_negative("lr", lr, "Invalid learning rate: finite and >= 0")
 }
+
+/// The moments of tch's optimizers live in C++ and cannot be exported: checkpoints hold none,
+/// and a checkpoint's optimizer state is refused rather than dropped.
+impl OptimizerState for TchOptimizer {}
 
 impl Optimizer for TchOptimizer {
     fn params(&self) -> &Params {

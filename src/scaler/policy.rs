@@ -25,7 +25,7 @@ pub enum AtMinScale {
 ///   scale never grows until an overflow resets it: any non-default policy grows on `>=`.
 ///
 /// ```
-/// use tch_fabric::{AtMinScale, GradScalerConfig, ScalePolicy};
+/// use tch_fabric::{GradScalerConfig, scaler::{AtMinScale, ScalePolicy}};
 /// let policy = ScalePolicy::default()
 ///     .min_scale(1.0)
 ///     .max_scale(2f64.powi(24))

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// The scaler's state with PyTorch's keys, for checkpoints.
 ///
 /// ```
-/// use tch_fabric::{GradScaler, GradScalerConfig, GradScalerState};
+/// use tch_fabric::{GradScaler, GradScalerConfig, scaler::GradScalerState};
 /// // A state written by Python: json.dumps(torch.amp.GradScaler().state_dict())
 /// let json = r#"{"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5,
 ///                "growth_interval": 2000, "_growth_tracker": 17}"#;

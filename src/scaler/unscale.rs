@@ -1,8 +1,10 @@
 //! The scaler's passes over the gradients: the in-place unscale with PyTorch's bits, the
 //! read-only inf check, and the names of the non-finite gradients for a diagnosed skip.
+use super::stage::Flag;
+use crate::device::on_device;
 use crate::error::{Error, Op, Result};
 use crate::native;
-use crate::optim::on_device;
+use crate::ops;
 use crate::params::{GradBatch, Params};
 use tch::{Device, Kind, Tensor};
 
@@ -19,8 +21,8 @@ pub(crate) fn check_fp16(grads: &GradBatch, allow_fp16: bool) -> Result<()> {
     Ok(())
 }
 
-/// Unscales `grads` in place by `inv_scale` and returns one found_inf flag per device, after
-/// checking every group (nothing is written when a check fails). Each (device, dtype) group
+/// Unscales `grads` in place by `inv_scale` (which lives on `at`) and returns one found_inf flag
+/// per device, after checking every group (nothing is written when a check fails). Each (device, dtype) group
 /// takes one native `_amp_foreach_non_finite_check_and_unscale_`, bit for bit PyTorch's.
 /// bfloat16 on CUDA, which that kernel lacks, takes tch-fabric's op (`unscale=true`, the same
 /// bits) where it has a CUDA kernel, else an equivalent composition; `force_composite` routes
@@ -28,20 +30,21 @@ pub(crate) fn check_fp16(grads: &GradBatch, allow_fp16: bool) -> Result<()> {
 pub(crate) fn unscale_batch(
     grads: &GradBatch,
     inv_scale: &Tensor,
+    at: Device,
     allow_fp16: bool,
     force_composite: bool,
-) -> Result<Vec<Tensor>> {
+) -> Result<Vec<Flag>> {
     check_fp16(grads, allow_fp16)?;
-    let mut found_per_device: Vec<Tensor> = Vec::new();
-    for device in grads.devices() {
+    let mut found_per_device: Vec<Flag> = Vec::new();
+    for &device in grads.devices() {
         let found = Tensor::f_zeros([], (Kind::Float, device)).op("zeros")?;
-        let inv = on_device(inv_scale, device)?;
+        let inv = on_device(inv_scale, at, device)?;
         for group in grads.groups().iter().filter(|g| g.device == device) {
             let list = grads.tensors(group);
             if force_composite {
                 unscale_composite(&list, &found, &inv)?;
             } else if group.kind == Kind::BFloat16 && device.is_cuda() {
-                if native::op_has_kernel("tch_fabric::unscale_sumsq_", device)? {
+                if ops::has_kernel(device)? {
                     let _sumsq = native::unscale_sumsq(&list, &found, &inv, true)?;
                 } else {
                     unscale_composite(&list, &found, &inv)?;
@@ -50,7 +53,10 @@ pub(crate) fn unscale_batch(
                 native::amp_unscale(&list, &found, &inv)?;
             }
         }
-        found_per_device.push(found);
+        found_per_device.push(Flag {
+            tensor: found,
+            device,
+        });
     }
     Ok(found_per_device)
 }
@@ -60,15 +66,14 @@ pub(crate) fn unscale_batch(
 /// cannot (or there are no gradients); PyTorch's FP16 error where float16 is not allowed.
 pub(crate) fn op_device(grads: &GradBatch, allow_fp16: bool) -> Result<Option<Device>> {
     check_fp16(grads, allow_fp16)?;
-    let devices = grads.devices();
-    let [device] = devices.as_slice() else {
+    let [device] = grads.devices() else {
         return Ok(None);
     };
     let kinds_ok = grads
         .groups()
         .iter()
         .all(|g| matches!(g.kind, Kind::Float | Kind::Half | Kind::BFloat16));
-    if !kinds_ok || !native::op_has_kernel("tch_fabric::unscale_sumsq_", *device)? {
+    if !kinds_ok || !ops::has_kernel(*device)? {
         return Ok(None);
     }
     Ok(Some(*device))
@@ -76,27 +81,30 @@ pub(crate) fn op_device(grads: &GradBatch, allow_fp16: bool) -> Result<Option<De
 
 /// The fused path's inf check (the optimizer unscales by itself): tch-fabric's read pass where
 /// it applies (nothing written), else PyTorch's unscale by 1. PyTorch accepts float16 here.
-pub(crate) fn check_inf(grads: &GradBatch, scale_device: Device) -> Result<Vec<Tensor>> {
+pub(crate) fn check_inf(grads: &GradBatch, scale_device: Device) -> Result<Vec<Flag>> {
     match op_device(grads, true)? {
         Some(device) => {
             let found = Tensor::f_zeros([], (Kind::Float, device)).op("zeros")?;
             let one = Tensor::f_ones([], (Kind::Float, device)).op("ones")?;
             let all: Vec<&Tensor> = grads.defined().map(|(_, g)| g).collect();
             let _sumsq = native::unscale_sumsq(&all, &found, &one, false)?;
-            Ok(vec![found])
+            Ok(vec![Flag {
+                tensor: found,
+                device,
+            }])
         }
         None => {
             let one = Tensor::f_ones([], (Kind::Float, scale_device)).op("ones")?;
-            unscale_batch(grads, &one, true, false)
+            unscale_batch(grads, &one, scale_device, true, false)
         }
     }
 }
 
-/// Divides every gradient by `divisor` in place: folded clipping turned into unscaled, clipped
-/// gradients (for a second clip, or an unscale after a folded clip).
-pub(crate) fn divide(grads: &GradBatch, divisor: &Tensor) -> Result<()> {
+/// Divides every gradient by `divisor` (which lives on `at`) in place: folded clipping turned
+/// into unscaled, clipped gradients (for a second clip, or an unscale after a folded clip).
+pub(crate) fn divide(grads: &GradBatch, divisor: &Tensor, at: Device) -> Result<()> {
     for group in grads.groups() {
-        let d = on_device(divisor, group.device)?;
+        let d = on_device(divisor, at, group.device)?;
         for g in grads.tensors(group) {
             let _ = g.shallow_clone().f_div_(&d).op("div_")?;
         }
@@ -182,8 +190,8 @@ mod tests {
                 let b1 = GradBatch::from_tensors(std::slice::from_ref(&native)).unwrap();
                 let b2 = GradBatch::from_tensors(std::slice::from_ref(&composite)).unwrap();
                 assert_eq!(b1.groups().len(), 1);
-                let f1 = unscale_batch(&b1, &inv, true, false).unwrap();
-                let f2 = unscale_batch(&b2, &inv, true, true).unwrap();
+                let f1 = unscale_batch(&b1, &inv, Device::Cpu, true, false).unwrap();
+                let f2 = unscale_batch(&b2, &inv, Device::Cpu, true, true).unwrap();
                 let ik = if kind == Kind::Float {
                     Kind::Int
                 } else {
@@ -193,13 +201,16 @@ mod tests {
                     native.view_dtype(ik).equal(&composite.view_dtype(ik)),
                     "{kind:?} scale {scale}"
                 );
-                assert_eq!(f1[0].double_value(&[]), f2[0].double_value(&[]));
+                assert_eq!(
+                    f1[0].tensor.double_value(&[]),
+                    f2[0].tensor.double_value(&[])
+                );
             }
         }
         let bad = bits_f32(&[1.0, f32::NAN]).to_kind(Kind::BFloat16);
         let inv = Tensor::full([], 0.5, (Kind::Float, Device::Cpu));
         let b = GradBatch::from_tensors(std::slice::from_ref(&bad)).unwrap();
-        let f = unscale_batch(&b, &inv, false, true).unwrap();
-        assert_eq!(f[0].double_value(&[]), 1.0);
+        let f = unscale_batch(&b, &inv, Device::Cpu, false, true).unwrap();
+        assert_eq!(f[0].tensor.double_value(&[]), 1.0);
     }
 }

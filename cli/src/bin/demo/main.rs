@@ -15,7 +15,7 @@
 //!
 //! With `--devices N` every run is N processes (the demo relaunches itself as the ranks, as
 //! `fabric run --devices N` does): each rank trains on its shard of every batch
-//! ([`tch_fabric::DistributedSampler`]), gradients are averaged across ranks, and rank 0
+//! ([`tch_fabric::dist::DistributedSampler`]), gradients are averaged across ranks, and rank 0
 //! writes the checkpoints and reports.
 mod chart;
 mod corpus;
@@ -36,7 +36,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Reduction, Tensor};
-use tch_fabric::{DistributedSampler, Fabric, FusedAdamW, Precision, ReduceOp, StepOutcome};
+use tch_fabric::{
+    dist::{DistributedSampler, ReduceOp},
+    Fabric, FusedAdamW, Precision, StepOutcome,
+};
 
 #[derive(Parser, Debug, Clone)]
 #[command(

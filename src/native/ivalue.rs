@@ -1,7 +1,8 @@
-//! The values of a torch.save file as Rust sees them ([`PyValue`]), converted from and to the
-//! `c10::IValue`s of libtorch's pickler through the shim.
+//! torch.save archives through libtorch's own zip reader/writer and pickler: the values of a
+//! file as Rust sees them ([`PyValue`]), converted from and to `c10::IValue`s.
+use super::call;
 use crate::error::{Error, Result};
-use crate::ffi::{self, check, iv_tag, CIValue, CTensor, IValueInfo};
+use crate::ffi::{self, iv_tag, CIValue, CTensor, IValueInfo};
 use std::ffi::c_char;
 use tch::Tensor;
 
@@ -102,7 +103,8 @@ fn from_ivalue(v: &Owned, depth: usize) -> Result<PyValue> {
         return Err(Error::native(OP, "the pickle nests values too deeply"));
     }
     let mut info = IValueInfo::default();
-    check(OP, unsafe { ffi::tf_ivalue_inspect(v.0, &mut info) })?;
+    // SAFETY: live handles and strings; out-parameters are written on success only.
+    call(OP, || unsafe { ffi::tf_ivalue_inspect(v.0, &mut info) })?;
     Ok(match info.tag {
         iv_tag::NONE => PyValue::None,
         iv_tag::BOOL => PyValue::Bool(info.int_value != 0),
@@ -110,7 +112,8 @@ fn from_ivalue(v: &Owned, depth: usize) -> Result<PyValue> {
         iv_tag::DOUBLE => PyValue::Float(info.double_value),
         iv_tag::STRING => {
             let mut data: *const c_char = std::ptr::null();
-            check(OP, unsafe { ffi::tf_ivalue_string(v.0, &mut data) })?;
+            // SAFETY: live handles and strings; out-parameters are written on success only.
+            call(OP, || unsafe { ffi::tf_ivalue_string(v.0, &mut data) })?;
             let bytes = if info.len == 0 {
                 &[][..]
             } else {
@@ -121,7 +124,8 @@ fn from_ivalue(v: &Owned, depth: usize) -> Result<PyValue> {
         }
         iv_tag::TENSOR => {
             let mut t: CTensor = std::ptr::null_mut();
-            check(OP, unsafe { ffi::tf_ivalue_tensor(v.0, &mut t) })?;
+            // SAFETY: live handles and strings; out-parameters are written on success only.
+            call(OP, || unsafe { ffi::tf_ivalue_tensor(v.0, &mut t) })?;
             if t.is_null() {
                 return Err(Error::native(OP, "the shim returned no tensor"));
             }
@@ -132,7 +136,8 @@ fn from_ivalue(v: &Owned, depth: usize) -> Result<PyValue> {
             let mut items = Vec::with_capacity(info.len.min(1 << 16));
             for i in 0..info.len {
                 let mut item: CIValue = std::ptr::null_mut();
-                check(OP, unsafe { ffi::tf_ivalue_item(v.0, i, &mut item) })?;
+                // SAFETY: live handles and strings; out-parameters are written on success only.
+                call(OP, || unsafe { ffi::tf_ivalue_item(v.0, i, &mut item) })?;
                 items.push(from_ivalue(&owned(OP, item)?, depth + 1)?);
             }
             if info.tag == iv_tag::LIST {
@@ -146,7 +151,8 @@ fn from_ivalue(v: &Owned, depth: usize) -> Result<PyValue> {
             for i in 0..info.len {
                 let (mut k, mut item): (CIValue, CIValue) =
                     (std::ptr::null_mut(), std::ptr::null_mut());
-                check(OP, unsafe {
+                // SAFETY: live handles and strings; out-parameters are written on success only.
+                call(OP, || unsafe {
                     ffi::tf_ivalue_entry(v.0, i, &mut k, &mut item)
                 })?;
                 let (k, item) = (owned(OP, k)?, owned(OP, item)?);
@@ -209,7 +215,8 @@ fn to_ivalue(v: &PyValue, depth: usize) -> Result<Owned> {
     };
     let handles: Vec<CIValue> = children.iter().map(|c| c.0).collect();
     let mut out: CIValue = std::ptr::null_mut();
-    check(OP, unsafe {
+    // SAFETY: live handles and strings; out-parameters are written on success only.
+    call(OP, || unsafe {
         ffi::tf_ivalue_new(
             tag,
             int,
@@ -238,7 +245,8 @@ pub(crate) fn archive_record(path: &std::path::Path, name: &str) -> Result<Vec<u
         std::ffi::CString::new(name).map_err(|_| Error::native(OP, "NUL in a record name"))?,
     );
     let (mut data, mut len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
-    check(OP, unsafe {
+    // SAFETY: live handles and strings; out-parameters are written on success only.
+    call(OP, || unsafe {
         ffi::tf_archive_record(p.as_ptr(), n.as_ptr(), &mut data, &mut len)
     })?;
     if data.is_null() {
@@ -251,11 +259,12 @@ pub(crate) fn archive_record(path: &std::path::Path, name: &str) -> Result<Vec<u
 }
 
 /// Unpickles `pickle` (a rewritten `data.pkl`) with its tensors from the archive at `path`.
-pub(crate) fn load(path: &std::path::Path, pickle: &[u8]) -> Result<PyValue> {
+pub(crate) fn torch_load(path: &std::path::Path, pickle: &[u8]) -> Result<PyValue> {
     const OP: &str = "torch_load";
     let p = c_path(OP, path)?;
     let mut out: CIValue = std::ptr::null_mut();
-    check(OP, unsafe {
+    // SAFETY: live handles and strings; out-parameters are written on success only.
+    call(OP, || unsafe {
         ffi::tf_torch_load(
             p.as_ptr(),
             pickle.as_ptr().cast::<c_char>(),
@@ -267,9 +276,10 @@ pub(crate) fn load(path: &std::path::Path, pickle: &[u8]) -> Result<PyValue> {
 }
 
 /// Writes `value` to `path` in torch.save's format.
-pub(crate) fn save(path: &std::path::Path, value: &PyValue) -> Result<()> {
+pub(crate) fn torch_save(path: &std::path::Path, value: &PyValue) -> Result<()> {
     const OP: &str = "torch_save";
     let p = c_path(OP, path)?;
     let v = to_ivalue(value, 0)?;
-    check(OP, unsafe { ffi::tf_torch_save(v.0, p.as_ptr()) })
+    // SAFETY: live handles and strings; out-parameters are written on success only.
+    call(OP, || unsafe { ffi::tf_torch_save(v.0, p.as_ptr()) })
 }
