@@ -10,7 +10,10 @@ The test runs it live (seconds), so the bits come from this machine's PyTorch:
     .venv/bin/python scripts/torch_checkpoint_reference.py < config.json
 
 config.json: {"init": <safetensors with l1.*, l2.*, x, y>, "precision": P, "steps": N,
-"save_at": K, "save": PATH or null, "resume": PATH or null, "out": PATH}. Without "resume" it
+"save_at": K, "save": PATH or null, "resume": PATH or null, "out": PATH, "groups": bool}. With
+"groups" the AdamW has nanoGPT's two param groups (weight decay 0.1 for matrices, none for
+the rest); clipping goes over the optimizer's parameters group by group, as Lightning's
+`fabric.clip_gradients` does. Without "resume" it
 trains steps 1..N from the initial weights and saves after step K; with "resume" it loads PATH
 and trains steps K+1..N. It writes the final weights (float64, keys l1.weight ...) to "out"
 and prints {"losses": [bits of each float64 loss], "step": the checkpoint's step}.
@@ -43,6 +46,16 @@ def make_model():
     return m
 
 
+def make_opt(model):
+    if not cfg.get("groups"):
+        return torch.optim.AdamW(model.parameters())
+    params = list(model.parameters())
+    return torch.optim.AdamW([
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ])
+
+
 def make_schedule(opt):
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["steps"] - 5)
@@ -54,7 +67,7 @@ first = 1
 loaded_step = None
 if precision == "16-mixed":
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters())
+    opt = make_opt(model)
     sched = make_schedule(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
     if cfg.get("resume"):
@@ -74,7 +87,8 @@ if precision == "16-mixed":
             loss = F.mse_loss(out, y)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # Lightning's order: the optimizer's parameters, group by group.
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         before = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
@@ -90,7 +104,7 @@ else:
     import lightning as L
     fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters())
+    opt = make_opt(model)
     model, opt = fabric.setup(model, opt)
     sched = make_schedule(opt)
     if cfg.get("resume"):

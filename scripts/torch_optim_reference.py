@@ -8,7 +8,11 @@ The test runs it live (a few seconds), so the bits come from this machine's PyTo
     .venv/bin/python scripts/torch_optim_reference.py < config.json
 
 config.json: {"init": <safetensors with l1.*, l2.*, x, y>, "out_dir": DIR, "steps": N,
-"cases": [{"name", "precision", "optimizer", "kwargs", "foreach"}]}. For every case it writes
+"cases": [{"name", "precision", "optimizer", "kwargs", "foreach", "fused" (optional),
+"groups" (optional)}]}. "groups" lists param groups as {"select": "matrices" | "rest", ...the
+group's own options}: "matrices" takes the parameters with dim >= 2 (nanoGPT's rule), "rest"
+every parameter no earlier group took; with "fused" the optimizer runs fused=True (no
+foreach). For every case it writes
 DIR/<name>.safetensors (the final weights as float64, keys l1.weight ...) and prints one JSON
 object {name: {"losses": [bits of each float64 loss], "stepped": [...]}}.
 """
@@ -35,11 +39,29 @@ def make_model():
     return m
 
 
-def make_opt(case, params):
-    kwargs = dict(case["kwargs"])
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
+def with_tuples(options):
+    options = dict(options)
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    return options
+
+
+def make_opt(case, model):
+    kwargs = with_tuples(case["kwargs"])
+    params = list(model.parameters())
+    if case.get("groups"):
+        groups, taken = [], set()
+        for g in case["groups"]:
+            g = with_tuples(g)
+            rule = g.pop("select")
+            ps = [p for p in model.parameters()
+                  if id(p) not in taken and (rule == "rest" or p.dim() >= 2)]
+            taken.update(id(p) for p in ps)
+            groups.append({"params": ps, **g})
+        params = groups
     cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}[case["optimizer"]]
+    if case.get("fused"):
+        return cls(params, fused=True, **kwargs)
     return cls(params, foreach=case["foreach"], **kwargs)
 
 
@@ -52,7 +74,7 @@ def run_lightning(case):
     import lightning as L
     fabric = L.Fabric(accelerator="cpu", devices=1, precision=case["precision"])
     model = make_model()
-    opt = make_opt(case, model.parameters())
+    opt = make_opt(case, model)
     model, opt = fabric.setup(model, opt)
     losses = []
     for _ in range(cfg["steps"]):
@@ -68,7 +90,7 @@ def run_16_mixed(case):
     # What tch-fabric's 16-mixed does on CPU with cpu_fp16_autocast: input cast to float16,
     # forward under autocast(float16), output cast back to float32, GradScaler.
     model = make_model()
-    opt = make_opt(case, model.parameters())
+    opt = make_opt(case, model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=4)
     losses, stepped = [], []
     for _ in range(cfg["steps"]):

@@ -117,6 +117,16 @@ impl Params {
         })
     }
 
+    /// The same parameters in another order: `order[k]` is the position of the parameter that
+    /// goes to position `k` (a permutation of `0..len()`, which the caller guarantees).
+    pub(crate) fn reorder(&mut self, order: &[usize]) {
+        self.names = order.iter().map(|&i| self.names[i].clone()).collect();
+        self.tensors = order
+            .iter()
+            .map(|&i| self.tensors[i].shallow_clone())
+            .collect();
+    }
+
     /// This list's identity (unique in the process).
     pub fn id(&self) -> u64 {
         self.id

@@ -217,3 +217,78 @@ fn the_fabric_refuses_bad_tensors_files_and_settings() {
         Err(Error::Io { .. })
     ));
 }
+
+#[test]
+fn param_groups_that_do_not_fit_are_errors_that_change_nothing() {
+    use tch_fabric::lr_scheduler::{Scheduler, StepLR};
+    use tch_fabric::optim::{Group, OptimizerState};
+    use tch_fabric::{AdamW, Sgd};
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let layer = nn::linear(vs.root() / "fc", 3, 2, Default::default());
+    let err = |r: tch_fabric::Result<AdamW>| r.unwrap_err().to_string();
+    let adamw = || AdamW::new(&vs, 1e-3).unwrap();
+    // A parameter in two groups, in none, a name that is not a parameter, rest not last.
+    let e = err(adamw().param_groups([
+        Group::names(["fc.weight"]),
+        Group::names(["fc.weight", "fc.bias"]),
+    ]));
+    assert!(e.contains("'fc.weight' appears in groups 0 and 1"), "{e}");
+    let e = err(adamw().param_groups([Group::names(["fc.weight"])]));
+    assert!(e.contains("[\"fc.bias\"] are in no group"), "{e}");
+    let e = err(adamw().param_groups([Group::names(["fc.w"]), Group::rest()]));
+    assert!(
+        e.contains("'fc.w', which is not one of the optimizer's"),
+        "{e}"
+    );
+    let e = err(adamw().param_groups([Group::rest(), Group::names(["fc.bias"])]));
+    assert!(e.contains("not the last group"), "{e}");
+    let e = err(adamw().param_groups([]));
+    assert!(e.contains("no groups"), "{e}");
+    // Options the algorithm does not have, and refused values.
+    let e = err(adamw().param_groups([Group::rest().momentum(0.9)]));
+    assert!(e.contains("momentum (for AdamW)"), "{e}");
+    let e = Sgd::new(&vs, 0.1)
+        .unwrap()
+        .param_groups([Group::rest().betas(0.9, 0.9)])
+        .unwrap_err();
+    assert!(e.to_string().contains("betas (for SGD)"), "{e}");
+    let e = err(adamw().param_groups([Group::rest().lr(-1.0)]));
+    assert!(e.contains("Invalid learning rate"), "{e}");
+    let e = err(adamw().param_groups([Group::rest().betas(1.5, 0.9)]));
+    assert!(e.contains("beta1"), "{e}");
+
+    // Per-group rates: one group's, and a group that does not exist.
+    let fabric = Fabric::new("32-true").unwrap();
+    let opt = adamw()
+        .param_groups([Group::matching(|_, t| t.dim() >= 2), Group::rest().lr(0.5)])
+        .unwrap();
+    assert_eq!(opt.params().names(), ["fc.weight", "fc.bias"]);
+    let (_model, mut opt) = fabric.setup(layer, &mut vs, opt).unwrap();
+    assert_eq!(opt.group_lrs(), [1e-3, 0.5]);
+    opt.set_group_lr(1, 0.25).unwrap();
+    assert!(opt.set_group_lr(2, 0.1).is_err());
+    assert!(opt.set_group_lr(0, f64::NAN).is_err());
+    assert_eq!(opt.group_lrs(), [1e-3, 0.25]);
+
+    // A scheduler state for another number of groups is refused.
+    let mut sched = StepLR::new(&mut opt, 10, 0.5).unwrap();
+    let mut state = sched.state_dict();
+    state.base_lrs.pop();
+    state.last_lrs.pop();
+    let e = sched.load_state_dict(&state).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("1 param groups, the optimizer has 2"),
+        "{e}"
+    );
+
+    // Groups are set before the first step; after it, refused.
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let p = vs2.root().ones("p", &[2]);
+    let mut stepped = AdamW::new(&vs2, 1e-3).unwrap();
+    p.sum(Kind::Float).backward();
+    stepped.step().unwrap();
+    assert!(!stepped.state_tensors().unwrap().is_empty());
+    let e = stepped.param_groups([Group::rest()]).unwrap_err();
+    assert!(e.to_string().contains("before its first step"), "{e}");
+}

@@ -12,6 +12,7 @@ use tch_fabric::lr_scheduler::{
     Anneal, ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR, MultiStepLR,
     OneCycle, OneCycleLR, Scheduler, SchedulerState, SequentialLR, StepLR,
 };
+use tch_fabric::optim::Group;
 use tch_fabric::{AdamW, Error, Fabric, FabricOptimizer, Sgd, StepOutcome, TchOptimizer};
 
 const N: usize = 1000;
@@ -41,17 +42,20 @@ cases = {
 }
 out = {}
 for name, (kind, make) in cases.items():
-    p = torch.zeros(1, requires_grad=True)
-    o = torch.optim.Adam([p], lr=0.1) if kind == "adam" else torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    # Two param groups with their own rates: every schedule runs per group.
+    p, q = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    groups = [{"params": [p]}, {"params": [q], "lr": 0.03}]
+    o = torch.optim.Adam(groups, lr=0.1) if kind == "adam" else torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     mom = (lambda: o.param_groups[0]["betas"][0]) if kind == "adam" else (lambda: o.param_groups[0]["momentum"])
+    rates = lambda: [g["lr"] for g in o.param_groups]
     s = make(o)
-    lrs, moms = [o.param_groups[0]["lr"]], [mom()]
+    lrs, moms = [rates()], [mom()]
     for _ in range(N):
         o.step()
         s.step()
-        lrs.append(o.param_groups[0]["lr"])
+        lrs.append(rates())
         moms.append(mom())
-    out[name] = {"lr": [bits(v) for v in lrs], "momentum": [bits(v) for v in moms]}
+    out[name] = {"lr": [[bits(v) for v in r] for r in lrs], "momentum": [bits(v) for v in moms]}
 print(json.dumps(out))
 "#;
 
@@ -70,6 +74,24 @@ fn optimizer(adam: bool) -> FabricOptimizer {
         fabric.setup((), &mut vs, opt).unwrap().1
     } else {
         let opt = Sgd::new(&vs, 0.1).unwrap().momentum(0.9);
+        fabric.setup((), &mut vs, opt).unwrap().1
+    }
+}
+
+/// The same over two parameters in two param groups, the second at rate 0.03.
+fn grouped_optimizer(adam: bool) -> FabricOptimizer {
+    let fabric = Fabric::new("32-true").unwrap();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let _p = vs.root().zeros("p", &[1]);
+    let _q = vs.root().zeros("q", &[1]);
+    let groups = || [Group::names(["p"]), Group::names(["q"]).lr(0.03)];
+    if adam {
+        let opt = AdamW::new(&vs, 0.1).unwrap().weight_decay(0.0);
+        let opt = opt.param_groups(groups()).unwrap();
+        fabric.setup((), &mut vs, opt).unwrap().1
+    } else {
+        let opt = Sgd::new(&vs, 0.1).unwrap().momentum(0.9);
+        let opt = opt.param_groups(groups()).unwrap();
         fabric.setup((), &mut vs, opt).unwrap().1
     }
 }
@@ -132,27 +154,36 @@ fn rates_and_momenta_match_torch_over_1000_steps() {
     let cases = want.as_object().unwrap();
     assert_eq!(cases.len(), 11);
     for (name, want) in cases {
-        let mut o = optimizer(name.contains("adam"));
+        // Two param groups with rates 0.1 and 0.03: each scheduled from its own base rate.
+        let mut o = grouped_optimizer(name.contains("adam"));
         let mut s = scheduler(name, &mut o);
-        let (mut lrs, mut moms) = (
-            vec![o.lr().to_bits()],
-            vec![o.momentum().unwrap().to_bits()],
-        );
+        let rates = |o: &FabricOptimizer| -> Vec<u64> {
+            o.group_lrs().iter().map(|v| v.to_bits()).collect()
+        };
+        let (mut lrs, mut moms) = (vec![rates(&o)], vec![o.momentum().unwrap().to_bits()]);
         for _ in 0..N {
             s.step(&StepOutcome::Stepped, &mut o).unwrap();
-            lrs.push(o.lr().to_bits());
+            lrs.push(rates(&o));
             moms.push(o.momentum().unwrap().to_bits());
         }
-        let (want_lr, want_mom) = (bits_of(&want["lr"]), bits_of(&want["momentum"]));
+        let want_lr: Vec<Vec<u64>> = want["lr"].as_array().unwrap().iter().map(bits_of).collect();
+        let want_mom = bits_of(&want["momentum"]);
         if let Some(k) = (0..=N).find(|&k| lrs[k] != want_lr[k]) {
             panic!(
-                "{name}: lr at step {k} is {:e}, PyTorch's {:e}",
-                f64::from_bits(lrs[k]),
-                f64::from_bits(want_lr[k])
+                "{name}: rates at step {k} are {:?}, PyTorch's {:?}",
+                lrs[k]
+                    .iter()
+                    .map(|b| f64::from_bits(*b))
+                    .collect::<Vec<_>>(),
+                want_lr[k]
+                    .iter()
+                    .map(|b| f64::from_bits(*b))
+                    .collect::<Vec<_>>()
             );
         }
         assert_eq!(moms, want_mom, "{name}: momenta differ");
-        assert_eq!(s.get_last_lr().to_bits(), want_lr[N], "{name}: get_last_lr");
+        let last: Vec<u64> = s.get_last_lr().iter().map(|v| v.to_bits()).collect();
+        assert_eq!(last, want_lr[N], "{name}: get_last_lr");
     }
 }
 
@@ -200,7 +231,7 @@ fn state_round_trips_through_serde_and_resumes_exactly() {
     let mut s = scheduler("constant_exponential_step", &mut o);
     s.load_state_dict(&state).unwrap();
     // The rate itself comes back with the optimizer, as in PyTorch.
-    o.set_lr(s.get_last_lr()).unwrap();
+    o.set_lr(s.get_last_lr()[0]).unwrap();
     for lr in &lrs[450..] {
         s.step(&StepOutcome::Stepped, &mut o).unwrap();
         assert_eq!(o.lr().to_bits(), *lr);
@@ -301,7 +332,7 @@ fn bad_options_and_states_are_typed_errors_that_change_nothing() {
         Err(Error::InvalidState(_))
     ));
     other.kind = "StepLR".into();
-    other.last_lr = f64::NAN;
+    other.last_lrs = vec![f64::NAN];
     assert!(matches!(
         step.load_state_dict(&other),
         Err(Error::InvalidState(_))

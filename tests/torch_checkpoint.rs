@@ -17,6 +17,7 @@ use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 use tch_fabric::lr_scheduler::{
     CosineAnnealingLR, LinearLR, Scheduler, SchedulerState, SequentialLR,
 };
+use tch_fabric::optim::Group;
 use tch_fabric::{AdamW, Clip, Error, Fabric, FabricModule, FabricOptimizer, GradScalerConfig};
 
 const STEPS: i64 = 20;
@@ -59,12 +60,22 @@ struct Setup {
     sched: SequentialLR,
 }
 
-fn setup(precision: &str, init: &nn::VarStore) -> Setup {
+fn setup(precision: &str, init: &nn::VarStore, groups: bool) -> Setup {
     let fabric = fabric(precision);
     let mut vs = nn::VarStore::new(Device::Cpu);
     let m = model(&vs);
     vs.copy(init).unwrap();
     let opt = AdamW::new(&vs, 1e-3).unwrap();
+    // nanoGPT's two param groups.
+    let opt = if groups {
+        opt.param_groups([
+            Group::matching(|_, t| t.dim() >= 2).weight_decay(0.1),
+            Group::rest().weight_decay(0.0),
+        ])
+        .unwrap()
+    } else {
+        opt
+    };
     let (model, mut opt) = fabric.setup(m, &mut vs, opt).unwrap();
     let warmup = LinearLR::new(&mut opt, 0.1, 1.0, 5).unwrap();
     let cosine = CosineAnnealingLR::new(&mut opt, STEPS - 5, 0.0).unwrap();
@@ -108,14 +119,14 @@ struct PyRun {
 
 fn python(
     init: &Path,
-    precision: &str,
+    (precision, groups): (&str, bool),
     save: Option<&Path>,
     resume: Option<&Path>,
     out: &Path,
 ) -> PyRun {
     let cfg = json!({
         "init": init, "precision": precision, "steps": STEPS, "save_at": SAVE_AT,
-        "save": save, "resume": resume, "out": out,
+        "save": save, "resume": resume, "out": out, "groups": groups,
     });
     let script =
         std::fs::read_to_string(common::repo().join("scripts/torch_checkpoint_reference.py"))
@@ -194,17 +205,21 @@ fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
     tch::set_num_threads(1);
     let dir = scratch();
     let (vs0, x, y, init_path) = init(&dir);
-    // Tolerances: none in the true precisions; the mixed ones as tests/fabric_parity.rs.
-    for (precision, tol) in [
+    // Tolerances: none in the true precisions; the mixed ones as tests/fabric_parity.rs. Each
+    // with one param group, and with nanoGPT's two.
+    let runs = [
         ("32-true", 0.0),
         ("64-true", 0.0),
         ("bf16-mixed", 0.0),
         ("16-mixed", 0.0),
-    ] {
-        let py_ckpt = dir.join(format!("{precision}-python.ckpt"));
+    ]
+    .into_iter()
+    .flat_map(|(p, tol)| [(p, tol, false), (p, tol, true)]);
+    for (precision, tol, groups) in runs {
+        let py_ckpt = dir.join(format!("{precision}-{groups}-python.ckpt"));
         let full = python(
             &init_path,
-            precision,
+            (precision, groups),
             Some(&py_ckpt),
             None,
             &dir.join("full.safetensors"),
@@ -212,7 +227,7 @@ fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
         assert_eq!(full.losses.len(), STEPS as usize);
 
         // Python -> Rust.
-        let mut s = setup(precision, &vs0);
+        let mut s = setup(precision, &vs0, groups);
         let extra: Extra = s.fabric.load(&py_ckpt).unwrap();
         assert_eq!(extra.step, SAVE_AT);
         s.sched.load_state_dict(&extra.scheduler).unwrap();
@@ -227,7 +242,7 @@ fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
         assert_weights(precision, "Python -> Rust", &s.vs, &full.weights, tol);
 
         // Rust -> Python.
-        let mut s = setup(precision, &vs0);
+        let mut s = setup(precision, &vs0, groups);
         let first = train(&mut s, &x, &y, 1, SAVE_AT);
         assert_losses(
             precision,
@@ -236,7 +251,7 @@ fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
             &full.losses[..SAVE_AT as usize],
             tol,
         );
-        let rs_ckpt = dir.join(format!("{precision}-rust.ckpt"));
+        let rs_ckpt = dir.join(format!("{precision}-{groups}-rust.ckpt"));
         let extra = Extra {
             step: SAVE_AT,
             scheduler: s.sched.state_dict(),
@@ -244,7 +259,7 @@ fn resumes_lightning_checkpoints_and_lightning_resumes_ours() {
         s.fabric.save(&rs_ckpt, &extra).unwrap();
         let resumed = python(
             &init_path,
-            precision,
+            (precision, groups),
             None,
             Some(&rs_ckpt),
             &dir.join("resumed.safetensors"),
@@ -297,7 +312,7 @@ fn refuses_what_does_not_fit() {
     common::run_python(BAD_FILES, &dir.display().to_string());
     let vs0 = nn::VarStore::new(Device::Cpu);
     let _m = model(&vs0);
-    let s = setup("32-true", &vs0);
+    let s = setup("32-true", &vs0, false);
     let before: Vec<(String, Tensor)> =
         s.vs.variables()
             .into_iter()

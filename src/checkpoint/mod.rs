@@ -50,8 +50,8 @@ pub(crate) struct Contents {
     pub precision: Precision,
     pub scaler: Option<GradScalerState>,
     pub state_json: String,
-    /// PyTorch param groups by optimizer index (torch.save files only).
-    pub param_groups: HashMap<usize, ParamGroup>,
+    /// PyTorch's param groups by optimizer index (torch.save files only), without `params`.
+    pub param_groups: HashMap<usize, Vec<ParamGroup>>,
 }
 
 pub(super) fn fail(path: &Path, reason: impl Into<String>) -> Error {

@@ -20,7 +20,7 @@ pub(crate) struct Plan {
     /// The scaler state to load, when both sides have one.
     scaler: Option<GradScalerState>,
     /// PyTorch param groups to load, by optimizer index (torch.save files only).
-    param_groups: Vec<(usize, ParamGroup)>,
+    param_groups: Vec<(usize, Vec<ParamGroup>)>,
     /// What a non-strict load leaves out.
     pub report: LoadReport,
 }
@@ -111,17 +111,17 @@ pub(crate) fn plan_load(
         }
     }
     // The param groups first: one of another optimizer type explains a state that does not fit.
-    let mut param_groups: Vec<(usize, ParamGroup)> = Vec::new();
-    for (&i, group) in &contents.param_groups {
+    let mut param_groups: Vec<(usize, Vec<ParamGroup>)> = Vec::new();
+    for (&i, groups) in &contents.param_groups {
         let opt = optimizers.get(i).ok_or_else(|| {
             bad(format!(
                 "a param group for optimizer {i}, which does not exist"
             ))
         })?;
         opt.borrow()
-            .check_param_group(group)
+            .check_param_groups(groups)
             .map_err(|e| bad(format!("optimizer {i}: {e}")))?;
-        param_groups.push((i, group.clone()));
+        param_groups.push((i, groups.clone()));
     }
     for (i, (opt, st)) in optimizers.iter().zip(&optimizer_states).enumerate() {
         opt.borrow()
@@ -233,8 +233,8 @@ pub(crate) fn apply(
     for (opt, st) in optimizers.iter().zip(&plan.optimizer_states) {
         opt.borrow_mut().load_state(st)?;
     }
-    for (i, group) in &plan.param_groups {
-        optimizers[*i].borrow_mut().load_param_group(group)?;
+    for (i, groups) in &plan.param_groups {
+        optimizers[*i].borrow_mut().load_param_groups(groups)?;
     }
     if let Some(s) = &plan.scaler {
         scaler.load_state_dict(s)?;

@@ -114,6 +114,48 @@ fn state_tensor(path: &Path, key: &str, v: &PyValue) -> Result<Option<Tensor>> {
     }
 }
 
+/// The positions of a param group's parameters, from its `params` entry.
+fn members(group: &ParamGroup) -> Vec<usize> {
+    group
+        .get("params")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .filter_map(|v| usize::try_from(v).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One `param_groups` entry of a file: its hyper-parameters as JSON (without `params` and
+/// `param_names`) and its parameter ids.
+fn group_entry(path: &Path, what: &str, group: &PyValue) -> Result<(ParamGroup, Vec<i64>)> {
+    let mut json = ParamGroup::new();
+    let mut indices: Vec<i64> = Vec::new();
+    for (k, v) in entries(path, what, group)? {
+        if k == "params" {
+            let PyValue::List(list) = v else {
+                return Err(fail(path, format!("{what}: 'params' is not a list")));
+            };
+            for p in list {
+                match p {
+                    PyValue::Int(i) => indices.push(*i),
+                    other => {
+                        return Err(fail(
+                            path,
+                            format!("{what}: a parameter index is a {}", other.type_name()),
+                        ))
+                    }
+                }
+            }
+        } else if k != "param_names" {
+            json.insert(k.to_string(), to_json(path, &format!("{what}.{k}"), v)?);
+        }
+    }
+    Ok((json, indices))
+}
+
 /// Reads a torch.save checkpoint into [`Contents`] for the models and optimizers of a Fabric.
 pub(crate) fn read(
     path: &Path,
@@ -176,57 +218,53 @@ pub(crate) fn read(
                 ))
             }
         };
-        let [group] = groups.as_slice() else {
-            return Err(fail(
-                path,
-                format!(
-                    "{what} has {} param groups; tch-fabric's optimizers have one",
-                    groups.len()
-                ),
-            ));
-        };
         let opt = opt.borrow();
         let names = opt.params().names();
-        let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
-        let mine: Vec<&String> = order
-            .iter()
-            .filter(|n| wanted.contains(n.as_str()))
-            .collect();
-        let mut json = ParamGroup::new();
-        let mut indices: Vec<i64> = Vec::new();
-        for (k, v) in entries(path, &format!("{what} param_groups[0]"), group)? {
-            if k == "params" {
-                let PyValue::List(list) = v else {
-                    return Err(fail(path, format!("{what}: 'params' is not a list")));
-                };
-                for p in list {
-                    match p {
-                        PyValue::Int(i) => indices.push(*i),
-                        other => {
-                            return Err(fail(
-                                path,
-                                format!("{what}: a parameter index is a {}", other.type_name()),
-                            ))
-                        }
-                    }
-                }
-            } else if k != "param_names" {
-                json.insert(k.to_string(), to_json(path, &format!("{what}.{k}"), v)?);
-            }
-        }
-        if indices.len() != names.len() || mine.len() != names.len() {
+        // Our groups' members (one group over every parameter for an optimizer without a
+        // torch.optim twin, which the plan then refuses with its own message).
+        let ours: Vec<Vec<usize>> = match opt.param_groups() {
+            Some(g) => g.iter().map(members).collect(),
+            None => vec![(0..names.len()).collect()],
+        };
+        if groups.len() != ours.len() {
             return Err(fail(
                 path,
                 format!(
-                    "{what} has {} parameters and the models' entries name {} of this \
-                     optimizer's {}: the optimizer must cover the same parameters",
-                    indices.len(),
-                    mine.len(),
-                    names.len()
+                    "{what} has {} param groups, optimizer {i} has {}: build it with the same \
+                     param groups",
+                    groups.len(),
+                    ours.len()
                 ),
             ));
         }
-        let name_of: HashMap<i64, &String> = indices.iter().copied().zip(mine).collect();
+        let mut jsons = Vec::with_capacity(groups.len());
+        let mut name_of: HashMap<i64, &String> = HashMap::new();
+        for (g, (group, members)) in groups.iter().zip(&ours).enumerate() {
+            let what = format!("{what} param_groups[{g}]");
+            let (json, indices) = group_entry(path, &what, group)?;
+            // The file's ids of group g are its parameters in the model's order; ours are
+            // matched by name in the same order.
+            let wanted: HashSet<&str> = members.iter().map(|&k| names[k].as_str()).collect();
+            let mine: Vec<&String> = order
+                .iter()
+                .filter(|n| wanted.contains(n.as_str()))
+                .collect();
+            if indices.len() != members.len() || mine.len() != members.len() {
+                return Err(fail(
+                    path,
+                    format!(
+                        "{what} has {} parameters and the models' entries name {} of this \
+                         optimizer's group's {}: the optimizer must cover the same parameters",
+                        indices.len(),
+                        mine.len(),
+                        members.len()
+                    ),
+                ));
+            }
+            name_of.extend(indices.iter().copied().zip(mine));
+            jsons.push(json);
+        }
+
         if let Some(state) = entry.get("state") {
             let PyValue::Dict(per_param) = state else {
                 return Err(fail(path, format!("{what}: 'state' is not a dict")));
@@ -250,7 +288,7 @@ pub(crate) fn read(
                 }
             }
         }
-        param_groups.insert(i, json);
+        param_groups.insert(i, jsons);
     }
     let mut scaler = None;
     let mut extra = serde_json::Map::new();
@@ -392,7 +430,7 @@ fn model_entry(m: &Model, optimizers: &[SharedOptimizer]) -> Result<PyValue> {
 /// An optimizer's entry: PyTorch's `state_dict()` layout.
 fn optimizer_entry(path: &Path, i: usize, opt: &SharedOptimizer) -> Result<PyValue> {
     let opt = opt.borrow();
-    let group = opt.param_group().ok_or_else(|| {
+    let groups = opt.param_groups().ok_or_else(|| {
         fail(
             path,
             format!(
@@ -403,6 +441,28 @@ fn optimizer_entry(path: &Path, i: usize, opt: &SharedOptimizer) -> Result<PyVal
         )
     })?;
     let names = opt.params().names();
+    // PyTorch numbers the parameters group after group: ids[k] is parameter k's.
+    let mut ids: Vec<Option<i64>> = vec![None; names.len()];
+    let mut next = 0i64;
+    let mut entries: Vec<PyValue> = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let mut group_ids = Vec::new();
+        for k in members(group) {
+            let slot = ids
+                .get_mut(k)
+                .ok_or_else(|| fail(path, format!("optimizer {i}: a group names parameter {k}")))?;
+            *slot = Some(next);
+            group_ids.push(PyValue::Int(next));
+            next += 1;
+        }
+        let mut g: Vec<(String, PyValue)> = group
+            .iter()
+            .filter(|(k, _)| *k != "params")
+            .map(|(k, v)| (k.clone(), from_json(v, &["betas"], k)))
+            .collect();
+        g.push(("params".to_string(), PyValue::List(group_ids)));
+        entries.push(str_dict(g));
+    }
     let mut per_param: Vec<Vec<(String, PyValue)>> = names.iter().map(|_| Vec::new()).collect();
     for (full, t) in opt.state_tensors()? {
         let (param, field) = full
@@ -414,25 +474,33 @@ fn optimizer_entry(path: &Path, i: usize, opt: &SharedOptimizer) -> Result<PyVal
             .ok_or_else(|| fail(path, format!("optimizer {i}: state of unknown '{param}'")))?;
         per_param[k].push((field.to_string(), PyValue::Tensor(t)));
     }
+    let mut state: Vec<(i64, Vec<(String, PyValue)>)> = Vec::new();
+    for (k, fields) in per_param.into_iter().enumerate() {
+        if fields.is_empty() {
+            continue;
+        }
+        let id = ids[k].ok_or_else(|| {
+            fail(
+                path,
+                format!(
+                    "optimizer {i}: parameter '{}' is in no param group",
+                    names[k]
+                ),
+            )
+        })?;
+        state.push((id, fields));
+    }
+    // PyTorch's state dict lists the state by id.
+    state.sort_by_key(|(id, _)| *id);
     let state = PyValue::Dict(
-        per_param
+        state
             .into_iter()
-            .enumerate()
-            .filter(|(_, f)| !f.is_empty())
-            .map(|(k, f)| (PyValue::Int(k as i64), str_dict(f)))
+            .map(|(id, f)| (PyValue::Int(id), str_dict(f)))
             .collect(),
     );
-    let mut g: Vec<(String, PyValue)> = group
-        .iter()
-        .map(|(k, v)| (k.clone(), from_json(v, &["betas"], k)))
-        .collect();
-    g.push((
-        "params".to_string(),
-        PyValue::List((0..names.len() as i64).map(PyValue::Int).collect()),
-    ));
     Ok(str_dict(vec![
         ("state".to_string(), state),
-        ("param_groups".to_string(), PyValue::List(vec![str_dict(g)])),
+        ("param_groups".to_string(), PyValue::List(entries)),
     ]))
 }
 

@@ -17,8 +17,9 @@ pub struct FabricOptimizer {
     shared: Rc<Shared>,
     /// `fabric.backward` calls seen at this optimizer's last step.
     seen_backward: u64,
-    /// PyTorch's `param_group["initial_lr"]`, set by the first learning-rate scheduler.
-    initial_lr: Option<f64>,
+    /// PyTorch's `param_group["initial_lr"]` of each group, set by the first learning-rate
+    /// scheduler.
+    initial_lrs: Vec<Option<f64>>,
 }
 
 impl FabricOptimizer {
@@ -33,7 +34,7 @@ impl FabricOptimizer {
             id,
             shared,
             seen_backward,
-            initial_lr: None,
+            initial_lrs: Vec::new(),
         }
     }
 
@@ -103,7 +104,7 @@ impl FabricOptimizer {
         self.opt.borrow().lr()
     }
 
-    /// Sets the learning rate of every parameter group.
+    /// Sets the learning rate of every param group.
     ///
     /// # Errors
     ///
@@ -112,15 +113,37 @@ impl FabricOptimizer {
         self.opt.borrow_mut().set_lr(lr)
     }
 
-    /// PyTorch's `param_group["initial_lr"]`: the rate when the first learning-rate scheduler
-    /// was built on this optimizer (`None` before), the base rate of the later ones.
-    pub fn initial_lr(&self) -> Option<f64> {
-        self.initial_lr
+    /// Each param group's learning rate.
+    pub fn group_lrs(&self) -> Vec<f64> {
+        self.opt.borrow().group_lrs()
     }
 
-    /// Sets what [`FabricOptimizer::initial_lr`] reads (schedulers do this).
-    pub fn set_initial_lr(&mut self, lr: f64) {
-        self.initial_lr = Some(lr);
+    /// Sets param group `group`'s learning rate (`param_groups[group]["lr"] = lr`).
+    ///
+    /// # Errors
+    ///
+    /// The optimizer's error for a group it lacks or a rate it refuses (nothing changes then).
+    pub fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        self.opt.borrow_mut().set_group_lr(group, lr)
+    }
+
+    /// PyTorch's `param_group["initial_lr"]` of each group: the rate when the first
+    /// learning-rate scheduler was built on this optimizer (`None` before), the base rate of
+    /// the later ones.
+    pub fn initial_lrs(&self) -> Vec<Option<f64>> {
+        let groups = self.opt.borrow().group_lrs().len();
+        (0..groups)
+            .map(|g| self.initial_lrs.get(g).copied().flatten())
+            .collect()
+    }
+
+    /// Sets what [`FabricOptimizer::initial_lrs`] reads for param group `group` (schedulers do
+    /// this).
+    pub fn set_initial_lr(&mut self, group: usize, lr: f64) {
+        if self.initial_lrs.len() <= group {
+            self.initial_lrs.resize(group + 1, None);
+        }
+        self.initial_lrs[group] = Some(lr);
     }
 
     /// The optimizer's momentum (SGD's `momentum`, the Adam family's `beta1`), if it has one.

@@ -44,32 +44,32 @@ use crate::fabric::FabricOptimizer;
 use crate::scaler::StepOutcome;
 use serde::{Deserialize, Serialize};
 
-/// What a scheduler drives: an optimizer's learning rate (PyTorch's `param_group["lr"]`), the
-/// rate the first scheduler found (`param_group["initial_lr"]`), and the momentum that
-/// [`OneCycleLR`] cycles (`momentum`, or `betas[0]` of the Adam family).
+/// What a scheduler drives: an optimizer's learning rate per param group (PyTorch's
+/// `param_group["lr"]`), the rate the first scheduler found (`param_group["initial_lr"]`), and
+/// the momentum that [`OneCycleLR`] cycles (`momentum`, or `betas[0]` of the Adam family).
 pub trait LrTarget {
-    /// The learning rate.
-    fn lr(&self) -> f64;
+    /// Each param group's learning rate.
+    fn group_lrs(&self) -> Vec<f64>;
 
-    /// Sets the learning rate.
+    /// Sets param group `group`'s learning rate.
     ///
     /// # Errors
     ///
-    /// The optimizer's error for a rate it refuses (nothing changes then).
-    fn set_lr(&mut self, lr: f64) -> Result<()>;
+    /// The optimizer's error for a group it lacks or a rate it refuses (nothing changes then).
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()>;
 
-    /// PyTorch's `initial_lr`: set by the first scheduler built on this optimizer, read by the
-    /// later ones as their base rate.
-    fn initial_lr(&self) -> Option<f64>;
+    /// PyTorch's `initial_lr` of each param group: set by the first scheduler built on this
+    /// optimizer, read by the later ones as their base rates.
+    fn initial_lrs(&self) -> Vec<Option<f64>>;
 
-    /// Sets `initial_lr`.
-    fn set_initial_lr(&mut self, lr: f64);
+    /// Sets param group `group`'s `initial_lr`.
+    fn set_initial_lr(&mut self, group: usize, lr: f64);
 
     /// The momentum (`momentum`, or `beta1` of the Adam family); `None` for an optimizer
     /// without one.
     fn momentum(&self) -> Option<f64>;
 
-    /// Sets the momentum.
+    /// Sets every group's momentum.
     ///
     /// # Errors
     ///
@@ -79,17 +79,17 @@ pub trait LrTarget {
 }
 
 impl LrTarget for FabricOptimizer {
-    fn lr(&self) -> f64 {
-        FabricOptimizer::lr(self)
+    fn group_lrs(&self) -> Vec<f64> {
+        FabricOptimizer::group_lrs(self)
     }
-    fn set_lr(&mut self, lr: f64) -> Result<()> {
-        FabricOptimizer::set_lr(self, lr)
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        FabricOptimizer::set_group_lr(self, group, lr)
     }
-    fn initial_lr(&self) -> Option<f64> {
-        FabricOptimizer::initial_lr(self)
+    fn initial_lrs(&self) -> Vec<Option<f64>> {
+        FabricOptimizer::initial_lrs(self)
     }
-    fn set_initial_lr(&mut self, lr: f64) {
-        FabricOptimizer::set_initial_lr(self, lr)
+    fn set_initial_lr(&mut self, group: usize, lr: f64) {
+        FabricOptimizer::set_initial_lr(self, group, lr)
     }
     fn momentum(&self) -> Option<f64> {
         FabricOptimizer::momentum(self)
@@ -99,38 +99,59 @@ impl LrTarget for FabricOptimizer {
     }
 }
 
-/// What every scheduler keeps: PyTorch's `LRScheduler` attributes for one parameter group.
+/// What every scheduler keeps: PyTorch's `LRScheduler` attributes, with one rate per param
+/// group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerBase {
-    /// `base_lrs[0]`: the optimizer's `initial_lr` when the scheduler was built.
-    pub base_lr: f64,
+    /// `base_lrs`: each group's `initial_lr` when the scheduler was built.
+    pub base_lrs: Vec<f64>,
     /// `last_epoch`: steps taken (`-1` before the first, internal step).
     pub last_epoch: i64,
     /// `_step_count`: calls of `step`, the one made while building included.
     pub step_count: u64,
-    /// `_last_lr[0]`: the rate this scheduler set last.
-    pub last_lr: f64,
+    /// `_last_lr`: the rates this scheduler set last.
+    pub last_lrs: Vec<f64>,
     /// `_is_initial`: true during the step made while building.
     pub is_initial: bool,
 }
 
 impl SchedulerBase {
-    /// A scheduler's starting point on `opt`: `initial_lr` set to the current rate unless an
-    /// earlier scheduler set it, and taken as the base rate (PyTorch's `last_epoch=-1`).
+    /// Param group `group`'s base rate.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Usage`] for a group the scheduler was not built with.
+    pub fn base_lr(&self, group: usize) -> Result<f64> {
+        self.base_lrs.get(group).copied().ok_or_else(|| {
+            Error::Usage(format!(
+                "param group {group}: the scheduler was built on {} groups",
+                self.base_lrs.len()
+            ))
+        })
+    }
+
+    /// A scheduler's starting point on `opt`: each group's `initial_lr` set to its current rate
+    /// unless an earlier scheduler set it, and taken as its base rate (PyTorch's
+    /// `last_epoch=-1`).
     pub fn attach(opt: &mut dyn LrTarget) -> SchedulerBase {
-        let base_lr = match opt.initial_lr() {
-            Some(lr) => lr,
-            None => {
-                let lr = opt.lr();
-                opt.set_initial_lr(lr);
-                lr
-            }
-        };
+        let lrs = opt.group_lrs();
+        let initial = opt.initial_lrs();
+        let base_lrs = lrs
+            .iter()
+            .enumerate()
+            .map(|(g, &lr)| match initial.get(g).copied().flatten() {
+                Some(initial) => initial,
+                None => {
+                    opt.set_initial_lr(g, lr);
+                    lr
+                }
+            })
+            .collect();
         SchedulerBase {
-            base_lr,
+            base_lrs,
             last_epoch: -1,
             step_count: 0,
-            last_lr: opt.lr(),
+            last_lrs: lrs,
             is_initial: false,
         }
     }
@@ -140,7 +161,7 @@ impl SchedulerBase {
 /// hyper-parameters (which come from building the scheduler, as `LambdaLR`'s functions do).
 ///
 /// Its serde form is PyTorch's own (`base_lrs`, `last_epoch`, `_step_count`, `_last_lr`,
-/// SequentialLR's `_schedulers`, LambdaLR's `lr_lambdas: [None]`, plus `kind`), so the
+/// SequentialLR's `_schedulers`, LambdaLR's `lr_lambdas: [None, ...]`, plus `kind`), so the
 /// `state_dict()` of a `torch.optim.lr_scheduler` scheduler in a torch.save checkpoint
 /// deserialises into it, and what it serialises to loads with PyTorch's `load_state_dict`. A
 /// state without `kind` (one from Python) loads into any scheduler of the same shape.
@@ -150,14 +171,14 @@ pub struct SchedulerState {
     /// The scheduler's PyTorch name (`StepLR`, ...): a state loads only into the same kind;
     /// empty for a state from Python, which does not record it.
     pub kind: String,
-    /// `base_lrs[0]`.
-    pub base_lr: f64,
+    /// `base_lrs`, one per param group.
+    pub base_lrs: Vec<f64>,
     /// `last_epoch`.
     pub last_epoch: i64,
     /// `_step_count`.
     pub step_count: u64,
-    /// `_last_lr[0]`.
-    pub last_lr: f64,
+    /// `_last_lr`, one per param group.
+    pub last_lrs: Vec<f64>,
     /// The states of [`SequentialLR`]'s schedulers, in order (empty for the others).
     pub schedulers: Vec<SchedulerState>,
 }
@@ -190,16 +211,16 @@ struct StateWire {
 impl From<SchedulerState> for StateWire {
     fn from(s: SchedulerState) -> Self {
         StateWire {
-            lr_lambdas: (s.kind == "LambdaLR").then(|| vec![()]),
+            lr_lambdas: (s.kind == "LambdaLR").then(|| vec![(); s.base_lrs.len()]),
             // Written for SequentialLR too (PyTorch's has none; its load only sets an
             // attribute it never reads), so that a state reads back equal.
-            base_lrs: vec![s.base_lr],
+            base_lrs: s.base_lrs,
             kind: s.kind,
             last_epoch: s.last_epoch,
             step_count: s.step_count,
             is_initial: false,
             get_lr_called_within_step: false,
-            last_lr: vec![s.last_lr],
+            last_lr: s.last_lrs,
             schedulers: s.schedulers,
         }
     }
@@ -208,32 +229,33 @@ impl From<SchedulerState> for StateWire {
 impl TryFrom<StateWire> for SchedulerState {
     type Error = String;
     fn try_from(w: StateWire) -> std::result::Result<Self, String> {
-        let one = |name: &str, v: &[f64]| match v {
-            [x] => Ok(*x),
-            _ => Err(format!(
-                "'{name}' holds {} rates; tch-fabric's schedulers drive one parameter group",
-                v.len()
-            )),
-        };
-        let last_lr = one("_last_lr", &w.last_lr)?;
-        let base_lr = if w.base_lrs.is_empty() {
-            last_lr
+        if w.last_lr.is_empty() {
+            return Err("'_last_lr' holds no rate: a scheduler drives at least one group".into());
+        }
+        let base_lrs = if w.base_lrs.is_empty() {
+            w.last_lr.clone()
+        } else if w.base_lrs.len() == w.last_lr.len() {
+            w.base_lrs
         } else {
-            one("base_lrs", &w.base_lrs)?
+            return Err(format!(
+                "'base_lrs' holds {} rates and '_last_lr' {}: one per param group in both",
+                w.base_lrs.len(),
+                w.last_lr.len()
+            ));
         };
         Ok(SchedulerState {
             kind: w.kind,
-            base_lr,
+            base_lrs,
             last_epoch: w.last_epoch,
             step_count: w.step_count,
-            last_lr,
+            last_lrs: w.last_lr,
             schedulers: w.schedulers,
         })
     }
 }
 
 /// A learning-rate scheduler. Implement [`Scheduler::get_lr`] (PyTorch's `get_lr`, the
-/// recurrence) and the accessors to add one; the stepping is shared.
+/// recurrence, for one param group) and the accessors to add one; the stepping is shared.
 pub trait Scheduler: std::fmt::Debug {
     /// PyTorch's class name.
     fn kind(&self) -> &'static str;
@@ -244,30 +266,31 @@ pub trait Scheduler: std::fmt::Debug {
     /// The shared state, mutably.
     fn base_mut(&mut self) -> &mut SchedulerBase;
 
-    /// The rate for `base().last_epoch`, given the optimizer's current rate `lr` (PyTorch's
-    /// `get_lr`, which reads `group["lr"]`).
+    /// The rate of param group `group` for `base().last_epoch`, given its current rate `lr`
+    /// (PyTorch's `get_lr`, which reads `group["lr"]`).
     ///
     /// # Errors
     ///
     /// A schedule that has run out ([`OneCycleLR`] past its total steps).
-    fn get_lr(&mut self, lr: f64, opt: &mut dyn LrTarget) -> Result<f64>;
+    fn get_lr(&mut self, group: usize, lr: f64, opt: &mut dyn LrTarget) -> Result<f64>;
 
-    /// PyTorch's `_get_closed_form_lr`, where the class has one: used when a [`SequentialLR`]
-    /// restarts this scheduler at a milestone.
-    fn closed_form_lr(&self) -> Option<f64> {
+    /// PyTorch's `_get_closed_form_lr` for param group `group`, where the class has one: used
+    /// when a [`SequentialLR`] restarts this scheduler at a milestone.
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
+        let _ = group;
         None
     }
 
     /// One step of the schedule after a taken optimizer step; a skipped one
-    /// ([`StepOutcome::is_skipped`]) leaves everything as it is. Returns the rate for the
-    /// next step.
+    /// ([`StepOutcome::is_skipped`]) leaves everything as it is. The rates for the next step
+    /// are then [`Scheduler::get_last_lr`].
     ///
     /// # Errors
     ///
     /// As [`Scheduler::advance`].
-    fn step(&mut self, outcome: &StepOutcome, opt: &mut dyn LrTarget) -> Result<f64> {
+    fn step(&mut self, outcome: &StepOutcome, opt: &mut dyn LrTarget) -> Result<()> {
         if outcome.is_skipped() {
-            return Ok(self.base().last_lr);
+            return Ok(());
         }
         self.advance(opt)
     }
@@ -277,8 +300,8 @@ pub trait Scheduler: std::fmt::Debug {
     /// # Errors
     ///
     /// The schedule's error ([`OneCycleLR`] past its total steps) or the optimizer's refusal
-    /// of the rate; the scheduler and the rate are unchanged then.
-    fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
+    /// of a rate; the scheduler and the rates are unchanged then.
+    fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<()> {
         let before = self.base().clone();
         self.base_mut().step_count += 1;
         self.update_lr(None, opt)
@@ -286,46 +309,62 @@ pub trait Scheduler: std::fmt::Debug {
     }
 
     /// PyTorch's `_update_lr(epoch)`: moves to `epoch` (closed form where there is one) or to
-    /// the next epoch, and sets the rate.
+    /// the next epoch, and sets every group's rate.
     ///
     /// # Errors
     ///
-    /// As [`Scheduler::advance`]; the scheduler is unchanged then.
-    fn update_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
+    /// As [`Scheduler::advance`]; the scheduler and the rates are unchanged then.
+    fn update_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<()> {
         let before = self.base().clone();
-        let lr = self.next_lr(epoch, opt);
-        let set = lr.and_then(|lr| opt.set_lr(lr).map(|()| lr));
-        match set {
-            Ok(lr) => {
-                self.base_mut().last_lr = lr;
-                Ok(lr)
-            }
+        let old = opt.group_lrs();
+        let lrs = match self.next_lrs(epoch, opt) {
+            Ok(lrs) => lrs,
             Err(e) => {
                 *self.base_mut() = before;
-                Err(e)
+                return Err(e);
+            }
+        };
+        for (g, &lr) in lrs.iter().enumerate() {
+            if let Err(e) = opt.set_group_lr(g, lr) {
+                // Put back the rates already set: they were accepted, so they are again.
+                for (k, &lr) in old.iter().enumerate().take(g) {
+                    opt.set_group_lr(k, lr)?;
+                }
+                *self.base_mut() = before;
+                return Err(e);
             }
         }
+        self.base_mut().last_lrs = lrs;
+        Ok(())
     }
 
-    /// The epoch move and rate of [`Scheduler::update_lr`], before the rate is set.
+    /// The epoch move and rates of [`Scheduler::update_lr`], before the rates are set: every
+    /// group's computed from the rates as they are, as PyTorch's `get_lr` does.
     ///
     /// # Errors
     ///
-    /// As [`Scheduler::get_lr`].
-    fn next_lr(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<f64> {
-        Ok(match epoch {
-            None => {
-                self.base_mut().last_epoch += 1;
-                self.get_lr(opt.lr(), opt)?
-            }
-            Some(e) => {
-                self.base_mut().last_epoch = e;
-                match self.closed_form_lr() {
-                    Some(lr) => lr,
-                    None => self.get_lr(opt.lr(), opt)?,
-                }
-            }
-        })
+    /// As [`Scheduler::get_lr`]; [`Error::Usage`] when the optimizer's param groups are not
+    /// the ones the scheduler was built on.
+    fn next_lrs(&mut self, epoch: Option<i64>, opt: &mut dyn LrTarget) -> Result<Vec<f64>> {
+        let lrs = opt.group_lrs();
+        if lrs.len() != self.base().base_lrs.len() {
+            return Err(Error::Usage(format!(
+                "{} was built on an optimizer with {} param groups; this one has {}",
+                self.kind(),
+                self.base().base_lrs.len(),
+                lrs.len()
+            )));
+        }
+        match epoch {
+            None => self.base_mut().last_epoch += 1,
+            Some(e) => self.base_mut().last_epoch = e,
+        }
+        (0..lrs.len())
+            .map(|g| match epoch.and_then(|_| self.closed_form_lr(g)) {
+                Some(lr) => Ok(lr),
+                None => self.get_lr(g, lrs[g], opt),
+            })
+            .collect()
     }
 
     /// PyTorch's `_initial_step`: the step every scheduler makes when built.
@@ -333,7 +372,7 @@ pub trait Scheduler: std::fmt::Debug {
     /// # Errors
     ///
     /// As [`Scheduler::advance`].
-    fn initial_step(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
+    fn initial_step(&mut self, opt: &mut dyn LrTarget) -> Result<()> {
         let before = self.base().clone();
         let base = self.base_mut();
         base.step_count = 1;
@@ -349,9 +388,9 @@ pub trait Scheduler: std::fmt::Debug {
         self.base_mut().last_epoch -= 1;
     }
 
-    /// PyTorch's `get_last_lr()[0]`.
-    fn get_last_lr(&self) -> f64 {
-        self.base().last_lr
+    /// PyTorch's `get_last_lr()`: the rate of each param group this scheduler set last.
+    fn get_last_lr(&self) -> &[f64] {
+        &self.base().last_lrs
     }
 
     /// PyTorch's `last_epoch`.
@@ -364,15 +403,15 @@ pub trait Scheduler: std::fmt::Debug {
         SchedulerState::of(self.kind(), self.base(), Vec::new())
     }
 
-    /// Restores a state from [`Scheduler::state_dict`]. The optimizer's rate is restored with
-    /// the optimizer, not here (as in PyTorch).
+    /// Restores a state from [`Scheduler::state_dict`]. The optimizer's rates are restored
+    /// with the optimizer, not here (as in PyTorch).
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidState`] for another kind of scheduler or impossible values; nothing
-    /// changes then.
+    /// [`Error::InvalidState`] for another kind of scheduler, another number of param groups or
+    /// impossible values; nothing changes then.
     fn load_state_dict(&mut self, state: &SchedulerState) -> Result<()> {
-        let base = check_state(self.kind(), state, 0)?;
+        let base = check_state(self.kind(), state, 0, self.base().base_lrs.len())?;
         *self.base_mut() = base;
         Ok(())
     }
@@ -387,21 +426,22 @@ impl SchedulerState {
     ) -> SchedulerState {
         SchedulerState {
             kind: kind.to_string(),
-            base_lr: c.base_lr,
+            base_lrs: c.base_lrs.clone(),
             last_epoch: c.last_epoch,
             step_count: c.step_count,
-            last_lr: c.last_lr,
+            last_lrs: c.last_lrs.clone(),
             schedulers,
         }
     }
 }
 
 /// The [`SchedulerBase`] a state describes, after checking that it is one for `kind` with
-/// `children` nested states and possible values.
+/// `children` nested states, `groups` param groups and possible values.
 pub(crate) fn check_state(
     kind: &str,
     state: &SchedulerState,
     children: usize,
+    groups: usize,
 ) -> Result<SchedulerBase> {
     let refuse = |what: String| Err(Error::InvalidState(format!("{kind} state: {what}")));
     if !state.kind.is_empty() && state.kind != kind {
@@ -413,8 +453,14 @@ pub(crate) fn check_state(
             state.schedulers.len()
         ));
     }
-    for (name, v) in [("base_lr", state.base_lr), ("last_lr", state.last_lr)] {
-        if !(v.is_finite() && v >= 0.0) {
+    if state.base_lrs.len() != groups || state.last_lrs.len() != groups {
+        return refuse(format!(
+            "it holds rates for {} param groups, the optimizer has {groups}",
+            state.last_lrs.len()
+        ));
+    }
+    for (name, rates) in [("base_lr", &state.base_lrs), ("last_lr", &state.last_lrs)] {
+        if let Some(v) = rates.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
             return refuse(format!("{name} = {v}: a learning rate is finite and >= 0"));
         }
     }
@@ -422,10 +468,10 @@ pub(crate) fn check_state(
         return refuse(format!("last_epoch = {}: must be >= -1", state.last_epoch));
     }
     Ok(SchedulerBase {
-        base_lr: state.base_lr,
+        base_lrs: state.base_lrs.clone(),
         last_epoch: state.last_epoch,
         step_count: state.step_count,
-        last_lr: state.last_lr,
+        last_lrs: state.last_lrs.clone(),
         is_initial: false,
     })
 }

@@ -189,9 +189,12 @@ impl OneCycleLR {
         if c.cycle_momentum {
             opt.set_momentum(top)?;
         }
-        opt.set_initial_lr(initial);
+        let groups = opt.group_lrs().len();
+        for g in 0..groups {
+            opt.set_initial_lr(g, initial);
+        }
         let mut base = SchedulerBase::attach(opt);
-        base.base_lr = initial;
+        base.base_lrs = vec![initial; groups];
         start(
             OneCycleLR {
                 base,
@@ -207,7 +210,8 @@ impl OneCycleLR {
 
 impl Scheduler for OneCycleLR {
     accessors!("OneCycleLR");
-    fn get_lr(&mut self, _lr: f64, opt: &mut dyn LrTarget) -> Result<f64> {
+    /// The same rate for every group (one `max_lr`), and every group's momentum set with it.
+    fn get_lr(&mut self, _group: usize, _lr: f64, opt: &mut dyn LrTarget) -> Result<f64> {
         let step = self.base.last_epoch;
         if step > self.total_steps {
             return Err(Error::Usage(format!(

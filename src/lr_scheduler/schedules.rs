@@ -50,8 +50,8 @@ impl<F: FnMut(i64) -> f64> LambdaLR<F> {
 
 impl<F: FnMut(i64) -> f64> Scheduler for LambdaLR<F> {
     accessors!("LambdaLR");
-    fn get_lr(&mut self, _lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
-        Ok(self.base.base_lr * (self.lr_lambda)(self.base.last_epoch))
+    fn get_lr(&mut self, group: usize, _lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+        Ok(self.base.base_lr(group)? * (self.lr_lambda)(self.base.last_epoch))
     }
 }
 
@@ -87,7 +87,7 @@ impl StepLR {
 
 impl Scheduler for StepLR {
     accessors!("StepLR");
-    fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, _group: usize, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         let e = self.base.last_epoch;
         Ok(if e == 0 || e.rem_euclid(self.step_size) != 0 {
             lr
@@ -95,9 +95,9 @@ impl Scheduler for StepLR {
             lr * self.gamma
         })
     }
-    fn closed_form_lr(&self) -> Option<f64> {
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
         let n = self.base.last_epoch.div_euclid(self.step_size);
-        Some(self.base.base_lr * self.gamma.powf(n as f64))
+        Some(self.base.base_lrs.get(group)? * self.gamma.powf(n as f64))
     }
 }
 
@@ -135,7 +135,7 @@ impl MultiStepLR {
 
 impl Scheduler for MultiStepLR {
     accessors!("MultiStepLR");
-    fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, _group: usize, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         let e = self.base.last_epoch;
         let n = self.milestones.iter().filter(|&&m| m == e).count();
         Ok(if n == 0 {
@@ -144,11 +144,11 @@ impl Scheduler for MultiStepLR {
             lr * self.gamma.powf(n as f64)
         })
     }
-    fn closed_form_lr(&self) -> Option<f64> {
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
         // bisect_right over the sorted milestones.
         let e = self.base.last_epoch;
         let n = self.milestones.partition_point(|&m| m <= e);
-        Some(self.base.base_lr * self.gamma.powf(n as f64))
+        Some(self.base.base_lrs.get(group)? * self.gamma.powf(n as f64))
     }
 }
 
@@ -190,7 +190,7 @@ impl ConstantLR {
 
 impl Scheduler for ConstantLR {
     accessors!("ConstantLR");
-    fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, _group: usize, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         let e = self.base.last_epoch;
         Ok(if e == 0 {
             lr * self.factor
@@ -200,13 +200,13 @@ impl Scheduler for ConstantLR {
             lr * (1.0 / self.factor)
         })
     }
-    fn closed_form_lr(&self) -> Option<f64> {
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
         let reached = if self.base.last_epoch >= self.total_iters {
             1.0 - self.factor
         } else {
             0.0
         };
-        Some(self.base.base_lr * (self.factor + reached))
+        Some(self.base.base_lrs.get(group)? * (self.factor + reached))
     }
 }
 
@@ -263,7 +263,7 @@ impl LinearLR {
 
 impl Scheduler for LinearLR {
     accessors!("LinearLR");
-    fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, _group: usize, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         let e = self.base.last_epoch;
         let (s, f) = (self.start_factor, self.end_factor);
         Ok(if e == 0 {
@@ -274,10 +274,10 @@ impl Scheduler for LinearLR {
             lr * (1.0 + (f - s) / (self.total_iters as f64 * s + (e - 1) as f64 * (f - s)))
         })
     }
-    fn closed_form_lr(&self) -> Option<f64> {
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
         let (s, f) = (self.start_factor, self.end_factor);
         let done = self.total_iters.min(self.base.last_epoch) as f64;
-        Some(self.base.base_lr * (s + (f - s) * done / self.total_iters as f64))
+        Some(self.base.base_lrs.get(group)? * (s + (f - s) * done / self.total_iters as f64))
     }
 }
 
@@ -304,15 +304,15 @@ impl ExponentialLR {
 
 impl Scheduler for ExponentialLR {
     accessors!("ExponentialLR");
-    fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, _group: usize, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         Ok(if self.base.is_initial {
             lr
         } else {
             lr * self.gamma
         })
     }
-    fn closed_form_lr(&self) -> Option<f64> {
-        Some(self.base.base_lr * self.gamma.powf(self.base.last_epoch as f64))
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
+        Some(self.base.base_lrs.get(group)? * self.gamma.powf(self.base.last_epoch as f64))
     }
 }
 
@@ -354,22 +354,23 @@ impl CosineAnnealingLR {
 
 impl Scheduler for CosineAnnealingLR {
     accessors!("CosineAnnealingLR");
-    fn get_lr(&mut self, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, group: usize, lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         let (c, t, eta) = (&self.base, self.t_max as f64, self.eta_min);
-        let e = c.last_epoch;
+        let (e, base_lr) = (c.last_epoch, c.base_lr(group)?);
         Ok(if c.is_initial {
             lr
         } else if c.step_count == 1 && e > 0 {
-            eta + (c.base_lr - eta) * (1.0 + (e as f64 * PI / t).cos()) / 2.0
+            eta + (base_lr - eta) * (1.0 + (e as f64 * PI / t).cos()) / 2.0
         } else if (e - 1 - self.t_max).rem_euclid(2 * self.t_max) == 0 {
-            lr + (c.base_lr - eta) * (1.0 - (PI / t).cos()) / 2.0
+            lr + (base_lr - eta) * (1.0 - (PI / t).cos()) / 2.0
         } else {
             (1.0 + (PI * e as f64 / t).cos()) / (1.0 + (PI * (e - 1) as f64 / t).cos()) * (lr - eta)
                 + eta
         })
     }
-    fn closed_form_lr(&self) -> Option<f64> {
+    fn closed_form_lr(&self, group: usize) -> Option<f64> {
         let (c, t, eta) = (&self.base, self.t_max as f64, self.eta_min);
-        Some(eta + (c.base_lr - eta) * (1.0 + (PI * c.last_epoch as f64 / t).cos()) / 2.0)
+        let base_lr = *c.base_lrs.get(group)?;
+        Some(eta + (base_lr - eta) * (1.0 + (PI * c.last_epoch as f64 / t).cos()) / 2.0)
     }
 }

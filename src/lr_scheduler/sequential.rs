@@ -51,14 +51,27 @@ impl SequentialLR {
                 allowed: "non-negative and increasing",
             });
         }
-        let initial = opt.initial_lr().unwrap_or_else(|| opt.lr());
-        opt.set_lr(initial)?;
+        let lrs = opt.group_lrs();
+        let initial: Vec<f64> = opt
+            .initial_lrs()
+            .into_iter()
+            .zip(&lrs)
+            .map(|(initial, &lr)| initial.unwrap_or(lr))
+            .collect();
+        for (g, &lr) in initial.iter().enumerate() {
+            if let Err(e) = opt.set_group_lr(g, lr) {
+                for (k, &lr) in lrs.iter().enumerate().take(g) {
+                    opt.set_group_lr(k, lr)?;
+                }
+                return Err(e);
+            }
+        }
         let mut s = SequentialLR {
             base: SchedulerBase {
-                base_lr: initial,
+                base_lrs: initial.clone(),
                 last_epoch: 0,
                 step_count: 0,
-                last_lr: initial,
+                last_lrs: initial,
                 is_initial: false,
             },
             schedulers,
@@ -68,7 +81,8 @@ impl SequentialLR {
             child.undo();
         }
         let idx = s.index(0);
-        s.base.last_lr = s.schedulers[idx].initial_step(opt)?;
+        s.schedulers[idx].initial_step(opt)?;
+        s.base.last_lrs = s.schedulers[idx].get_last_lr().to_vec();
         Ok(s)
     }
 
@@ -96,7 +110,7 @@ impl Scheduler for SequentialLR {
 
     /// PyTorch's SequentialLR has no `get_lr` of its own: it cannot be restarted at a
     /// milestone of another SequentialLR.
-    fn get_lr(&mut self, _lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
+    fn get_lr(&mut self, _group: usize, _lr: f64, _opt: &mut dyn LrTarget) -> Result<f64> {
         Err(Error::Usage(
             "SequentialLR cannot be restarted inside another SequentialLR".into(),
         ))
@@ -104,18 +118,18 @@ impl Scheduler for SequentialLR {
 
     /// PyTorch's `SequentialLR.step`: the scheduler in charge steps, or restarts at epoch 0
     /// on its milestone.
-    fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<f64> {
+    fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<()> {
         let epoch = self.base.last_epoch + 1;
         let idx = self.index(epoch);
         let child = &mut self.schedulers[idx];
-        let lr = if idx > 0 && self.milestones[idx - 1] == epoch {
-            child.update_lr(Some(0), opt)?
+        if idx > 0 && self.milestones[idx - 1] == epoch {
+            child.update_lr(Some(0), opt)?;
         } else {
-            child.advance(opt)?
-        };
+            child.advance(opt)?;
+        }
         self.base.last_epoch = epoch;
-        self.base.last_lr = lr;
-        Ok(lr)
+        self.base.last_lrs = child.get_last_lr().to_vec();
+        Ok(())
     }
 
     fn undo(&mut self) {
@@ -130,7 +144,12 @@ impl Scheduler for SequentialLR {
     }
 
     fn load_state_dict(&mut self, state: &SchedulerState) -> Result<()> {
-        let base = check_state(self.kind(), state, self.schedulers.len())?;
+        let base = check_state(
+            self.kind(),
+            state,
+            self.schedulers.len(),
+            self.base.base_lrs.len(),
+        )?;
         // Check every child before changing any: restore all on the first refusal.
         let saved: Vec<SchedulerState> = self.schedulers.iter().map(|s| s.state_dict()).collect();
         for (k, (child, st)) in self

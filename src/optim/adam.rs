@@ -2,6 +2,7 @@
 //! and `torch.optim.Adam()` without it ([`AdamW`], [`Adam`]: PyTorch's for-loop and foreach
 //! paths, op for op in the shim). One kernel with a fused / for-loop / foreach switch, one
 //! generic type ([`AdamFamily`]) for the three.
+use super::group::{Group, GroupOptions};
 use super::param_group::{adam_group, load_adam, ParamGroup};
 use super::slots::{Field, Shape};
 use super::stepper::{unscaled_only, GroupStep, Impl, Kernel, Stepped, Stepper};
@@ -215,6 +216,21 @@ impl Kernel for AdamKernel {
         }
         Ok(())
     }
+
+    fn apply(&mut self, o: &GroupOptions) -> Result<()> {
+        let name = if self.decoupled { "AdamW" } else { "Adam" };
+        o.only(
+            name,
+            &["weight_decay", "betas", "eps", "amsgrad", "maximize"],
+        )?;
+        let h = &mut self.hyper;
+        h.weight_decay = o.weight_decay.unwrap_or(h.weight_decay);
+        (h.beta1, h.beta2) = o.betas.unwrap_or((h.beta1, h.beta2));
+        h.eps = o.eps.unwrap_or(h.eps);
+        h.amsgrad = o.amsgrad.unwrap_or(h.amsgrad);
+        h.maximize = o.maximize.unwrap_or(h.maximize);
+        Ok(())
+    }
 }
 
 /// The Adam family as PyTorch's `torch.optim` has it: `FUSED` selects `fused=True`, `DECOUPLED`
@@ -356,6 +372,20 @@ impl<const FUSED: bool, const DECOUPLED: bool> AdamFamily<FUSED, DECOUPLED> {
     /// Maximise the objective instead of minimising it.
     pub fn maximize(self, maximize: bool) -> Self {
         self.configure(|k| k.hyper.maximize = maximize)
+    }
+
+    /// PyTorch's param groups (`AdamW([{"params": ..., "weight_decay": 0.1}, ...])`): each
+    /// [`Group`] takes its parameters and sets the options it names; every other option is the
+    /// optimizer's (set before or after this call). Set before the first step.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidConfig`] for a parameter in two groups or in none, a name that is
+    /// not a parameter, an option Adam does not have (`momentum`), or a refused value;
+    /// [`crate::Error::Usage`] after the first step. The optimizer is unchanged then.
+    pub fn param_groups(mut self, groups: impl IntoIterator<Item = Group>) -> Result<Self> {
+        self.stepper.set_groups(groups.into_iter().collect())?;
+        Ok(self)
     }
 }
 

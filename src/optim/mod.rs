@@ -6,6 +6,7 @@
 //! | `mod` | the two traits, and [`Amp`]: what the loss scaler asks of one step |
 //! | `stepper` | what every optimizer whose state tch-fabric owns shares: parameters, state, one checked step calling a kernel per (device, dtype) |
 //! | `slots` | the per-parameter state tensors, created at a parameter's first step |
+//! | `group` | [`Group`]: PyTorch's param groups, by name or predicate, with their own options |
 //! | `adam` | the Adam family: [`FusedAdamW`], [`AdamW`], [`Adam`] (one kernel: fused, for-loop or foreach) |
 //! | `sgd` | SGD: [`FusedSgd`], [`Sgd`] (one kernel: fused, for-loop or foreach) |
 //! | `param_group` | PyTorch's `param_groups` entries, for torch.save checkpoints |
@@ -14,6 +15,7 @@
 //! [`Params`] (an optimizer's parameters in PyTorch's order) and [`GradBatch`] (their
 //! gradients, fetched and grouped once per step) are what the traits speak in.
 mod adam;
+mod group;
 mod param_group;
 mod sgd;
 mod slots;
@@ -22,6 +24,7 @@ mod tch_adapter;
 
 pub use crate::params::{GradBatch, GradGroup, Params};
 pub use adam::{Adam, AdamFamily, AdamW, FusedAdamW};
+pub use group::Group;
 pub use param_group::ParamGroup;
 pub use sgd::{FusedSgd, Sgd, SgdFamily};
 pub use tch_adapter::TchOptimizer;
@@ -93,15 +96,35 @@ pub trait Optimizer: OptimizerState + std::fmt::Debug {
         false
     }
 
-    /// The learning rate.
+    /// The learning rate (of the first param group, PyTorch's `param_groups[0]["lr"]`).
     fn lr(&self) -> f64;
 
-    /// Sets the learning rate (of every parameter group).
+    /// Sets the learning rate of every param group.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] for a rate the optimizer refuses (nothing changes then).
     fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// Each param group's learning rate (one group by default).
+    fn group_lrs(&self) -> Vec<f64> {
+        vec![self.lr()]
+    }
+
+    /// Sets the learning rate of param group `group` (PyTorch's
+    /// `param_groups[group]["lr"] = lr`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a group that does not exist or a rate the optimizer
+    /// refuses (nothing changes then).
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        if group == 0 {
+            self.set_lr(lr)
+        } else {
+            Err(stepper::no_group(group, 1))
+        }
+    }
 
     /// The momentum a schedule may cycle ([`crate::lr_scheduler::OneCycleLR`]): SGD's
     /// `momentum`, the Adam family's `beta1`; `None` (the default) for an optimizer without
@@ -141,7 +164,7 @@ pub trait Optimizer: OptimizerState + std::fmt::Debug {
 }
 
 /// What a checkpoint saves of an optimizer and restores: its per-parameter state tensors and
-/// PyTorch's `param_groups` entries, each half with a dry-run check, so that a checkpoint can be
+/// PyTorch's `param_groups`, each half with a dry-run check, so that a checkpoint can be
 /// refused before anything changes. Every method has a default: an optimizer without state
 /// (`impl OptimizerState for Mine {}`) saves nothing and refuses to load state, which it would
 /// otherwise silently drop.
@@ -179,37 +202,38 @@ pub trait OptimizerState: std::fmt::Debug {
         self.check_state(tensors)
     }
 
-    /// PyTorch's `param_groups[0]` of this optimizer without `params` (`lr`, `betas`, ...,
-    /// as `torch.optim` writes them), for torch.save-format checkpoints; `None` (the default)
-    /// for an optimizer without a `torch.optim` twin, which such checkpoints cannot hold.
-    fn param_group(&self) -> Option<ParamGroup> {
+    /// PyTorch's `param_groups` of this optimizer (`lr`, `betas`, ..., as `torch.optim` writes
+    /// them), each with `params`: the positions of its parameters in [`Optimizer::params`],
+    /// for torch.save-format checkpoints; `None` (the default) for an optimizer without a
+    /// `torch.optim` twin, which such checkpoints cannot hold.
+    fn param_groups(&self) -> Option<Vec<ParamGroup>> {
         None
     }
 
-    /// Checks a param group read from a torch.save checkpoint for
-    /// [`OptimizerState::load_param_group`], changing nothing.
+    /// Checks param groups read from a torch.save checkpoint for
+    /// [`OptimizerState::load_param_groups`], changing nothing.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidState`] for a group of another optimizer type or with other structural
-    /// options (AMSGrad, zero vs non-zero momentum), or a bad value, naming the key. By
-    /// default every group is refused.
-    fn check_param_group(&self, group: &ParamGroup) -> Result<()> {
-        let _ = group;
+    /// [`Error::InvalidState`] for another number of groups, a group over other parameters,
+    /// of another optimizer type or with other structural options (AMSGrad, zero vs non-zero
+    /// momentum), or a bad value, naming the key. By default every group is refused.
+    fn check_param_groups(&self, groups: &[ParamGroup]) -> Result<()> {
+        let _ = groups;
         Err(Error::InvalidState(format!(
             "{self:?} has no torch.optim twin: a torch.save checkpoint's optimizer state cannot \
              be loaded into it"
         )))
     }
 
-    /// Applies a param group read from a torch.save checkpoint: the learning rate and the
+    /// Applies param groups read from a torch.save checkpoint: each group's learning rate and
     /// hyper-parameters, as PyTorch's `load_state_dict` restores them.
     ///
     /// # Errors
     ///
-    /// As [`OptimizerState::check_param_group`]; nothing changes then.
-    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
-        self.check_param_group(group)
+    /// As [`OptimizerState::check_param_groups`]; nothing changes then.
+    fn load_param_groups(&mut self, groups: &[ParamGroup]) -> Result<()> {
+        self.check_param_groups(groups)
     }
 }
 

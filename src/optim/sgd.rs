@@ -2,6 +2,7 @@
 //! `torch.optim.SGD()` without it ([`Sgd`]: PyTorch's `_single_tensor_sgd` and
 //! `_multi_tensor_sgd`, op for op in the shim). One kernel with a fused / for-loop / foreach
 //! switch, one generic type ([`SgdFamily`]) for both.
+use super::group::{Group, GroupOptions};
 use super::param_group::{load_sgd, sgd_group, ParamGroup};
 use super::slots::{Field, Shape};
 use super::stepper::{unscaled_only, GroupStep, Impl, Kernel, Stepped, Stepper};
@@ -143,6 +144,26 @@ impl Kernel for SgdKernel {
         }
         Ok(())
     }
+
+    fn apply(&mut self, o: &GroupOptions) -> Result<()> {
+        o.only(
+            "SGD",
+            &[
+                "weight_decay",
+                "momentum",
+                "dampening",
+                "nesterov",
+                "maximize",
+            ],
+        )?;
+        let h = &mut self.hyper;
+        h.weight_decay = o.weight_decay.unwrap_or(h.weight_decay);
+        h.momentum = o.momentum.unwrap_or(h.momentum);
+        h.dampening = o.dampening.unwrap_or(h.dampening);
+        h.nesterov = o.nesterov.unwrap_or(h.nesterov);
+        h.maximize = o.maximize.unwrap_or(h.maximize);
+        Ok(())
+    }
 }
 
 /// SGD as PyTorch's `torch.optim.SGD` has it: `FUSED` selects `fused=True`. Use it through its
@@ -275,6 +296,20 @@ impl<const FUSED: bool> SgdFamily<FUSED> {
     /// Maximise the objective instead of minimising it.
     pub fn maximize(self, maximize: bool) -> Self {
         self.configure(|k| k.hyper.maximize = maximize)
+    }
+
+    /// PyTorch's param groups (`SGD([{"params": ..., "momentum": 0.9}, ...])`): each [`Group`]
+    /// takes its parameters and sets the options it names; every other option is the
+    /// optimizer's (set before or after this call). Set before the first step.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidConfig`] for a parameter in two groups or in none, a name that is
+    /// not a parameter, an option SGD does not have (`betas`), or a refused value;
+    /// [`crate::Error::Usage`] after the first step. The optimizer is unchanged then.
+    pub fn param_groups(mut self, groups: impl IntoIterator<Item = Group>) -> Result<Self> {
+        self.stepper.set_groups(groups.into_iter().collect())?;
+        Ok(self)
     }
 }
 

@@ -1,6 +1,7 @@
-//! Per-parameter optimizer state shared by the fused optimizers: a few named tensors per
-//! parameter, created at its first step (as PyTorch creates `optimizer.state[p]`), saved as
-//! `<param>.<field>` and loaded back with every check made before anything changes.
+//! Per-parameter optimizer state: a few named tensors per parameter, created at its first step
+//! (as PyTorch creates `optimizer.state[p]`), saved as `<param>.<field>` and loaded back with
+//! every check made before anything changes. Which fields a parameter has depends on its
+//! param group's options (AMSGrad, momentum), so the field list is per parameter.
 use crate::error::{Error, Op, Result};
 use crate::native;
 use crate::params::{GradBatch, Params};
@@ -32,39 +33,44 @@ pub(crate) type Fresh = Vec<(usize, Vec<Tensor>)>;
 /// State of every parameter of one optimizer, in [`Params`] order.
 #[derive(Debug)]
 pub(crate) struct Slots {
-    fields: Vec<Field>,
+    /// The fields of each parameter.
+    fields: Vec<Vec<Field>>,
     state: Vec<Option<Vec<Tensor>>>,
 }
 
 impl Slots {
     pub(crate) fn new(len: usize, fields: Vec<Field>) -> Slots {
         Slots {
-            fields,
+            fields: vec![fields; len],
             state: (0..len).map(|_| None).collect(),
         }
     }
 
-    /// Changes the fields (a builder option such as AMSGrad) while no parameter has state.
-    pub(crate) fn set_fields(&mut self, fields: Vec<Field>) {
-        if self.state.iter().all(Option::is_none) {
-            self.fields = fields;
+    /// Changes the fields of the parameters at `indices` (a builder option such as AMSGrad, or
+    /// their param group's) while none of them has state.
+    pub(crate) fn set_fields(&mut self, indices: &[usize], fields: &[Field]) {
+        if indices.iter().all(|&i| self.state[i].is_none()) {
+            for &i in indices {
+                self.fields[i] = fields.to_vec();
+            }
         }
     }
 
-    /// Zero state for each parameter with a gradient and no state yet.
+    /// Whether any parameter has state (it stepped, or state was loaded).
+    pub(crate) fn has_state(&self) -> bool {
+        self.state.iter().any(Option::is_some)
+    }
+
+    /// Zero state for each parameter with a gradient, fields and no state yet.
     pub(crate) fn fresh(&self, params: &Params, grads: &GradBatch) -> Result<Fresh> {
         let mut out = Vec::new();
-        if self.fields.is_empty() {
-            return Ok(out);
-        }
         for (i, _) in grads.defined() {
-            if self.state[i].is_some() {
+            if self.state[i].is_some() || self.fields[i].is_empty() {
                 continue;
             }
             let p = &params.tensors()[i];
             let device = grads.meta(i).map_or(tch::Device::Cpu, |m| m.device);
-            let tensors = self
-                .fields
+            let tensors = self.fields[i]
                 .iter()
                 .map(|f| match f.shape {
                     Shape::LikeParam => p.f_zeros_like().op("zeros_like"),
@@ -90,12 +96,17 @@ impl Slots {
         }
     }
 
-    /// The tensor of `field` in a parameter's state.
-    pub(crate) fn field<'a>(&self, state: &'a [Tensor], field: &str) -> Option<&'a Tensor> {
-        self.fields
+    /// The tensor of `field` in parameter `i`'s state.
+    pub(crate) fn field<'a>(
+        &self,
+        i: usize,
+        state: &'a [Tensor],
+        field: &str,
+    ) -> Option<&'a Tensor> {
+        self.fields[i]
             .iter()
             .position(|f| f.name == field)
-            .map(|k| &state[k])
+            .and_then(|k| state.get(k))
     }
 
     /// Keeps the state created for a step that succeeded.
@@ -108,9 +119,9 @@ impl Slots {
     /// Every parameter's state as `<param>.<field>` tensors (shallow handles).
     pub(crate) fn state_tensors(&self, params: &Params) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (name, state) in params.names().iter().zip(&self.state) {
+        for ((name, state), fields) in params.names().iter().zip(&self.state).zip(&self.fields) {
             let Some(state) = state else { continue };
-            for (f, t) in self.fields.iter().zip(state) {
+            for (f, t) in fields.iter().zip(state) {
                 out.push((format!("{name}.{}", f.name), t.shallow_clone()));
             }
         }
@@ -127,10 +138,15 @@ impl Slots {
         tensors: &[(String, Tensor)],
     ) -> Result<Vec<Option<Vec<Tensor>>>> {
         let find = |key: &str| tensors.iter().find(|(n, _)| n == key).map(|(_, t)| t);
-        let first = self.fields.first().map(|f| f.name);
         let mut used = 0;
         let mut out = Vec::with_capacity(params.len());
-        for (name, p) in params.names().iter().zip(params.tensors()) {
+        for ((name, p), fields) in params
+            .names()
+            .iter()
+            .zip(params.tensors())
+            .zip(&self.fields)
+        {
+            let first = fields.first().map(|f| f.name);
             let present = first.is_some_and(|f| find(&format!("{name}.{f}")).is_some());
             if !present {
                 out.push(None);
@@ -140,8 +156,8 @@ impl Slots {
             let m = native::meta(p)?
                 .ok_or_else(|| Error::Usage(format!("parameter '{name}' is undefined")))?;
             let (kind, device) = (m.kind, m.device);
-            let mut state = Vec::with_capacity(self.fields.len());
-            for f in &self.fields {
+            let mut state = Vec::with_capacity(fields.len());
+            for f in fields {
                 let key = format!("{name}.{}", f.name);
                 let t = find(&key)
                     .ok_or_else(|| Error::InvalidState(format!("optimizer state lacks '{key}'")))?;
@@ -174,12 +190,23 @@ impl Slots {
         }
         if used != tensors.len() {
             let consumed = |key: &str| {
-                params.names().iter().zip(&out).any(|(n, st)| {
-                    st.is_some() && self.fields.iter().any(|f| key == format!("{n}.{}", f.name))
-                })
+                params
+                    .names()
+                    .iter()
+                    .zip(&out)
+                    .zip(&self.fields)
+                    .any(|((n, st), fields)| {
+                        st.is_some() && fields.iter().any(|f| key == format!("{n}.{}", f.name))
+                    })
             };
             if let Some((key, _)) = tensors.iter().find(|(k, _)| !consumed(k)) {
-                let names: Vec<&str> = self.fields.iter().map(|f| f.name).collect();
+                let owner = params.names().iter().position(|n| {
+                    key.strip_prefix(n.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+                });
+                let owner = owner.or_else(|| self.fields.iter().position(|f| !f.is_empty()));
+                let fields = owner.map_or(&[][..], |i| self.fields[i].as_slice());
+                let names: Vec<&str> = fields.iter().map(|f| f.name).collect();
                 return Err(Error::InvalidState(format!(
                     "optimizer state '{key}' belongs to no complete state of this optimizer \
                      (a parameter with state has all of {names:?})"

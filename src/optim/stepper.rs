@@ -4,6 +4,7 @@
 //! group, and keeps new state only once every group stepped. Each algorithm brings its
 //! [`Kernel`] (hyper-parameters, state fields, the kernel call); the public optimizer types
 //! hold a [`Stepper`] and get [`Optimizer`] and [`OptimizerState`] from it through [`Stepped`].
+use super::group::{self, Group, GroupOptions};
 use super::param_group::ParamGroup;
 use super::slots::{Field, Fresh, Slots};
 use super::{non_negative, Amp, GradBatch, GradGroup, Optimizer, OptimizerState, Params};
@@ -46,6 +47,11 @@ pub trait Kernel: Clone + std::fmt::Debug {
     /// value); refuses a group of another optimizer type or with other structural options.
     /// May leave `self` half-changed on error: [`Stepper`] calls it on a copy.
     fn load_param_group(&mut self, group: &ParamGroup) -> Result<()>;
+
+    /// Sets what a [`Group`](super::Group) sets differently from the optimizer's options;
+    /// refuses an option this algorithm does not have. May leave `self` half-changed on error:
+    /// [`Stepper`] calls it on a copy.
+    fn apply(&mut self, options: &GroupOptions) -> Result<()>;
 }
 
 /// What a kernel needs to step one (device, dtype) group.
@@ -106,7 +112,7 @@ impl State<'_> {
     pub(crate) fn get(&self, i: usize, field: &Field) -> Result<&Tensor> {
         self.slots
             .of(self.fresh, i)
-            .and_then(|s| self.slots.field(s, field.name))
+            .and_then(|s| self.slots.field(i, s, field.name))
             .ok_or_else(|| Error::native("optimizer step", "state was not created"))
     }
 
@@ -121,13 +127,28 @@ impl State<'_> {
     }
 }
 
-/// Parameters, state, learning rate and kernel of one optimizer.
+/// One param group: its parameters, learning rate and hyper-parameters (the optimizer's
+/// defaults with the group's own options applied).
+#[derive(Debug)]
+struct GroupState<K> {
+    /// Positions in the parameters, in parameter order.
+    indices: Vec<usize>,
+    lr: f64,
+    kernel: K,
+    /// What the group set itself, applied again when the defaults change.
+    options: GroupOptions,
+}
+
+/// Parameters, state and param groups of one optimizer.
 #[derive(Debug)]
 pub struct Stepper<K> {
     params: Params,
     slots: Slots,
-    lr: f64,
-    kernel: K,
+    /// PyTorch's `defaults`: the builder options, which every group takes unless it sets its
+    /// own.
+    defaults: K,
+    default_lr: f64,
+    groups: Vec<GroupState<K>>,
 }
 
 fn check_lr(lr: f64) -> Result<()> {
@@ -135,50 +156,140 @@ fn check_lr(lr: f64) -> Result<()> {
 }
 
 impl<K: Kernel> Stepper<K> {
-    /// The optimizer over `params`, with PyTorch's "Invalid learning rate" check.
+    /// The optimizer over `params` in one group, with PyTorch's "Invalid learning rate" check.
     pub(crate) fn new(params: Params, lr: f64, kernel: K) -> Result<Self> {
         check_lr(lr)?;
         Ok(Stepper {
             slots: Slots::new(params.len(), kernel.fields()),
+            groups: vec![GroupState {
+                indices: (0..params.len()).collect(),
+                lr,
+                kernel: kernel.clone(),
+                options: GroupOptions::default(),
+            }],
             params,
-            lr,
-            kernel,
+            defaults: kernel,
+            default_lr: lr,
         })
     }
 
-    /// Changes the kernel (a builder option); the state fields follow it while no parameter
-    /// has state.
+    /// Changes the defaults (a builder option); every group takes them again, with its own
+    /// options on top, and the state fields follow while no parameter has state.
     pub(crate) fn configure(&mut self, change: impl FnOnce(&mut K)) {
-        change(&mut self.kernel);
-        self.slots.set_fields(self.kernel.fields());
+        change(&mut self.defaults);
+        for g in &mut self.groups {
+            let mut kernel = self.defaults.clone();
+            // The group's options were checked when the groups were set: applying them again
+            // over other defaults cannot fail.
+            if kernel.apply(&g.options).is_ok() {
+                g.kernel = kernel;
+                self.slots.set_fields(&g.indices, &g.kernel.fields());
+            }
+        }
     }
 
-    /// PyTorch's checks of the learning rate and the other hyper-parameters.
+    /// Splits the parameters into `groups` (PyTorch's `param_groups`), every check made
+    /// before anything changes. The parameters are then in PyTorch's optimizer order: group
+    /// after group, each in the order it had (what `optimizer.param_groups` lists, what
+    /// checkpoints number and Lightning's clipping sums over).
+    pub(crate) fn set_groups(&mut self, groups: Vec<Group>) -> Result<()> {
+        if self.slots.has_state() {
+            return Err(Error::Usage(
+                "param groups are set when the optimizer is built, before its first step".into(),
+            ));
+        }
+        let members = group::assign(&self.params, &groups)?;
+        let mut built = Vec::with_capacity(groups.len());
+        let mut next = 0;
+        for (taken, g) in members.iter().zip(groups) {
+            let mut kernel = self.defaults.clone();
+            kernel.apply(&g.options)?;
+            kernel.validate()?;
+            let lr = g.options.lr.unwrap_or(self.default_lr);
+            check_lr(lr)?;
+            built.push(GroupState {
+                indices: (next..next + taken.len()).collect(),
+                lr,
+                kernel,
+                options: g.options,
+            });
+            next += taken.len();
+        }
+        let order: Vec<usize> = members.concat();
+        self.params.reorder(&order);
+        self.slots = Slots::new(self.params.len(), self.defaults.fields());
+        for g in &built {
+            self.slots.set_fields(&g.indices, &g.kernel.fields());
+        }
+        self.groups = built;
+        Ok(())
+    }
+
+    /// PyTorch's checks of every group's learning rate and hyper-parameters.
     fn validate(&self) -> Result<()> {
-        check_lr(self.lr)?;
-        self.kernel.validate()
+        for g in &self.groups {
+            check_lr(g.lr)?;
+            g.kernel.validate()?;
+        }
+        Ok(())
     }
 
-    /// The kernel and rate a param group gives, every check made, nothing changed.
-    fn with_param_group(&self, group: &ParamGroup) -> Result<(K, f64)> {
-        let mut kernel = self.kernel.clone();
+    /// The kernel and rate a param group gives group `g`, every check made, nothing changed.
+    fn with_param_group(&self, g: usize, group: &ParamGroup) -> Result<(K, f64)> {
+        let own = &self.groups[g];
+        let mut kernel = own.kernel.clone();
         kernel.load_param_group(group)?;
         kernel.validate()?;
-        if kernel.fields() != self.kernel.fields() {
+        if kernel.fields() != own.kernel.fields() {
             return Err(Error::InvalidState(format!(
-                "{}: the checkpoint's param group changes which state the optimizer keeps \
+                "{}: the checkpoint's param group {g} changes which state the optimizer keeps \
                  (e.g. momentum zero vs non-zero): build it with the checkpoint's options",
-                self.kernel.op()
+                own.kernel.op()
             )));
         }
         let lr = match group.get("lr") {
-            None => self.lr,
+            None => own.lr,
             Some(v) => v.as_f64().ok_or_else(|| {
-                Error::InvalidState(format!("param_groups[0]['lr'] is {v}, not a number"))
+                Error::InvalidState(format!("param_groups[{g}]['lr'] is {v}, not a number"))
             })?,
         };
         check_lr(lr)?;
+        let members = group.get("params").map(|p| {
+            p.as_array().map(|a| {
+                a.iter()
+                    .filter_map(serde_json::Value::as_u64)
+                    .collect::<Vec<_>>()
+            })
+        });
+        if let Some(members) = members {
+            let ours: Vec<u64> = own.indices.iter().map(|&i| i as u64).collect();
+            if members.as_ref() != Some(&ours) {
+                return Err(Error::InvalidState(format!(
+                    "param group {g} of the checkpoint holds other parameters than this \
+                     optimizer's group {g} ({} of them): build the optimizer with the same \
+                     param groups",
+                    own.indices.len()
+                )));
+            }
+        }
         Ok((kernel, lr))
+    }
+
+    /// Every group of `groups` checked against ours, nothing changed.
+    fn with_param_groups(&self, groups: &[ParamGroup]) -> Result<Vec<(K, f64)>> {
+        if groups.len() != self.groups.len() {
+            return Err(Error::InvalidState(format!(
+                "the checkpoint's optimizer has {} param groups, this one {}: build it with the \
+                 same param groups",
+                groups.len(),
+                self.groups.len()
+            )));
+        }
+        groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| self.with_param_group(g, group))
+            .collect()
     }
 }
 
@@ -217,57 +328,109 @@ impl<T: Stepped> Optimizer for T {
         &self.stepper().params
     }
 
-    /// Every check before the first kernel call (so a refused step changes nothing), one call
-    /// per (device, dtype) group, new state kept once all succeeded.
+    /// Every check before the first kernel call (so a refused step changes nothing), then per
+    /// param group one call per (device, dtype), new state kept once all succeeded.
     fn step_with(&mut self, grads: &GradBatch, amp: Amp<'_>) -> Result<()> {
         let s = self.stepper_mut();
         s.validate()?;
-        check_groups(s.kernel.op(), grads)?;
+        check_groups(s.defaults.op(), grads)?;
         let fresh = s.slots.fresh(&s.params, grads)?;
         let state = State {
             slots: &s.slots,
             fresh: &fresh,
         };
-        for group in grads.groups() {
-            s.kernel.run_group(&GroupStep {
-                lr: s.lr,
-                params: &s.params,
-                state: &state,
-                grads,
-                group,
-                amp: &amp,
-            })?;
+        for g in &s.groups {
+            for on_device in grads.groups() {
+                // This param group's share of the (device, dtype) group, in parameter order.
+                let indices: Vec<usize> = on_device
+                    .indices
+                    .iter()
+                    .copied()
+                    .filter(|i| g.indices.binary_search(i).is_ok())
+                    .collect();
+                if indices.is_empty() {
+                    continue;
+                }
+                let group = GradGroup {
+                    device: on_device.device,
+                    kind: on_device.kind,
+                    indices,
+                };
+                g.kernel.run_group(&GroupStep {
+                    lr: g.lr,
+                    params: &s.params,
+                    state: &state,
+                    grads,
+                    group: &group,
+                    amp: &amp,
+                })?;
+            }
         }
         s.slots.commit(fresh);
         Ok(())
     }
 
     fn supports_amp_scaling(&self) -> bool {
-        self.stepper().kernel.supports_amp()
+        self.stepper().defaults.supports_amp()
     }
 
     fn lr(&self) -> f64 {
-        self.stepper().lr
+        self.stepper().groups[0].lr
     }
 
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         check_lr(lr)?;
-        self.stepper_mut().lr = lr;
+        for g in &mut self.stepper_mut().groups {
+            g.lr = lr;
+        }
+        Ok(())
+    }
+
+    fn group_lrs(&self) -> Vec<f64> {
+        self.stepper().groups.iter().map(|g| g.lr).collect()
+    }
+
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        check_lr(lr)?;
+        let s = self.stepper_mut();
+        let count = s.groups.len();
+        let g = s
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| no_group(group, count))?;
+        g.lr = lr;
         Ok(())
     }
 
     fn momentum(&self) -> Option<f64> {
-        Some(self.stepper().kernel.momentum())
+        Some(self.stepper().groups[0].kernel.momentum())
     }
 
-    /// Sets the momentum (checked at the next step, as every hyper-parameter).
+    /// Sets every group's momentum (checked at the next step, as every hyper-parameter).
     fn set_momentum(&mut self, momentum: f64) -> Result<()> {
-        self.stepper_mut().configure(|k| k.set_momentum(momentum));
+        let s = self.stepper_mut();
+        for g in &mut s.groups {
+            g.kernel.set_momentum(momentum);
+            s.slots.set_fields(&g.indices, &g.kernel.fields());
+        }
         Ok(())
     }
 
     fn validate(&self) -> Result<()> {
         self.stepper().validate()
+    }
+}
+
+/// The error for a param group index past the last group.
+pub(crate) fn no_group(group: usize, count: usize) -> Error {
+    Error::InvalidConfig {
+        field: "param group",
+        value: group.to_string(),
+        allowed: if count == 1 {
+            "0: the optimizer has one param group"
+        } else {
+            "an index below the number of param groups"
+        },
     }
 }
 
@@ -289,24 +452,30 @@ impl<T: Stepped> OptimizerState for T {
         Ok(())
     }
 
-    /// PyTorch's `param_groups[0]` without `params`.
-    fn param_group(&self) -> Option<ParamGroup> {
-        let s = self.stepper();
-        let mut g = ParamGroup::new();
-        g.insert("lr".into(), serde_json::Value::from(s.lr));
-        g.extend(s.kernel.param_group());
-        Some(g)
+    /// PyTorch's `param_groups`, with each group's `params` as positions in
+    /// [`Optimizer::params`].
+    fn param_groups(&self) -> Option<Vec<ParamGroup>> {
+        let groups = self.stepper().groups.iter().map(|g| {
+            let mut out = ParamGroup::new();
+            out.insert("lr".into(), serde_json::Value::from(g.lr));
+            out.extend(g.kernel.param_group());
+            out.insert("params".into(), serde_json::Value::from(g.indices.clone()));
+            out
+        });
+        Some(groups.collect())
     }
 
-    fn check_param_group(&self, group: &ParamGroup) -> Result<()> {
-        self.stepper().with_param_group(group).map(|_| ())
+    fn check_param_groups(&self, groups: &[ParamGroup]) -> Result<()> {
+        self.stepper().with_param_groups(groups).map(|_| ())
     }
 
-    fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
+    fn load_param_groups(&mut self, groups: &[ParamGroup]) -> Result<()> {
         let s = self.stepper_mut();
-        let (kernel, lr) = s.with_param_group(group)?;
-        s.kernel = kernel;
-        s.lr = lr;
+        let loaded = s.with_param_groups(groups)?;
+        for (g, (kernel, lr)) in s.groups.iter_mut().zip(loaded) {
+            g.kernel = kernel;
+            g.lr = lr;
+        }
         Ok(())
     }
 }
