@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <unistd.h>
@@ -201,7 +202,7 @@ extern "C" {
 
 char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_port, int32_t rank,
                 int32_t world_size, int64_t rendezvous_timeout_ms, int64_t timeout_ms,
-                int32_t listen_fd, tf_process_group *out) {
+                int32_t listen_fd, int64_t agent_store_attempt, tf_process_group *out) {
   // The socket is ours until the store takes it: closed on every error before that.
   struct Fd {
     int fd;
@@ -240,7 +241,10 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
     const auto rendezvous = std::chrono::milliseconds(rendezvous_timeout_ms);
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(master_port);
-    opts.isServer = rank == 0;
+    // torchrun's agent serves the store itself (TORCHELASTIC_USE_AGENT_STORE): every rank,
+    // rank 0 included, joins it as a client, as PyTorch's env:// rendezvous does.
+    const bool agent_store = agent_store_attempt >= 0;
+    opts.isServer = rank == 0 && !agent_store;
     opts.numWorkers = static_cast<std::size_t>(world_size);
     opts.waitWorkers = true;
     opts.timeout = rendezvous;
@@ -253,9 +257,14 @@ char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_por
     c10::intrusive_ptr<c10d::Store> store;
     try {
       store = c10::make_intrusive<c10d::TCPStore>(addr, opts);
+      if (agent_store) {
+        // PyTorch's keys for this attempt of the job, apart from the agent's own.
+        store = c10::make_intrusive<c10d::PrefixStore>(
+            "/worker/attempt_" + std::to_string(agent_store_attempt), store);
+      }
     } catch (const std::exception &e) {
       throw std::runtime_error(
-          std::string(rank == 0 ? "rank 0 could not serve" : "could not join") +
+          std::string(opts.isServer ? "rank 0 could not serve" : "could not join") +
           " the rendezvous at " + addr + ":" + std::to_string(master_port) + " (world size " +
           std::to_string(world_size) + ", timeout " + std::to_string(rendezvous.count()) +
           " ms): " + tch_fabric_shim::message_of(e));

@@ -17,6 +17,7 @@
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/pickler.h>
+#include <torch/csrc/jit/serialization/storage_context.h>
 #include <torch/csrc/jit/serialization/unpickler.h>
 
 #include <cstdlib>
@@ -81,7 +82,11 @@ char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue 
       auto record = reader.getRecord("data/" + key);
       return std::move(std::get<0>(record));
     };
-    torch::jit::Unpickler unpickler(read, nullptr, nullptr, read_record, at::Device(at::kCPU));
+    // One storage per record, as torch.load shares them: a weight saved under two names (a tied
+    // weight) reads back as two tensors over one storage.
+    torch::jit::Unpickler unpickler(read, nullptr, nullptr, read_record, at::Device(at::kCPU),
+                                    false, torch::jit::Unpickler::defaultTypeParser,
+                                    std::make_shared<torch::jit::DeserializationStorageContext>());
     unpickler.set_version(reader.version());
     *out = boxed(unpickler.parse_ivalue());
   })

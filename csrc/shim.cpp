@@ -112,6 +112,7 @@ void fill_meta(const at::Tensor &t, tf_tensor_meta *m) {
   m->contiguous = (!t.is_sparse() && t.is_contiguous()) ? 1 : 0;
   m->numel = t.numel();
   m->impl = reinterpret_cast<uintptr_t>(t.unsafeGetTensorImpl());
+  m->data = (!t.is_sparse() && t.has_storage()) ? reinterpret_cast<uintptr_t>(t.data_ptr()) : 0;
 }
 
 }  // namespace
@@ -500,6 +501,7 @@ char *tf_struct_layouts(size_t *out, size_t n) {
         offsetof(tf_tensor_meta, contiguous),
         offsetof(tf_tensor_meta, numel),
         offsetof(tf_tensor_meta, impl),
+        offsetof(tf_tensor_meta, data),
         sizeof(tf_ivalue_info),
         offsetof(tf_ivalue_info, tag),
         offsetof(tf_ivalue_info, int_value),

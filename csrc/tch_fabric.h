@@ -29,7 +29,8 @@ typedef struct {
 /* What Rust needs to know about a tensor, read in one call (tch's accessors panic on an
  * undefined tensor and take one call each). For an undefined tensor only `defined` (0) is set.
  * device_type and dtype are c10's numbers; impl identifies the TensorImpl (shallow copies of
- * one tensor share it). */
+ * one tensor share it); data is the address of its first element (0 without storage): two
+ * tensors with the same data, shape and dtype are the same values (tied weights in a file). */
 typedef struct {
   int32_t defined;
   int32_t device_type;
@@ -39,6 +40,7 @@ typedef struct {
   int32_t contiguous;
   int64_t numel;
   uintptr_t impl;
+  uintptr_t data;
 } tf_tensor_meta;
 
 void tf_free_error(char *err);
@@ -52,7 +54,7 @@ char *tf_collect_grads(const tf_tensor *params, size_t n, tf_tensor *grads, tf_t
                        tf_tensor_meta *param_meta);
 /* The layout of the structs above as this compiler lays them out, for the Rust mirrors' check:
  * sizeof and offsetof of each field, in declaration order, tf_autocast_state (4 values), then
- * tf_tensor_meta (9), then tf_ivalue_info (5). n must be at most 18. */
+ * tf_tensor_meta (10), then tf_ivalue_info (5). n must be at most 19. */
 char *tf_struct_layouts(size_t *out, size_t n);
 /* Loads libtorch_cuda.so from the folder of the process's libtorch_cpu.so, so that CUDA is
  * registered even in a binary whose linker dropped it (--as-needed). *loaded is 1 when it is
@@ -168,11 +170,13 @@ typedef void *tf_process_group;
  * build). Rendezvous (store and Gloo connections) fails after rendezvous_timeout_ms;
  * collectives after timeout_ms, naming the ranks that did not arrive. listen_fd: on rank 0, a
  * listening socket already bound to master_addr:master_port, which the store takes over (and
- * the call closes on error); -1 to let c10d bind the port on every interface. *out receives
- * the group (free with tf_pg_free). */
+ * the call closes on error); -1 to let c10d bind the port on every interface.
+ * agent_store_attempt: -1, or torchrun's restart count when its agent serves the store
+ * (TORCHELASTIC_USE_AGENT_STORE): every rank then joins as a client, under PyTorch's key prefix
+ * "/worker/attempt_<n>". *out receives the group (free with tf_pg_free). */
 char *tf_pg_new(const char *backend, const char *master_addr, int32_t master_port, int32_t rank,
                 int32_t world_size, int64_t rendezvous_timeout_ms, int64_t timeout_ms,
-                int32_t listen_fd, tf_process_group *out);
+                int32_t listen_fd, int64_t agent_store_attempt, tf_process_group *out);
 void tf_pg_free(tf_process_group pg);
 /* In-place all-reduce of one tensor across the group; op 0 = sum, 1 = max. Blocks until done. */
 char *tf_pg_all_reduce(tf_process_group pg, tf_tensor tensor, int32_t op);

@@ -20,6 +20,7 @@ use tch::Tensor;
 pub struct Clip {
     method: ClipMethod,
     error_if_nonfinite: bool,
+    model_order: bool,
 }
 
 /// What [`Clip`] does to the gradients.
@@ -46,6 +47,7 @@ impl Clip {
                 norm_type: 2.0,
             },
             error_if_nonfinite: false,
+            model_order: false,
         }
     }
 
@@ -54,6 +56,7 @@ impl Clip {
         Clip {
             method: ClipMethod::Value(clip_value),
             error_if_nonfinite: false,
+            model_order: false,
         }
     }
 
@@ -78,6 +81,16 @@ impl Clip {
     /// Needs the norm on the host, so it waits for the device.
     pub fn error_if_nonfinite(mut self, error: bool) -> Self {
         self.error_if_nonfinite = error;
+        self
+    }
+
+    /// Whether the global norm adds up the per-parameter norms in the model's parameter order
+    /// (a plain PyTorch script's `clip_grad_norm_(model.parameters(), ...)`, nanoGPT's) rather
+    /// than the optimizer's (Lightning's `fabric.clip_gradients`, over its param groups one
+    /// after the other; the default). The two differ only for an optimizer with param groups,
+    /// and then only in the last bits of the norm: choose the one of the script you match.
+    pub fn model_order(mut self, model_order: bool) -> Self {
+        self.model_order = model_order;
         self
     }
 
@@ -170,7 +183,7 @@ impl std::ops::Deref for GradNorm {
 ///
 /// [`Error::Native`] if libtorch refuses the gradients.
 pub fn total_norm(grads: &[Tensor], norm_type: f64) -> Result<Tensor> {
-    batch_norm(&GradBatch::from_tensors(grads)?, norm_type)
+    batch_norm(&GradBatch::from_tensors(grads)?, norm_type, None)
 }
 
 /// Clips `grads` in place as `torch.nn.utils.clip_grad_norm_` and returns the global norm
@@ -203,7 +216,7 @@ pub fn clip_grad_norm(
     let clip = Clip::norm(max_norm)
         .norm_type(norm_type)
         .error_if_nonfinite(error_if_nonfinite);
-    clip_batch(&GradBatch::from_tensors(grads)?, &clip)
+    clip_batch(&GradBatch::from_tensors(grads)?, &clip, None)
 }
 
 /// Clamps every element of `grads` into `[-clip_value, clip_value]` in place, as
@@ -217,8 +230,11 @@ pub fn clip_grad_value(grads: &[Tensor], clip_value: f64) -> Result<()> {
     clamp_batch(&GradBatch::from_tensors(grads)?, clip_value)
 }
 
-fn batch_norm(batch: &GradBatch, norm_type: f64) -> Result<Tensor> {
-    native::grad_total_norm(&batch.grouped(), norm_type)
+fn batch_norm(batch: &GradBatch, norm_type: f64, order: Option<&[usize]>) -> Result<Tensor> {
+    match order {
+        Some(order) => native::grad_total_norm(&batch.grouped_in(order), norm_type),
+        None => native::grad_total_norm(&batch.grouped(), norm_type),
+    }
 }
 
 fn clamp_batch(batch: &GradBatch, v: f64) -> Result<()> {
@@ -240,15 +256,21 @@ fn check_finite(total: &Tensor, norm_type: f64) -> Result<()> {
 }
 
 /// Clips the batch in place and returns the norm before clipping (of order `norm_type` for
-/// norm clipping, the 2-norm for value clipping).
-pub(crate) fn clip_batch(batch: &GradBatch, clip: &Clip) -> Result<Tensor> {
+/// norm clipping, the 2-norm for value clipping); `model_order` is the batch's parameters'
+/// model order, which [`Clip::model_order`] sums the norms in.
+pub(crate) fn clip_batch(
+    batch: &GradBatch,
+    clip: &Clip,
+    model_order: Option<&[usize]>,
+) -> Result<Tensor> {
     clip.validate()?;
+    let order = model_order.filter(|_| clip.model_order);
     match clip.method {
         ClipMethod::Norm {
             max_norm,
             norm_type,
         } => {
-            let total = batch_norm(batch, norm_type)?;
+            let total = batch_norm(batch, norm_type, order)?;
             if clip.error_if_nonfinite {
                 check_finite(&total, norm_type)?;
             }
@@ -267,7 +289,7 @@ pub(crate) fn clip_batch(batch: &GradBatch, clip: &Clip) -> Result<Tensor> {
             Ok(total)
         }
         ClipMethod::Value(v) => {
-            let total = batch_norm(batch, 2.0)?;
+            let total = batch_norm(batch, 2.0, order)?;
             if clip.error_if_nonfinite {
                 check_finite(&total, 2.0)?;
             }

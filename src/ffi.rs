@@ -55,6 +55,7 @@ pub(crate) struct TensorMeta {
     pub contiguous: i32,
     pub numel: i64,
     pub impl_: usize,
+    pub data: usize,
 }
 
 extern "C" {
@@ -235,6 +236,7 @@ extern "C" {
         rendezvous_timeout_ms: i64,
         timeout_ms: i64,
         listen_fd: i32,
+        agent_store_attempt: i64,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     pub(crate) fn tf_pg_free(pg: *mut c_void);
@@ -347,20 +349,21 @@ mod tests {
             offset_of!(TensorMeta, contiguous),
             offset_of!(TensorMeta, numel),
             offset_of!(TensorMeta, impl_),
+            offset_of!(TensorMeta, data),
             size_of::<IValueInfo>(),
             offset_of!(IValueInfo, tag),
             offset_of!(IValueInfo, int_value),
             offset_of!(IValueInfo, double_value),
             offset_of!(IValueInfo, len),
         ];
-        let mut theirs = [usize::MAX; 18];
+        let mut theirs = [usize::MAX; 19];
         check("layouts", unsafe {
             tf_struct_layouts(theirs.as_mut_ptr(), theirs.len())
         })
         .unwrap();
         assert_eq!(ours, theirs);
         // Asking for more entries than the shim knows is refused, not read past.
-        let mut more = [0usize; 19];
+        let mut more = [0usize; 20];
         assert!(check("layouts", unsafe {
             tf_struct_layouts(more.as_mut_ptr(), more.len())
         })

@@ -47,6 +47,11 @@ pub struct Params {
     id: u64,
     names: Vec<String>,
     tensors: Vec<Tensor>,
+    /// The other names of each parameter (a tied weight registered twice in its VarStore).
+    aliases: Vec<Vec<String>>,
+    /// The positions of the parameters in the order the list was made in (param groups
+    /// reorder it).
+    model_order: Vec<usize>,
 }
 
 impl Params {
@@ -54,6 +59,12 @@ impl Params {
     /// parameters: creation order, with a module's `weight` before its `bias` (tch's layers
     /// create the bias first; PyTorch registers the weight first). The order fixes the summation
     /// order of global norms, so clipping rounds as in PyTorch.
+    ///
+    /// A weight tied under two names (nanoGPT's `lm_head.weight` is `transformer.wte.weight`:
+    /// the tensor added to the VarStore a second time, `vs.root().add("lm_head.weight",
+    /// wte.shallow_clone(), false)`) is one parameter, as in PyTorch's `named_parameters()`:
+    /// named by the first of its names in sorted order, the others kept as its aliases
+    /// ([`Params::aliases`]), so its optimizer state exists once.
     ///
     /// # Errors
     ///
@@ -68,17 +79,36 @@ impl Params {
             .collect();
         let named: Vec<(&String, &Tensor)> = vars.named_variables.iter().collect();
         let named_ids = native::metas(named.iter().map(|(_, t)| *t))?;
-        let name_of: HashMap<usize, &String> = named_ids
-            .iter()
-            .zip(&named)
-            .filter_map(|(m, (n, _))| Some((m.as_ref()?.id, *n)))
-            .collect();
+        // Every name of each TensorImpl, sorted (a tied weight has several).
+        let mut names_of: HashMap<usize, Vec<&String>> = HashMap::new();
+        for (m, (n, _)) in named_ids.iter().zip(&named) {
+            if let Some(m) = m {
+                names_of.entry(m.id).or_default().push(n);
+            }
+        }
+        for names in names_of.values_mut() {
+            names.sort();
+        }
         let mut out: Vec<(String, Tensor)> = Vec::with_capacity(trainable.len());
+        let mut aliases: HashMap<String, Vec<String>> = HashMap::new();
         for (t, m) in trainable.iter().zip(native::metas(&trainable)?) {
-            let name = m
-                .and_then(|m| name_of.get(&m.id))
+            let names = m
+                .and_then(|m| names_of.get(&m.id))
                 .ok_or_else(|| Error::native("VarStore", "a trainable variable has no name"))?;
-            out.push(((*name).clone(), t.shallow_clone()));
+            let Some((first, others)) = names.split_first() else {
+                return Err(Error::native(
+                    "VarStore",
+                    "a trainable variable has no name",
+                ));
+            };
+            if out.iter().any(|(n, _)| n == *first) {
+                continue;
+            }
+            aliases.insert(
+                (*first).clone(),
+                others.iter().map(|n| (*n).clone()).collect(),
+            );
+            out.push(((*first).clone(), t.shallow_clone()));
         }
         drop(vars);
         for i in 1..out.len() {
@@ -89,7 +119,13 @@ impl Params {
                 }
             }
         }
-        Params::new(out)
+        let mut params = Params::new(out)?;
+        params.aliases = params
+            .names
+            .iter()
+            .map(|n| aliases.remove(n).unwrap_or_default())
+            .collect();
+        Ok(params)
     }
 
     /// An explicit list of named parameters, in the order given.
@@ -109,9 +145,11 @@ impl Params {
                 return Err(Error::Usage(format!("parameter '{name}' is listed twice")));
             }
         }
-        let (names, tensors) = named.into_iter().unzip();
+        let (names, tensors): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
         Ok(Params {
             id: next_id(),
+            aliases: vec![Vec::new(); names.len()],
+            model_order: (0..names.len()).collect(),
             names,
             tensors,
         })
@@ -125,6 +163,30 @@ impl Params {
             .iter()
             .map(|&i| self.tensors[i].shallow_clone())
             .collect();
+        self.aliases = order.iter().map(|&i| self.aliases[i].clone()).collect();
+        let mut at = vec![0; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            at[old] = new;
+        }
+        self.model_order = self.model_order.iter().map(|&old| at[old]).collect();
+    }
+
+    /// The positions of the parameters in the order the list was made in: the model's
+    /// `parameters()` order, which param groups change into the optimizer's (group after
+    /// group).
+    pub fn model_order(&self) -> &[usize] {
+        &self.model_order
+    }
+
+    /// The other names of parameter `i`: a weight tied under several names in its VarStore
+    /// has one parameter, named [`Params::names`]`()[i]`, and these.
+    pub fn aliases(&self, i: usize) -> &[String] {
+        self.aliases.get(i).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether `name` is parameter `i`'s name or one of its aliases.
+    pub(crate) fn is_named(&self, i: usize, name: &str) -> bool {
+        self.names.get(i).is_some_and(|n| n == name) || self.aliases(i).iter().any(|a| a == name)
     }
 
     /// This list's identity (unique in the process).
@@ -284,6 +346,21 @@ impl GradBatch {
     /// Every group's gradients, group by group.
     pub fn grouped(&self) -> Vec<Vec<&Tensor>> {
         self.groups.iter().map(|g| self.tensors(g)).collect()
+    }
+
+    /// Every group's gradients, each group in the order of `order` (positions, a permutation
+    /// of this batch's): the list PyTorch builds from parameters given in that order.
+    pub(crate) fn grouped_in(&self, order: &[usize]) -> Vec<Vec<&Tensor>> {
+        self.groups
+            .iter()
+            .map(|g| {
+                order
+                    .iter()
+                    .filter(|i| g.indices.binary_search(i).is_ok())
+                    .filter_map(|&i| self.get(i))
+                    .collect()
+            })
+            .collect()
     }
 
     /// The defined gradients with their positions, in parameter order.

@@ -301,7 +301,9 @@ save("missing", {"model": {k: v for k, v in sd.items() if k != "2.bias"}})
 save("unexpected", {"model": {**sd, "3.weight": torch.ones(2)}})
 save("shape", {"model": {**sd, "0.weight": torch.ones(16, 9)}})
 save("sgd", {"model": sd, "optimizer": sgd.state_dict()})
-save("tensor_extra", {"model": sd, "rng": torch.ones(3)})
+save("tensor_extra", {"model": sd, "optimizer": adamw.state_dict(), "rng": torch.ones(3),
+                      "best_val_loss": torch.tensor(1.5), "counts": torch.tensor([[1, 2], [3, 4]])})
+save("no_optimizer", {"model": sd, "step": 1})
 save("no_model", {"weights": sd})
 "#;
 
@@ -335,7 +337,11 @@ fn refuses_what_does_not_fit() {
     refused(&s, "unexpected", &["'3.weight'", "matches no parameter"]);
     refused(&s, "shape", &["'0.weight'", "[16, 9]"]);
     refused(&s, "sgd", &["SGD", "AdamW"]);
-    refused(&s, "tensor_extra", &["'rng'", "tensor"]);
+    refused(
+        &s,
+        "no_optimizer",
+        &["no state for [\"optimizer\"]", "load_non_strict"],
+    );
     refused(&s, "no_model", &["no entry 'model'", "weights"]);
     // A damaged archive: cut short, or with bytes of its pickle changed.
     let good = std::fs::read(dir.join("good.pt")).unwrap();
@@ -354,6 +360,7 @@ fn refuses_what_does_not_fit() {
     // Lightning's strict=False: missing and unexpected weights reported, the rest loaded.
     let (_, report): (Value, _) = s.fabric.load_non_strict(dir.join("missing.pt")).unwrap();
     assert_eq!(report.missing_keys, ["2.bias"]);
+    assert_eq!(report.missing_state, ["optimizer"]);
     assert!(report.unexpected_keys.is_empty());
     assert!(
         s.vs.variables()["2.bias"].equal(&before.iter().find(|(k, _)| k == "2.bias").unwrap().1)
@@ -375,6 +382,18 @@ fn refuses_what_does_not_fit() {
     let extra: Value = s.fabric.load(dir.join("good.pt")).unwrap();
     assert_eq!(extra, json!({"step": 1}));
     assert_eq!(s.opt.lr(), 1e-3);
+    // Tensors in the user state load as numbers (0-dim, nanoGPT's best_val_loss) and arrays.
+    #[derive(Deserialize)]
+    struct WithTensors {
+        rng: Vec<f32>,
+        best_val_loss: f64,
+        counts: Vec<Vec<i64>>,
+    }
+    let t: WithTensors = s.fabric.load(dir.join("tensor_extra.pt")).unwrap();
+    assert_eq!(
+        (t.rng, t.best_val_loss, t.counts),
+        (vec![1.0; 3], 1.5, vec![vec![1, 2], vec![3, 4]])
+    );
 
     // Saving: a state that is not a map, or one colliding with the checkpoint's own entries.
     let ckpt = dir.join("out.ckpt");

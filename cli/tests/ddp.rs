@@ -276,6 +276,8 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
         "SLURM_JOB_NAME",
         "SLURM_JOB_ID",
         "SLURM_NODELIST",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "TORCHELASTIC_RESTART_COUNT",
     ] {
         cmd.env_remove(v);
     }
@@ -437,6 +439,39 @@ fn ddp_matches_lightnings_ddp_32_true() {
     let diff = max_abs_diff(&report(&dir, 0).weights, &flat);
     eprintln!("2 ranks, 20 AdamW steps: max |tch-fabric DDP - Lightning DDP| = {diff:e}");
     assert!(diff <= 2e-7, "differs from Lightning's DDP by {diff}");
+}
+
+/// PyTorch 2.13's torchrun serves the rendezvous store from its agent and says so
+/// (`TORCHELASTIC_USE_AGENT_STORE=True`): the ranks join it as clients, rank 0 included, with
+/// and without `--standalone`, and train as `fabric run`'s ranks do.
+#[test]
+fn torchrun_ranks_join_its_agent_store() {
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/torchrun");
+    let single_dir = out_dir("torchrun-single");
+    let (out, _) = launch(&Config::new("32-true", &single_dir), 0, &[]);
+    assert_ok(&out, "single-process run");
+    let single = report(&single_dir, 0);
+    for standalone in [true, false] {
+        let dir = out_dir(&format!("torchrun-{standalone}"));
+        let mut cmd = Command::new(&torchrun);
+        cmd.args(["--nproc-per-node", "2"]);
+        if standalone {
+            cmd.arg("--standalone");
+        } else {
+            let port = free_port().to_string();
+            cmd.args(["--master-addr", "127.0.0.1", "--master-port", &port]);
+        }
+        cmd.arg("--no-python").args(worker_args());
+        let cfg = Config::new("32-true", &dir);
+        clean_env(&mut cmd).env(WORKER_ENV, serde_json::to_string(&cfg).unwrap());
+        let out = cmd.output().expect("start torchrun");
+        assert_ok(&out, &format!("torchrun (standalone: {standalone})"));
+        let (r0, r1) = (report(&dir, 0), report(&dir, 1));
+        assert_eq!((r0.world_size, r1.world_size), (2, 2));
+        assert_eq!(r0.weights, r1.weights, "the ranks diverged");
+        let diff = max_abs_diff(&r0.weights, &single.weights);
+        assert!(diff <= 1e-5, "differs from one process by {diff}");
+    }
 }
 
 #[test]

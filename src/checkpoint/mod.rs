@@ -22,13 +22,16 @@
 //! | `safetensors` | tch-fabric's own format: the file, its checksums, reading and writing |
 //! | `torch` (with `pickle`) | `torch.save`'s format, as Lightning writes and reads it |
 //! | `atomic` | crash-safe writes and careful opens, for both formats |
+//! | `inspect` | what a checkpoint holds, read without a model ([`inspect`]) |
 mod atomic;
+mod inspect;
 mod layout;
 mod pickle;
 mod plan;
 mod safetensors;
 pub(crate) mod torch;
 
+pub use inspect::{inspect, CheckpointFormat, CheckpointInfo, TensorInfo};
 pub use plan::LoadReport;
 
 pub(crate) use layout::{check_new_model, collect, Model, SharedOptimizer};
@@ -52,6 +55,11 @@ pub(crate) struct Contents {
     pub state_json: String,
     /// PyTorch's param groups by optimizer index (torch.save files only), without `params`.
     pub param_groups: HashMap<usize, Vec<ParamGroup>>,
+    /// Entries a non-strict read found missing (`optimizer_1`, ...).
+    pub missing: Vec<String>,
+    /// How many optimizers the saving Fabric had, where the file says (tch-fabric's format
+    /// since the third wave).
+    pub optimizers: Option<usize>,
 }
 
 pub(super) fn fail(path: &Path, reason: impl Into<String>) -> Error {

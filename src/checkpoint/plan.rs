@@ -8,6 +8,7 @@ use crate::native;
 use crate::optim::ParamGroup;
 use crate::precision::Precision;
 use crate::scaler::{GradScaler, GradScalerState};
+use std::collections::HashSet;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -34,6 +35,9 @@ pub struct LoadReport {
     pub missing_keys: Vec<String>,
     /// Tensors of the checkpoint that match no variable or optimizer (ignored).
     pub unexpected_keys: Vec<String>,
+    /// State the checkpoint lacks besides weights, which keeps its current value: an
+    /// optimizer's (`optimizer`, `optimizer_1`, ...) or the GradScaler's (`scaler`).
+    pub missing_state: Vec<String>,
 }
 
 /// How a load treats what does not fit.
@@ -67,7 +71,17 @@ pub(crate) fn plan_load(
     let bad = |reason: String| fail(path, reason);
     let mut weights = Vec::new();
     let mut claimed: Vec<&str> = Vec::new();
-    let mut report = LoadReport::default();
+    let mut report = LoadReport {
+        missing_state: contents.missing.clone(),
+        ..LoadReport::default()
+    };
+    // A tch-fabric file records how many optimizers it holds (a torch.save file has an entry
+    // per optimizer): one set up here that the file lacks would silently start fresh.
+    if let Some(saved) = contents.optimizers.filter(|&n| n < optimizers.len()) {
+        report
+            .missing_state
+            .extend((saved..optimizers.len()).map(super::torch::optimizer_key));
+    }
     for m in models {
         for (key, p) in m.entries()? {
             let Some((k, t)) = contents.tensors.get_key_value(&key) else {
@@ -90,8 +104,20 @@ pub(crate) fn plan_load(
     }
     let mut optimizer_states: Vec<Vec<(String, Tensor)>> =
         optimizers.iter().map(|_| Vec::new()).collect();
+    // The storage of every weight loaded: a checkpoint tensor that is one of them under another
+    // name (a tied weight, which PyTorch's state_dict lists under each name) is that weight.
+    let mut loaded = HashSet::new();
+    for key in &claimed {
+        if let Some(m) = native::meta(&contents.tensors[*key])?.filter(|m| m.data != 0) {
+            loaded.insert((m.data, m.kind, m.numel));
+        }
+    }
     for (key, t) in &contents.tensors {
         if claimed.contains(&key.as_str()) {
+            continue;
+        }
+        let tied = native::meta(t)?.is_some_and(|m| loaded.contains(&(m.data, m.kind, m.numel)));
+        if tied && !key.starts_with(OPTIMIZER_PREFIX) {
             continue;
         }
         let slot = key.strip_prefix(OPTIMIZER_PREFIX).and_then(|rest| {
@@ -109,6 +135,13 @@ pub(crate) fn plan_load(
             )))
             }
         }
+    }
+    if strict && !report.missing_state.is_empty() {
+        return Err(bad(format!(
+            "the checkpoint has no state for {:?} (set up here): load it with load_non_strict \
+             to keep their state as it is",
+            report.missing_state
+        )));
     }
     // The param groups first: one of another optimizer type explains a state that does not fit.
     let mut param_groups: Vec<(usize, Vec<ParamGroup>)> = Vec::new();
@@ -134,12 +167,16 @@ pub(crate) fn plan_load(
             scaler.check_state_dict(s)?;
             Some(s.clone())
         }
+        (None, Some(_)) if strict => {
+            return Err(bad(format!(
+                "the checkpoint holds no GradScaler state, which {precision} needs: load it \
+                 with load_non_strict to keep the current scale"
+            )))
+        }
         (None, Some(_)) => {
-            log::info!(
-                "checkpoint {} has no GradScaler state ({}): keeping the current scale",
-                path.display(),
-                contents.precision
-            );
+            report
+                .missing_state
+                .push(super::torch::SCALER_KEY.to_string());
             None
         }
         (Some(_), None) => {

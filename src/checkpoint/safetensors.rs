@@ -27,6 +27,8 @@ const KEY_PRECISION: &str = "tch_fabric.precision";
 const KEY_SCALER: &str = "tch_fabric.grad_scaler";
 const KEY_STATE: &str = "tch_fabric.state";
 const KEY_CHECKSUMS: &str = "tch_fabric.checksums";
+/// How many optimizers the saving Fabric had (absent in files from before the third wave).
+const KEY_OPTIMIZERS: &str = "tch_fabric.optimizers";
 /// The largest header safetensors itself reads (its `MAX_HEADER_SIZE`): a larger declared size
 /// is a damaged or foreign file, refused before anything is allocated for it.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -177,7 +179,7 @@ impl View for &Staged<'_> {
 pub(crate) fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
-    precision: Precision,
+    (precision, optimizers): (Precision, usize),
     scaler: Option<&GradScalerState>,
     state_json: &str,
 ) -> Result<()> {
@@ -199,6 +201,7 @@ pub(crate) fn write(
     let mut meta = HashMap::new();
     meta.insert(KEY_FORMAT.to_string(), FORMAT.to_string());
     meta.insert(KEY_PRECISION.to_string(), precision.to_string());
+    meta.insert(KEY_OPTIMIZERS.to_string(), optimizers.to_string());
     if let Some(s) = scaler {
         meta.insert(KEY_SCALER.to_string(), s.to_json());
     }
@@ -390,6 +393,52 @@ fn for_each_tensor(
     Ok(())
 }
 
+/// What a tch-fabric checkpoint holds, from its header alone ([`super::inspect`]): the header
+/// is checked against its checksum, the tensors' bytes are not read.
+pub(super) fn inspect(path: &Path) -> Result<super::CheckpointInfo> {
+    let (mut file, len) = open_regular(path)?;
+    let metadata = read_header(path, &mut file, len)?;
+    check_metadata(path, &metadata)?;
+    let meta = metadata.metadata().clone().unwrap_or_default();
+    let precision = meta
+        .get(KEY_PRECISION)
+        .map(|p| {
+            p.parse::<Precision>()
+                .map_err(|e| fail(path, format!("bad precision: {e}")))
+        })
+        .transpose()?;
+    let state = match meta.get(KEY_STATE) {
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| fail(path, format!("tch_fabric.state is not JSON: {e}")))?,
+        None => serde_json::Value::Null,
+    };
+    let mut tensors = Vec::new();
+    for name in metadata.offset_keys() {
+        let info = metadata
+            .info(&name)
+            .ok_or_else(|| fail(path, format!("tensor '{name}' has no header entry")))?;
+        let kind = dtype::from_safetensors(info.dtype).ok_or_else(|| {
+            fail(
+                path,
+                format!("tensor '{name}' has unsupported dtype {:?}", info.dtype),
+            )
+        })?;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| fail(path, format!("tensor '{name}' has a size beyond i64")))?;
+        tensors.push(super::TensorInfo { name, shape, kind });
+    }
+    Ok(super::CheckpointInfo {
+        format: super::CheckpointFormat::TchFabric,
+        precision,
+        state,
+        tensors,
+    })
+}
+
 /// Reads and validates a checkpoint written by [`write`]: a regular file whose sizes match
 /// its header, whose checksums match its header and every tensor. Reads at most the size the
 /// header declares, one tensor's bytes at a time.
@@ -412,6 +461,13 @@ pub(crate) fn read(path: &Path) -> Result<Contents> {
         .get(KEY_STATE)
         .cloned()
         .ok_or_else(|| fail(path, "missing tch_fabric.state metadata"))?;
+    let optimizers = meta
+        .get(KEY_OPTIMIZERS)
+        .map(|n| {
+            n.parse::<usize>()
+                .map_err(|_| fail(path, format!("tch_fabric.optimizers is {n:?}, not a count")))
+        })
+        .transpose()?;
     let mut tensors = HashMap::new();
     for_each_tensor(
         path,
@@ -442,5 +498,7 @@ pub(crate) fn read(path: &Path) -> Result<Contents> {
         scaler,
         state_json,
         param_groups: HashMap::new(),
+        missing: Vec::new(),
+        optimizers,
     })
 }

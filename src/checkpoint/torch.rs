@@ -11,7 +11,9 @@
 //! - every other entry: the user's state, given to and taken from serde as a JSON object.
 use super::atomic::{open_regular, write_atomic};
 use super::layout::{Model, SharedOptimizer, OPTIMIZER_PREFIX};
-use super::{fail, io, Contents};
+use super::{fail, io, Contents, TensorInfo};
+use crate::dtype;
+use crate::error::Op;
 use crate::error::{Error, Result};
 use crate::native::{self, PyValue};
 use crate::optim::ParamGroup;
@@ -22,7 +24,7 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// The entry of the GradScaler's state.
 pub(crate) const SCALER_KEY: &str = "scaler";
@@ -150,10 +152,24 @@ fn group_entry(path: &Path, what: &str, group: &PyValue) -> Result<(ParamGroup, 
                 }
             }
         } else if k != "param_names" {
-            json.insert(k.to_string(), to_json(path, &format!("{what}.{k}"), v)?);
+            let key = format!("{what}.{k}");
+            json.insert(k.to_string(), to_json(path, &key, v, &mut Tensors::Values)?);
         }
     }
     Ok((json, indices))
+}
+
+/// What a torch.save checkpoint holds, without a model ([`super::inspect`]).
+pub(super) fn inspect(path: &Path) -> Result<super::CheckpointInfo> {
+    let root = read_value(path)?;
+    let mut tensors = Vec::new();
+    let state = to_json(path, "", &root, &mut Tensors::Describe(&mut tensors))?;
+    Ok(super::CheckpointInfo {
+        format: super::CheckpointFormat::TorchSave,
+        precision: None,
+        state,
+        tensors,
+    })
 }
 
 /// Reads a torch.save checkpoint into [`Contents`] for the models and optimizers of a Fabric.
@@ -170,6 +186,7 @@ pub(crate) fn read(
     let mut claimed: HashSet<&str> = HashSet::new();
     // Every model variable in file order (VarStore names), for the optimizers' indices.
     let mut order: Vec<String> = Vec::new();
+    let mut seen = HashSet::new();
     for m in models {
         let key = model_key(m);
         let found = top.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
@@ -193,18 +210,22 @@ pub(crate) fn read(
                 ));
             };
             tensors.insert(m.key(name), t.shallow_clone());
+            // The parameter order is PyTorch's `named_parameters()`: a tied weight, saved
+            // under each of its names with one storage, counts at its first name only.
+            let at = native::meta(t)?.map(|m| (m.data, m.kind, m.numel));
+            if at.is_some_and(|a| a.0 != 0 && !seen.insert(a)) {
+                continue;
+            }
             order.push(name.to_string());
         }
     }
     let mut param_groups = HashMap::new();
+    let mut missing = Vec::new();
     for (i, opt) in optimizers.iter().enumerate() {
         let key = optimizer_key(i);
         let Some(&(found, entry)) = top.iter().find(|(k, _)| *k == key) else {
-            // Like a safetensors file without optimizer state: the optimizer starts fresh.
-            log::info!(
-                "checkpoint {} has no entry '{key}': optimizer {i} keeps its state",
-                path.display()
-            );
+            // The plan refuses it in a strict load, once the weights are checked.
+            missing.push(key);
             continue;
         };
         claimed.insert(found);
@@ -244,10 +265,12 @@ pub(crate) fn read(
             let (json, indices) = group_entry(path, &what, group)?;
             // The file's ids of group g are its parameters in the model's order; ours are
             // matched by name in the same order.
-            let wanted: HashSet<&str> = members.iter().map(|&k| names[k].as_str()).collect();
+            // By any of their names (a tied weight's other name included).
+            let params = opt.params();
             let mine: Vec<&String> = order
                 .iter()
-                .filter(|n| wanted.contains(n.as_str()))
+                .filter_map(|key| members.iter().find(|&&k| params.is_named(k, key)))
+                .map(|&k| &names[k])
                 .collect();
             if indices.len() != members.len() || mine.len() != members.len() {
                 return Err(fail(
@@ -297,14 +320,14 @@ pub(crate) fn read(
             continue;
         }
         if *k == SCALER_KEY {
-            let json = to_json(path, k, v)?;
+            let json = to_json(path, k, v, &mut Tensors::Values)?;
             scaler = Some(
                 serde_json::from_value::<GradScalerState>(json)
                     .map_err(|e| fail(path, format!("entry '{SCALER_KEY}': {e}")))?,
             );
             continue;
         }
-        extra.insert(k.to_string(), to_json(path, k, v)?);
+        extra.insert(k.to_string(), to_json(path, k, v, &mut Tensors::Values)?);
     }
     Ok(Contents {
         tensors,
@@ -312,34 +335,57 @@ pub(crate) fn read(
         scaler,
         state_json: Value::Object(extra).to_string(),
         param_groups,
+        missing,
+        optimizers: None,
     })
 }
 
+/// What a tensor in a value becomes in JSON.
+pub(super) enum Tensors<'a> {
+    /// Its values: a number (or bool) for a 0-dim tensor, nested arrays otherwise, so that serde
+    /// reads it into a number field or a `Vec`.
+    Values,
+    /// `null`, with its name, shape and dtype recorded (what a checkpoint holds, read without
+    /// a model).
+    Describe(&'a mut Vec<TensorInfo>),
+}
+
+/// The most elements of a tensor in the user state turned into JSON values (32 MiB of f64);
+/// larger tensors belong to a model.
+const MAX_STATE_TENSOR: i64 = 1 << 22;
+
 /// A user-state or hyper-parameter value as JSON: dict keys that are ints become strings;
-/// tensors are refused (serde cannot take them), naming `key`.
-fn to_json(path: &Path, key: &str, v: &PyValue) -> Result<Value> {
+/// tensors as `tensors` says (named by their path from `key`).
+pub(super) fn to_json(
+    path: &Path,
+    key: &str,
+    v: &PyValue,
+    tensors: &mut Tensors<'_>,
+) -> Result<Value> {
     Ok(match v {
         PyValue::None => Value::Null,
         PyValue::Bool(b) => Value::Bool(*b),
         PyValue::Int(i) => Value::from(*i),
-        PyValue::Float(f) => serde_json::Number::from_f64(*f)
-            .map(Value::Number)
-            .ok_or_else(|| fail(path, format!("'{key}' is {f}, which JSON cannot hold")))?,
+        PyValue::Float(f) => number(path, key, *f)?,
         PyValue::Str(s) => Value::String(s.clone()),
-        PyValue::Tensor(_) => {
-            return Err(fail(
-                path,
-                format!(
-                    "'{key}' is a tensor outside the model and optimizer entries: tch-fabric \
-                     hands the user state to serde, which takes no tensors"
-                ),
-            ))
-        }
+        PyValue::Tensor(t) => match tensors {
+            Tensors::Values => tensor_values(path, key, t)?,
+            Tensors::Describe(out) => {
+                let info = tensor_info(path, key, t)?;
+                let scalar = info.shape.is_empty();
+                out.push(info);
+                match scalar {
+                    // A number where JSON can hold it (an inf loss cannot).
+                    true => tensor_values(path, key, t).unwrap_or(Value::Null),
+                    false => Value::Null,
+                }
+            }
+        },
         PyValue::List(items) | PyValue::Tuple(items) => Value::Array(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, x)| to_json(path, &format!("{key}[{i}]"), x))
+                .map(|(i, x)| to_json(path, &format!("{key}[{i}]"), x, tensors))
                 .collect::<Result<_>>()?,
         ),
         PyValue::Dict(items) => {
@@ -358,12 +404,97 @@ fn to_json(path: &Path, key: &str, v: &PyValue) -> Result<Value> {
                 if name == super::pickle::BUILD_KEY {
                     continue;
                 }
-                let sub = format!("{key}.{name}");
-                m.insert(name, to_json(path, &sub, x)?);
+                let sub = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                m.insert(name, to_json(path, &sub, x, tensors)?);
             }
             Value::Object(m)
         }
     })
+}
+
+fn tensor_info(path: &Path, key: &str, t: &Tensor) -> Result<TensorInfo> {
+    let m =
+        native::meta(t)?.ok_or_else(|| fail(path, format!("'{key}' is an undefined tensor")))?;
+    Ok(TensorInfo {
+        name: key.to_string(),
+        shape: native::shape(t)?,
+        kind: m.kind,
+    })
+}
+
+fn number(path: &Path, key: &str, f: f64) -> Result<Value> {
+    serde_json::Number::from_f64(f)
+        .map(Value::Number)
+        .ok_or_else(|| fail(path, format!("'{key}' is {f}, which JSON cannot hold")))
+}
+
+/// A tensor's values as JSON: a number (or bool) for a 0-dim tensor (nanoGPT's
+/// `best_val_loss`), nested arrays by its shape otherwise.
+fn tensor_values(path: &Path, key: &str, t: &Tensor) -> Result<Value> {
+    let m =
+        native::meta(t)?.ok_or_else(|| fail(path, format!("'{key}' is an undefined tensor")))?;
+    if m.numel > MAX_STATE_TENSOR {
+        return Err(fail(
+            path,
+            format!(
+                "'{key}' is a tensor of {} elements in the user state; tensors of more than \
+                 {MAX_STATE_TENSOR} belong to a model set up with the Fabric",
+                m.numel
+            ),
+        ));
+    }
+    let shape = native::shape(t)?;
+    let flat = t
+        .f_detach()
+        .and_then(|t| t.f_to_device(tch::Device::Cpu))
+        .and_then(|t| t.f_reshape([-1]))
+        .op("tensor values")?;
+    let leaves: Vec<Value> = if m.kind == Kind::Bool {
+        let v = Vec::<bool>::try_from(&flat).op("tensor values")?;
+        v.into_iter().map(Value::Bool).collect()
+    } else if dtype::is_float(m.kind) {
+        let v = Vec::<f64>::try_from(&flat.f_to_kind(Kind::Double).op("to_kind")?)
+            .op("tensor values")?;
+        v.into_iter()
+            .map(|f| number(path, key, f))
+            .collect::<Result<_>>()?
+    } else if matches!(
+        m.kind,
+        Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64
+    ) {
+        let v = Vec::<i64>::try_from(&flat.f_to_kind(Kind::Int64).op("to_kind")?)
+            .op("tensor values")?;
+        v.into_iter().map(Value::from).collect()
+    } else {
+        return Err(fail(
+            path,
+            format!(
+                "'{key}' is a {} tensor, which has no JSON form",
+                dtype::name(m.kind)
+            ),
+        ));
+    };
+    Ok(nest(&leaves, &shape))
+}
+
+/// `leaves` (row-major) as nested arrays of `shape`; a 0-dim shape is the single value.
+fn nest(leaves: &[Value], shape: &[i64]) -> Value {
+    match shape.split_first() {
+        None => leaves.first().cloned().unwrap_or(Value::Null),
+        Some((&n, rest)) => {
+            let n = usize::try_from(n).unwrap_or(0);
+            let chunk = leaves.len().checked_div(n).unwrap_or(0);
+            Value::Array(
+                (0..n)
+                    .map(|i| nest(&leaves[i * chunk..(i + 1) * chunk], rest))
+                    .collect(),
+            )
+        }
+    }
 }
 
 /// JSON as a Python value; `tuples` names the keys whose arrays PyTorch keeps as tuples.

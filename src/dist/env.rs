@@ -29,6 +29,11 @@ pub struct DistEnv {
     pub master_addr: String,
     /// `MASTER_PORT`: the rendezvous port.
     pub master_port: u16,
+    /// Set when torchrun's agent serves the rendezvous store itself
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`, PyTorch 2.13's torchrun): every rank then joins it
+    /// as a client, rank 0 included, under the key prefix of this attempt
+    /// (`TORCHELASTIC_RESTART_COUNT`, 0 when unset).
+    pub agent_store: Option<u32>,
 }
 
 impl DistEnv {
@@ -103,12 +108,25 @@ impl DistEnv {
                 ))
             }
         };
+        // PyTorch compares with str(True), exactly.
+        let agent_store = match get("TORCHELASTIC_USE_AGENT_STORE").as_deref() {
+            Some("True") => Some(match get("TORCHELASTIC_RESTART_COUNT") {
+                Some(v) => v.trim().parse::<u32>().map_err(|_| {
+                    Error::Distributed(format!(
+                        "TORCHELASTIC_RESTART_COUNT={v:?} is not a non-negative integer"
+                    ))
+                })?,
+                None => 0,
+            }),
+            _ => None,
+        };
         Ok(Some(DistEnv {
             rank,
             local_rank,
             world_size,
             master_addr,
             master_port,
+            agent_store,
         }))
     }
 }
@@ -199,6 +217,7 @@ impl DistEnv {
             world_size,
             master_addr,
             master_port,
+            agent_store: None,
         }))
     }
 }

@@ -86,7 +86,7 @@ impl ProcessGroup {
         }
         // Rank 0 binds the rendezvous to MASTER_ADDR itself: c10d's store would listen on
         // every interface, so a loopback rendezvous would be reachable from the network.
-        let listener = if env.rank == 0 && options.backend == "gloo" {
+        let listener = if env.rank == 0 && options.backend == "gloo" && env.agent_store.is_none() {
             Some(
                 std::net::TcpListener::bind((env.master_addr.as_str(), env.master_port)).map_err(
                     |e| {
@@ -113,6 +113,7 @@ impl ProcessGroup {
             rendezvous_timeout_ms: millis(options.rendezvous_timeout),
             timeout_ms: millis(options.timeout),
             listener,
+            agent_store: env.agent_store,
         })?;
         Ok(ProcessGroup {
             raw: Some(raw),
@@ -308,6 +309,7 @@ mod tests {
             world_size: 2,
             master_addr: "127.0.0.1".into(),
             master_port: 1,
+            agent_store: None,
         };
         let options = ProcessGroupOptions {
             backend: "nccl".into(),

@@ -83,7 +83,7 @@ impl Fabric {
                 checkpoint::write(
                     path,
                     &tensors,
-                    self.precision(),
+                    (self.precision(), st.optimizers.len()),
                     scaler.as_ref(),
                     &state_json.to_string(),
                 )

@@ -167,6 +167,39 @@ impl<M> FabricModule<M> {
     }
 }
 
+impl<M> FabricModule<M> {
+    /// [`FabricModule::run`] with the module's mode: `f` gets `true` in training mode
+    /// ([`FabricModule::train`], the default) and `false` after [`FabricModule::eval`], as
+    /// tch's `forward_t` takes it (dropout, batch norm).
+    ///
+    /// ```
+    /// use tch::{nn, Device, Kind, Tensor};
+    /// let fabric = tch_fabric::Fabric::new("bf16-mixed")?;
+    /// let mut vs = nn::VarStore::new(Device::Cpu);
+    /// let fc = nn::linear(vs.root() / "fc", 4, 4, Default::default());
+    /// let model = fabric.setup_module(fc, &mut vs)?;
+    /// let x = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+    /// let run = |m: &nn::Linear, x: Tensor, train: bool| x.apply(m).dropout(0.5, train);
+    /// let _y = model.run_t(&x, run)?;         // dropout on
+    /// model.eval();
+    /// let (a, b) = (model.run_t(&x, run)?, model.run_t(&x, run)?);
+    /// assert!(a.equal(&b));                    // dropout off
+    /// # Ok::<(), tch_fabric::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`FabricModule::run`].
+    pub fn run_t<I: Convert, O: Convert>(
+        &self,
+        inputs: I,
+        f: impl FnOnce(&M, I::Output, bool) -> O,
+    ) -> Result<O::Output> {
+        let train = self.training.get();
+        self.run(inputs, |m, xs| f(m, xs, train))
+    }
+}
+
 impl<M: nn::ModuleT> FabricModule<M> {
     /// The forward in the current mode ([`FabricModule::train`] / [`FabricModule::eval`]).
     ///
@@ -179,8 +212,7 @@ impl<M: nn::ModuleT> FabricModule<M> {
     ///
     /// As [`FabricModule::run`].
     pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let train = self.training.get();
-        self.run(xs, |m, xs| m.forward_t(&xs, train))
+        self.run_t(xs, |m, xs, train| m.forward_t(&xs, train))
     }
 }
 

@@ -158,8 +158,16 @@ impl Fabric {
             }
             return Err(e);
         }
-        // DDP: every rank starts from rank 0's weights, whatever its own initialisation.
-        let named = entry.entries()?;
+        // DDP: every rank starts from rank 0's weights, whatever its own initialisation. A weight
+        // tied under two names is one tensor: it is sent, and its gradient averaged, once.
+        let mut named = entry.entries()?;
+        let ids = native::metas(named.iter().map(|(_, t)| t))?;
+        let mut seen = HashSet::new();
+        let mut keep = ids.iter().map(|m| match m {
+            Some(m) => seen.insert(m.id),
+            None => true,
+        });
+        named.retain(|_| keep.next().unwrap_or(true));
         let tensors: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         tch::no_grad(|| self.shared.group.broadcast_coalesced(&tensors, 0))?;
         // Then gradients are averaged by libtorch's DDP engine, over the trainable variables.

@@ -26,6 +26,8 @@ pub(crate) struct PgConfig<'a> {
     /// On rank 0, a listening socket bound to the master address, handed to the store (which
     /// then owns it); `None` lets c10d bind the port itself, on every interface.
     pub listener: Option<std::net::TcpListener>,
+    /// torchrun's restart count when its agent serves the store: every rank joins as a client.
+    pub agent_store: Option<u32>,
 }
 
 /// An owned c10d process group from the shim (`tf_process_group`), freed on drop.
@@ -65,6 +67,7 @@ impl RawProcessGroup {
                 c.rendezvous_timeout_ms,
                 c.timeout_ms,
                 listen_fd,
+                c.agent_store.map_or(-1, i64::from),
                 &mut out,
             )
         })?;

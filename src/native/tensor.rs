@@ -33,6 +33,9 @@ pub(crate) struct Meta {
     pub numel: i64,
     /// The TensorImpl: shallow copies of one tensor share it.
     pub id: usize,
+    /// The address of the first element (0 without storage): tensors with the same data,
+    /// shape and dtype hold the same values (a tied weight read from a file).
+    pub data: usize,
 }
 
 impl Meta {
@@ -61,6 +64,7 @@ impl Meta {
             contiguous: m.contiguous != 0,
             numel: m.numel,
             id: m.impl_,
+            data: m.data,
         }))
     }
 }

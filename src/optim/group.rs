@@ -189,12 +189,14 @@ pub(crate) fn assign(params: &Params, groups: &[Group]) -> Result<Vec<Vec<usize>
         match &group.select {
             Select::Names(wanted) => {
                 for name in wanted {
-                    let i = names.iter().position(|n| n == name).ok_or_else(|| {
-                        bad(format!(
-                            "group {g} names '{name}', which is not one of the optimizer's \
+                    let i = (0..names.len())
+                        .find(|&i| params.is_named(i, name))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "group {g} names '{name}', which is not one of the optimizer's \
                              parameters"
-                        ))
-                    })?;
+                            ))
+                        })?;
                     if let Some(other) = owner[i] {
                         return Err(bad(format!(
                             "parameter '{name}' appears in groups {other} and {g}"

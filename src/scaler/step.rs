@@ -65,7 +65,7 @@ impl GradScaler {
             return Ok(norm);
         }
         let grads = self.unscaled_grads(opt)?;
-        clip::clip_batch(grads, clip)
+        clip::clip_batch(grads, clip, Some(opt.params().model_order()))
     }
 
     /// Norm clipping folded into the step, for an optimizer that unscales by itself: one read
