@@ -41,8 +41,11 @@ fn args(precision: &str, dir: &Path, init: &Path, batches: &Path, extra: &[&str]
     Args::parse_from(cli)
 }
 
-/// Runs the reference with the example's options; returns its losses' bits and final weights.
-fn python(mode: &str, a: &Args, weights_out: &Path) -> Option<(Vec<u64>, Vec<(String, Tensor)>)> {
+/// A reference run: its losses' bits and final weights.
+type PyRun = (Vec<u64>, Vec<(String, Tensor)>);
+
+/// Runs the reference with the example's options (nothing for "init").
+fn python(mode: &str, a: &Args, weights_out: &Path) -> Option<PyRun> {
     let script =
         std::fs::read_to_string(common::repo().join("scripts/nanogpt_reference.py")).unwrap();
     let cfg = json!({"mode": mode, "args": a, "weights_out": weights_out});
