@@ -8,13 +8,16 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/DefaultDtype.h>
 
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <mutex>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -114,6 +117,63 @@ void fill_meta(const at::Tensor &t, tf_tensor_meta *m) {
   m->impl = reinterpret_cast<uintptr_t>(t.unsafeGetTensorImpl());
   m->data = (!t.is_sparse() && t.has_storage()) ? reinterpret_cast<uintptr_t>(t.data_ptr()) : 0;
 }
+
+// Tensor memory on the CPU, counted as CUDA's caching allocator counts it: every byte a CPU
+// tensor holds, on any thread, now and at its peak. libtorch keeps no such statistics for the
+// CPU, so the process's CPU allocator is wrapped: each allocation takes 64 bytes more from the
+// allocator it replaces (c10's alignment, so the data stays aligned), records its size there,
+// and counts it until its deleter runs. Data and context stay the same pointer, so the raw
+// allocate/deallocate interface works as with the default allocator. Allocations made before
+// the wrapper was installed keep their own deleters and are not counted.
+class CountingCpuAllocator final : public c10::Allocator {
+ public:
+  static constexpr size_t kHeader = 64;
+
+  explicit CountingCpuAllocator(c10::Allocator *inner)
+      : inner_(inner), inner_free_(inner->raw_deleter()) {}
+
+  c10::DataPtr allocate(size_t n) override {
+    void *base = inner_->raw_allocate(n + kHeader);
+    *static_cast<size_t *>(base) = n;
+    add(static_cast<int64_t>(n));
+    void *data = static_cast<char *>(base) + kHeader;
+    return {data, data, &CountingCpuAllocator::free_counted, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &CountingCpuAllocator::free_counted; }
+
+  void copy_data(void *dest, const void *src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  int64_t current() const { return current_.load(); }
+  int64_t peak() const { return peak_.load(); }
+  void reset_peak() { peak_.store(current_.load()); }
+
+  static CountingCpuAllocator *instance;
+
+ private:
+  static void free_counted(void *data) {
+    if (data == nullptr) return;
+    void *base = static_cast<char *>(data) - kHeader;
+    instance->add(-static_cast<int64_t>(*static_cast<size_t *>(base)));
+    instance->inner_free_(base);
+  }
+
+  void add(int64_t n) {
+    const int64_t now = current_.fetch_add(n) + n;
+    int64_t seen = peak_.load();
+    while (now > seen && !peak_.compare_exchange_weak(seen, now)) {
+    }
+  }
+
+  c10::Allocator *inner_;
+  c10::DeleterFnPtr inner_free_;
+  std::atomic<int64_t> current_{0};
+  std::atomic<int64_t> peak_{0};
+};
+
+CountingCpuAllocator *CountingCpuAllocator::instance = nullptr;
 
 }  // namespace
 
@@ -564,6 +624,49 @@ char *tf_cuda_memory_stats(int32_t device_index, int64_t out[4]) {
     out[1] = stats.allocated_bytes[all].peak;
     out[2] = stats.reserved_bytes[all].current;
     out[3] = stats.reserved_bytes[all].peak;
+  })
+}
+
+char *tf_cpu_counting_enable(void) {
+  TF_PROTECT({
+    static std::mutex lock;
+    std::lock_guard<std::mutex> guard(lock);
+    if (CountingCpuAllocator::instance != nullptr) return nullptr;
+    c10::Allocator *inner = c10::GetCPUAllocator();
+    // The wrapper allocates through the raw interface, which needs a deleter of the raw
+    // pointer and a context that is the data itself (c10's default allocator has both).
+    bool raw_ok = inner->raw_deleter() != nullptr;
+    if (raw_ok) {
+      c10::DataPtr probe = inner->allocate(64);
+      raw_ok = probe.get() == probe.get_context();
+    }
+    if (!raw_ok) {
+      throw std::runtime_error(
+          "the CPU allocator of this process does not hand out raw pointers (no raw deleter, "
+          "or a context apart from the data), so tch-fabric cannot count the memory of CPU "
+          "tensors");
+    }
+    // Never freed: tensors counted by it may outlive everything else.
+    CountingCpuAllocator::instance = new CountingCpuAllocator(inner);
+    c10::SetCPUAllocator(CountingCpuAllocator::instance, std::numeric_limits<uint8_t>::max());
+    if (c10::GetCPUAllocator() != CountingCpuAllocator::instance) {
+      throw std::runtime_error("libtorch kept its own CPU allocator");
+    }
+  })
+}
+
+char *tf_cpu_counting_stats(int64_t out[3]) {
+  TF_PROTECT({
+    const auto *a = CountingCpuAllocator::instance;
+    out[0] = a != nullptr ? 1 : 0;
+    out[1] = a != nullptr ? a->current() : 0;
+    out[2] = a != nullptr ? a->peak() : 0;
+  })
+}
+
+char *tf_cpu_counting_reset_peak(void) {
+  TF_PROTECT({
+    if (CountingCpuAllocator::instance != nullptr) CountingCpuAllocator::instance->reset_peak();
   })
 }
 

@@ -68,6 +68,14 @@ char *tf_op_has_kernel(const char *name, int32_t device_type, int32_t *out);
  * together): out[0] allocated now, out[1] peak allocated, out[2] reserved now, out[3] peak
  * reserved. Needs CUDA registered (libtorch_cuda loaded) and a valid device index. */
 char *tf_cuda_memory_stats(int32_t device_index, int64_t out[4]);
+/* Counts the memory of CPU tensors from now on, on every thread: wraps the process's CPU
+ * allocator (once; later calls do nothing). */
+char *tf_cpu_counting_enable(void);
+/* out[0]: 1 when counting, out[1] bytes CPU tensors hold now, out[2] the peak of out[1] since
+ * counting started or the last reset. */
+char *tf_cpu_counting_stats(int64_t out[3]);
+/* Starts the peak over from the current bytes. */
+char *tf_cpu_counting_reset_peak(void);
 /* Resets the caching allocator's peak statistics of CUDA device `device_index`. */
 char *tf_cuda_reset_peak_memory_stats(int32_t device_index);
 

@@ -82,6 +82,9 @@ extern "C" {
     ) -> *mut c_char;
     pub(crate) fn tf_cuda_memory_stats(device_index: i32, out: *mut i64) -> *mut c_char;
     pub(crate) fn tf_cuda_reset_peak_memory_stats(device_index: i32) -> *mut c_char;
+    pub(crate) fn tf_cpu_counting_enable() -> *mut c_char;
+    pub(crate) fn tf_cpu_counting_stats(out: *mut i64) -> *mut c_char;
+    pub(crate) fn tf_cpu_counting_reset_peak() -> *mut c_char;
     pub(crate) fn tf_autocast_available(device_type: i32, out: *mut i32) -> *mut c_char;
     pub(crate) fn tf_autocast_get(device_type: i32, out: *mut AutocastState) -> *mut c_char;
     pub(crate) fn tf_autocast_enter(

@@ -63,8 +63,9 @@
 //! | [`scaler`] | [`GradScaler`]: its config, scale policy, state, and the passes over gradients |
 //! | [`checkpoint`] | both checkpoint formats, their key layout, and the checks before a load |
 //! | [`dist`] | [`dist::ProcessGroup`] (c10d), [`dist::DistEnv`], [`dist::DistributedSampler`] |
+//! | [`memory`] | tensor bytes on the CPU and CUDA ([`memory_stats`]), the resident set, [`memory::MemoryReport`] |
 //! | [`fabric`] | the facade on top: [`Fabric`], [`FabricBuilder`], [`FabricModule`], [`FabricOptimizer`] |
-//! | [`lr_scheduler`], [`memory`] | PyTorch's learning-rate schedulers; [`memory_stats`] |
+//! | [`lr_scheduler`] | PyTorch's learning-rate schedulers |
 //!
 //! An AMP step goes one way: the gradients are fetched once ([`optim::Params::grads`]) with
 //! what the step needs to know of them; the [`GradScaler`] decides how the step runs (clipping
@@ -74,7 +75,8 @@
 //! (the one exception is tch's `Module::forward`, which cannot return an error: use
 //! [`FabricModule::try_forward`]). No call changes process-wide libtorch state except those
 //! named so ([`default_dtype::set_default_dtype`], [`default_dtype::DefaultDtypeGuard`],
-//! [`FabricBuilder::process_wide_default_dtype`], seeding).
+//! [`FabricBuilder::process_wide_default_dtype`], seeding, and the counting of CPU tensor
+//! memory: [`memory::count_cpu_tensor_memory`], which a [`Fabric`] on the CPU switches on).
 
 mod device;
 mod dtype;

@@ -502,21 +502,40 @@ fn setting_up_the_same_names_twice_is_refused() {
 fn memory_stats_on_cpu() {
     let fabric = cpu("32-true");
     let m = fabric.memory_stats().unwrap();
+    assert!(m.peak_bytes >= m.current_bytes, "{m:?}");
+    // A Fabric on the CPU counts tensor bytes (tests/memory.rs checks them to the byte).
+    assert_eq!(m.source, tch_fabric::memory::MemorySource::CpuTensors);
+    assert_eq!((m.reserved_bytes, m.peak_reserved_bytes), (None, None));
+    let t = Tensor::ones([64 << 20], (Kind::Float, Device::Cpu));
+    assert!(fabric.memory_stats().unwrap().current_bytes >= 256 << 20);
+    drop(t);
+    let before = fabric.memory_stats().unwrap();
+    assert!(before.peak_bytes >= 256 << 20, "{before:?}");
+    tch_fabric::reset_peak_memory_stats(Device::Cpu).unwrap();
+    let after = fabric.memory_stats().unwrap();
+    assert!(
+        after.peak_bytes < before.peak_bytes - (200 << 20),
+        "{before:?} -> {after:?}"
+    );
+}
+
+#[test]
+fn process_rss_is_the_resident_set() {
+    let m = tch_fabric::memory::process_rss().unwrap();
     assert!(
         m.current_bytes > 0 && m.peak_bytes >= m.current_bytes,
         "{m:?}"
     );
     assert_eq!(m.source, tch_fabric::memory::MemorySource::ProcessRss);
-    assert_eq!((m.reserved_bytes, m.peak_reserved_bytes), (None, None));
     // 256 MiB touched and freed raises the peak; a reset brings it back near the current RSS.
     drop(Tensor::ones([64 << 20], (Kind::Float, Device::Cpu)));
-    let before = fabric.memory_stats().unwrap();
+    let before = tch_fabric::memory::process_rss().unwrap();
     assert!(
         before.peak_bytes >= before.current_bytes + (200 << 20),
         "{before:?}"
     );
-    tch_fabric::reset_peak_memory_stats(Device::Cpu).unwrap();
-    let after = fabric.memory_stats().unwrap();
+    tch_fabric::memory::reset_process_rss_peak().unwrap();
+    let after = tch_fabric::memory::process_rss().unwrap();
     assert!(
         after.peak_bytes < before.peak_bytes - (200 << 20),
         "{before:?} -> {after:?}"

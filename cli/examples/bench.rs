@@ -41,7 +41,7 @@ struct Args {
 /// (current, peak) resident memory of this process, in MiB.
 fn rss_mib() -> (f64, f64) {
     const MIB: f64 = 1024.0 * 1024.0;
-    tch_fabric::memory_stats(Device::Cpu).map_or((f64::NAN, f64::NAN), |m| {
+    tch_fabric::memory::process_rss().map_or((f64::NAN, f64::NAN), |m| {
         (m.current_bytes as f64 / MIB, m.peak_bytes as f64 / MIB)
     })
 }
@@ -117,6 +117,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     tch::manual_seed(0);
     let base = rss_mib().0;
+    // Tensor bytes from here on, the model's included.
+    tch_fabric::memory::count_cpu_tensor_memory()?;
     let mut vs = nn::VarStore::new(Device::Cpu);
     let (net, x, y) = build(&args.model, &vs)?;
     // Each mode is one step as a closure, so the timing loop and the profiled step are shared.
@@ -225,6 +227,7 @@ fn main() -> Result<()> {
         "min_ms": times[0] * 1e3,
         "peak_rss_mib": rss_mib().1,
         "base_rss_mib": base,
+        "peak_tensor_mib": tch_fabric::memory_stats(Device::Cpu)?.peak_bytes as f64 / (1024.0 * 1024.0),
     });
     if let Some(ops) = ops {
         report["ops"] = ops.into();

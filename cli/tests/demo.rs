@@ -249,8 +249,9 @@ fn resume_continues_the_same_trajectory() {
     assert_eq!(b["step_s"].as_array().map(Vec::len), Some(30));
 }
 
-/// `--compare` trains every precision in a child process each and draws them all in one SVG,
-/// which parses as XML and names every precision.
+/// `--compare` trains 32-true and every precision that saves in a child process each, prints
+/// the machine and where the tensor memory goes, and draws them all in one SVG, which parses
+/// as XML and names every precision.
 #[test]
 fn compare_charts_every_precision() {
     let d = dir("compare");
@@ -268,14 +269,7 @@ fn compare_charts_every_precision() {
         .filter_map(|n| n.text())
         .map(str::trim)
         .collect();
-    for p in [
-        "64-true",
-        "32-true",
-        "16-mixed",
-        "bf16-mixed",
-        "16-true",
-        "bf16-true",
-    ] {
+    for p in ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] {
         // In the loss legend, under its tokens/s bar and under its memory bar.
         let n = texts.iter().filter(|t| t.starts_with(p)).count();
         assert!(n >= 3, "{p} appears {n} times: {texts:?}");
@@ -284,11 +278,22 @@ fn compare_charts_every_precision() {
     }
     assert!(texts.contains(&"loss against wall-clock time"), "{texts:?}");
     assert!(texts.contains(&"tokens per second"), "{texts:?}");
+    // 64-true saves nothing and is left out of the comparison.
+    assert!(!d.join("64-true.report.json").exists());
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // The machine above the tables, memory in tensor bytes with where it goes.
+    assert!(stdout.contains(" cores: "), "{stdout}");
     assert!(
-        stdout.contains("peak memory (MiB, process RSS)"),
+        stdout.contains("Memory in MiB (CPU tensor bytes)"),
         "{stdout}"
     );
+    assert!(stdout.contains("| optimizer state |"), "{stdout}");
+    let bf16_true = report(&d.join("bf16-true.report.json"));
+    let full = report(&d.join("32-true.report.json"));
+    let half = |key: &str| bf16_true[key].as_f64().unwrap() / full[key].as_f64().unwrap();
+    for key in ["params_mib", "grads_mib", "optimizer_mib"] {
+        assert!((half(key) - 0.5).abs() < 0.01, "{key}: {}", half(key));
+    }
 }
 
 fn interrupt(child: &std::process::Child) {

@@ -364,6 +364,11 @@ impl FabricBuilder {
             )?,
             None => Rc::new(ProcessGroup::single()),
         };
+        if device == Device::Cpu {
+            // A Fabric reports tensor memory on the CPU as on CUDA (`memory_stats`,
+            // `memory_report`): counting starts before its first model exists.
+            crate::memory::count_cpu_tensor_memory()?;
+        }
         if let Some(seed) = self.seed {
             tch::manual_seed(seed as i64);
         }

@@ -8,11 +8,13 @@
 //! | `owners` | which Fabric converted which VarStore |
 //! | `training` | `backward`, `no_backward_sync`, `clip_gradients`, the loss scale |
 //! | `checkpointing` | `save` and `load` |
+//! | `memory` | models built in the precision (`init_module`, `init_tensor`); `memory_stats`, `memory_report` |
 //! | `description` | [`Description`]: what a Fabric decided |
 //! | `module`, `optimizer` | [`FabricModule`], [`FabricOptimizer`] |
 mod builder;
 mod checkpointing;
 mod description;
+mod memory;
 mod module;
 mod optimizer;
 mod owners;
@@ -278,15 +280,5 @@ impl Fabric {
             self.device(),
             self.shared.default_dtype_scope(),
         )
-    }
-
-    /// Current and peak memory of the Fabric's device: on CPU the process's resident set, on
-    /// CUDA libtorch's caching allocator (allocated and reserved bytes).
-    ///
-    /// # Errors
-    ///
-    /// As [`crate::memory_stats`].
-    pub fn memory_stats(&self) -> Result<crate::memory::MemoryStats> {
-        crate::memory_stats(self.device())
     }
 }

@@ -1,4 +1,5 @@
-//! Loading libtorch's CUDA library, and the CUDA caching allocator's statistics.
+//! Loading libtorch's CUDA library, the CUDA caching allocator's statistics, and the counting
+//! of CPU tensor memory.
 use super::call;
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -36,5 +37,32 @@ pub(crate) fn cuda_reset_peak_memory_stats(device: usize) -> Result<()> {
     // SAFETY: a plain integer.
     call("cuda_reset_peak_memory_stats", || unsafe {
         ffi::tf_cuda_reset_peak_memory_stats(i)
+    })
+}
+
+/// Starts counting the bytes of CPU tensors, process-wide (the CPU allocator is wrapped once).
+pub(crate) fn cpu_counting_enable() -> Result<()> {
+    // SAFETY: no arguments.
+    call("count CPU tensor memory", || unsafe {
+        ffi::tf_cpu_counting_enable()
+    })
+}
+
+/// The bytes CPU tensors hold now and at the peak, `None` while not counting.
+pub(crate) fn cpu_counting_stats() -> Result<Option<(u64, u64)>> {
+    let mut out = [0i64; 3];
+    // SAFETY: `out` holds the 3 entries the shim writes.
+    call("CPU tensor memory", || unsafe {
+        ffi::tf_cpu_counting_stats(out.as_mut_ptr())
+    })?;
+    let bytes = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok((out[0] != 0).then(|| (bytes(out[1]), bytes(out[2]))))
+}
+
+/// Starts the counted peak over from the current bytes.
+pub(crate) fn cpu_counting_reset_peak() -> Result<()> {
+    // SAFETY: no arguments.
+    call("reset CPU tensor memory peak", || unsafe {
+        ffi::tf_cpu_counting_reset_peak()
     })
 }

@@ -30,7 +30,10 @@ pub(crate) use autocast::{
     autocast_available, autocast_enter, autocast_exit, autocast_get, default_dtype_get,
     default_dtype_set, SavedAutocast,
 };
-pub(crate) use device::{cuda_memory_stats, cuda_reset_peak_memory_stats, load_cuda};
+pub(crate) use device::{
+    cpu_counting_enable, cpu_counting_reset_peak, cpu_counting_stats, cuda_memory_stats,
+    cuda_reset_peak_memory_stats, load_cuda,
+};
 pub(crate) use dist::{PgConfig, RawProcessGroup, RawReduceOp, RawReducer};
 pub(crate) use ivalue::{archive_record, torch_load, torch_save, PyValue};
 pub(crate) use kernels::{

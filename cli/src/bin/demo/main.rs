@@ -1,9 +1,15 @@
-//! What each precision buys: trains a small character-level transformer with `Fabric` in one
-//! precision, or in every precision the device supports (each in a fresh child process, so
-//! memory figures are clean), and prints loss, speed, memory and loss-scale figures side by
-//! side, with an SVG chart.
+//! What each precision buys: trains a character-level transformer with `Fabric` in one
+//! precision, or in 32-true and every precision that saves memory or time (each in a fresh
+//! child process), and prints loss, speed, tensor memory (where it goes: parameters, gradients,
+//! optimizer state, activations) and loss-scale figures side by side, with an SVG chart, under
+//! the machine's processor and its 16-bit matrix units.
 //!
-//!     cargo run --bin demo                      # compare every precision
+//! The default model and step count are sized for the machine, so that the comparison takes
+//! about 3 minutes on 2 cores: a model where matrix multiplies dominate (d_model 512) on a CPU
+//! with bfloat16 matrix units (AMX-BF16, AVX512-BF16) or a GPU, the small one (d_model 96)
+//! elsewhere, where 16-bit precisions save memory but no time, as the demo then says.
+//!
+//!     cargo run --release --bin demo            # compare the precisions
 //!     cargo run --bin demo -- --precision bf16-mixed --steps 400
 //!     cargo run --bin demo -- --data my.txt --d-model 128 --layers 4
 //!
@@ -19,6 +25,7 @@
 //! writes the checkpoints and reports.
 mod chart;
 mod corpus;
+mod machine;
 // The launcher's process supervision; its single-process mode is the launcher's alone.
 #[allow(dead_code)]
 #[path = "../fabric/launch.rs"]
@@ -29,13 +36,14 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use corpus::{Corpus, Rng};
 use indicatif::{ProgressBar, ProgressStyle};
+use machine::Machine;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{nn, Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 use tch_fabric::{
     dist::{DistributedSampler, ReduceOp},
     Fabric, FusedAdamW, Precision, StepOutcome,
@@ -48,32 +56,34 @@ use tch_fabric::{
 )]
 struct Args {
     /// Train one precision (64-true, 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true).
-    /// Without it, every precision the device supports is compared.
+    /// Without it, 32-true and the precisions that save memory or time are compared (all but
+    /// 64-true).
     #[arg(long)]
     precision: Option<String>,
-    /// Compare every precision (the default).
+    /// Compare the precisions (the default).
     #[arg(long, conflicts_with = "precision")]
     compare: bool,
     /// A UTF-8 text file to train on (default: a generated corpus).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Optimizer steps per precision (1 to 1000000).
-    #[arg(long, default_value_t = 250)]
+    /// Optimizer steps per precision (1 to 1000000). This default and the model's size are
+    /// sized for the machine: larger where it multiplies 16-bit matrices natively.
+    #[arg(long, default_value_t = Size::here().steps)]
     steps: usize,
     /// Sequences per batch (1 to 65536).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = Size::here().batch)]
     batch: i64,
     /// Context length in characters (2 to 65536).
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = Size::here().block)]
     block: i64,
     /// Model width (1 to 65536, a multiple of --heads).
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = Size::here().d_model)]
     d_model: i64,
     /// Transformer layers (1 to 1024).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = Size::here().layers)]
     layers: i64,
     /// Attention heads (at least 1).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = Size::here().heads)]
     heads: i64,
     /// Learning rate (FusedAdamW).
     #[arg(long, default_value_t = 3e-3)]
@@ -101,6 +111,54 @@ struct Args {
     /// Where a child run writes its report (used by --compare).
     #[arg(long, hide = true)]
     report: Option<PathBuf>,
+}
+
+/// The default run, sized for the machine so that the comparison of every precision takes
+/// about 3 minutes on 2 cores.
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    steps: usize,
+    batch: i64,
+    block: i64,
+    d_model: i64,
+    layers: i64,
+    heads: i64,
+}
+
+impl Size {
+    /// Where 16-bit matrix products run natively (AMX-BF16 or AVX512-BF16, a GPU), a model
+    /// whose matrix multiplies dominate the step (d_model 512, 4 layers, 8 x 256 tokens), so
+    /// that the precisions' speed shows. Elsewhere libtorch computes them through float32,
+    /// tens of times slower than float32 itself (on a 2-core AVX2 EPYC, 1.2 GFLOP/s against
+    /// 47 for a bfloat16 matrix product, in PyTorch as here): the demo's small model (d_model
+    /// 96, 3 layers) keeps the 16-bit runs to about a second a step, and shows the memory.
+    fn for_machine(machine: &Machine) -> Size {
+        if machine.bf16 {
+            Size {
+                steps: 40,
+                batch: 8,
+                block: 256,
+                d_model: 512,
+                layers: 4,
+                heads: 8,
+            }
+        } else {
+            Size {
+                steps: 40,
+                batch: 16,
+                block: 96,
+                d_model: 96,
+                layers: 3,
+                heads: 4,
+            }
+        }
+    }
+
+    /// The size for this machine (detected once).
+    fn here() -> Size {
+        static SIZE: std::sync::OnceLock<Size> = std::sync::OnceLock::new();
+        *SIZE.get_or_init(|| Size::for_machine(&Machine::detect(Device::cuda_if_available())))
+    }
 }
 
 /// JSON has no NaN: non-finite numbers travel as `null` and come back as NaN.
@@ -152,11 +210,23 @@ pub struct Report {
     pub ms_per_step: f64,
     #[serde(with = "nan_as_null")]
     pub tokens_per_s: f64,
+    /// The most tensor memory the run held.
     #[serde(with = "nan_as_null")]
     pub peak_mib: f64,
-    /// What `peak_mib` measured (the process's resident set, or CUDA's caching allocator).
+    /// What `peak_mib` measured (CPU tensor bytes, or CUDA's caching allocator).
     #[serde(default)]
     pub memory_source: String,
+    /// Where the memory of the last step went ([`tch_fabric::memory::MemoryReport`]): the
+    /// parameters, their gradients, the optimizer's state, and the step's activation peak
+    /// (NaN where no step ran).
+    #[serde(default, with = "nan_as_null")]
+    pub params_mib: f64,
+    #[serde(default, with = "nan_as_null")]
+    pub grads_mib: f64,
+    #[serde(default, with = "nan_as_null")]
+    pub optimizer_mib: f64,
+    #[serde(default, with = "nan_as_null")]
+    pub activations_mib: f64,
     pub skipped: u64,
     pub loss_scale: f64,
     pub steps: usize,
@@ -321,11 +391,15 @@ fn load_corpus(args: &Args) -> Result<Corpus> {
     }
 }
 
-/// Precisions this device can train: all six on CPU (16-mixed as real float16 autocast with a
-/// GradScaler, which PyTorch supports on CPU) and on CUDA.
-fn supported(device: Device) -> Vec<Precision> {
-    let _ = device;
-    Precision::ALL.to_vec()
+/// The precisions compared: 32-true and those that save memory or time, on CPU (16-mixed as
+/// real float16 autocast with a GradScaler, which PyTorch supports on CPU) as on CUDA.
+/// 64-true buys neither and would take as long as all the others together; it trains alone
+/// with `--precision 64-true`.
+fn compared() -> Vec<Precision> {
+    Precision::ALL
+        .into_iter()
+        .filter(|p| *p != Precision::F64True)
+        .collect()
 }
 
 fn fabric_for(precision: Precision) -> Result<Fabric> {
@@ -430,7 +504,9 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         heads: args.heads,
     };
     let shape = [cfg.vocab, cfg.block, cfg.d_model, cfg.layers, cfg.heads];
-    let mut vs = nn::VarStore::new(device);
+    // Built directly in the precision's parameter dtype: a bf16-true model never exists in
+    // float32.
+    let mut vs = fabric.init_module()?;
     let gpt = model::Gpt::new(&vs.root(), cfg);
     let opt = FusedAdamW::new(&vs, args.lr)?.eps(args.eps);
     let (model, mut opt) = fabric.setup(gpt, &mut vs, opt)?;
@@ -495,6 +571,8 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     });
     let tokens_per_step = (args.batch * args.block) as f64;
     let mut timed = Vec::new();
+    let mut run_peak = 0;
+    let mut breakdown = None;
     let save = |step: usize, history: &History| -> Result<()> {
         fabric.save(
             &ckpt,
@@ -533,10 +611,19 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
             (x, y)
         };
         opt.zero_grad()?;
+        let last = step + 1 == args.steps;
+        if last {
+            // The last step is measured on its own: where its memory goes.
+            run_peak = fabric.memory_stats()?.peak_bytes;
+            tch_fabric::reset_peak_memory_stats(device)?;
+        }
         let loss = loss_of(&fabric, &model, &x, &y)?;
         fabric.backward(&loss)?;
         let _norm = fabric.clip_gradients(&mut opt, tch_fabric::Clip::norm(1.0))?;
         let outcome = opt.step()?;
+        if last {
+            breakdown = Some(fabric.memory_report(&model, &opt)?);
+        }
         // The loss of the whole global batch: the mean of the ranks' shard losses.
         let l = if world > 1 {
             let mean = loss.f_detach_copy()?;
@@ -596,7 +683,11 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
     let losses = &history.losses;
     let tail = &losses[losses.len().saturating_sub(10)..];
-    let memory = tch_fabric::memory_stats(device).ok();
+    let memory = fabric.memory_stats()?;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let part = |f: fn(&tch_fabric::memory::MemoryReport) -> u64| {
+        breakdown.as_ref().map_or(f64::NAN, |r| mib(f(r)))
+    };
     let report = Report {
         precision: precision.to_string(),
         // The mean of the last ten losses; NaN once the run diverged.
@@ -607,8 +698,12 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         val_loss,
         ms_per_step: median * 1e3,
         tokens_per_s: tokens_per_step / median,
-        peak_mib: memory.map_or(f64::NAN, |m| m.peak_bytes as f64 / (1024.0 * 1024.0)),
-        memory_source: memory.map(|m| m.source.to_string()).unwrap_or_default(),
+        peak_mib: mib(memory.peak_bytes.max(run_peak)),
+        memory_source: memory.source.to_string(),
+        params_mib: part(|r| r.parameters_bytes),
+        grads_mib: part(|r| r.gradients_bytes),
+        optimizer_mib: part(|r| r.optimizer_state_bytes),
+        activations_mib: part(|r| r.activations_bytes),
         skipped: fabric.skipped_steps()?,
         loss_scale: fabric.loss_scale()?,
         steps: args.steps,
@@ -619,7 +714,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     match &args.report {
         Some(path) => std::fs::write(path, serde_json::to_string(&report)?)
             .with_context(|| format!("writing {}", path.display()))?,
-        None => print_table(&[report]),
+        None => print_table(device, &[report]),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -630,7 +725,7 @@ fn compare(args: &Args) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the demo's own executable")?;
     let device = Device::cuda_if_available();
     let mut reports = Vec::new();
-    for precision in supported(device) {
+    for precision in compared() {
         let report_path = args.out.join(format!("{precision}.report.json"));
         let _ = std::fs::remove_file(&report_path);
         let mut cmd = Command::new(&exe);
@@ -670,40 +765,62 @@ fn compare(args: &Args) -> Result<ExitCode> {
             .with_context(|| format!("reading {}", report_path.display()))?;
         reports.push(serde_json::from_str::<Report>(&text)?);
     }
-    print_table(&reports);
+    print_table(device, &reports);
     let chart = args.out.join("compare.svg");
     chart::write(&chart, &reports)?;
     println!("\nchart: {}", chart.display());
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(reports: &[Report]) {
+fn print_table(device: Device, reports: &[Report]) {
     let diverged: Vec<&str> = reports
         .iter()
         .filter(|r| !r.train_loss.is_finite())
         .map(|r| r.precision.as_str())
         .collect();
+    let machine = Machine::detect(device);
+    println!("\n{}", machine.describe());
+    if let Some(caveat) = machine.caveat().filter(|_| !device.is_cuda()) {
+        println!("{caveat}");
+    }
+    let base = reports.iter().find(|r| r.precision == "32-true");
+    let ratio = |v: f64, of: fn(&Report) -> f64| {
+        base.map_or(String::from("-"), |b| format!("{:.2}x", v / of(b)))
+    };
     println!();
-    let source = reports
-        .first()
-        .map(|r| r.memory_source.as_str())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("not measured");
-    println!(
-        "| precision | train loss | val loss | ms/step | tokens/s | peak memory (MiB, {source}) | skipped steps | loss scale |"
-    );
+    println!("| precision | train loss | val loss | ms/step | tokens/s | vs 32-true | skipped steps | loss scale |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in reports {
         println!(
-            "| {} | {:.4} | {:.4} | {:.1} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {:.4} | {:.4} | {:.1} | {:.0} | {} | {} | {} |",
             r.precision,
             r.train_loss,
             r.val_loss,
             r.ms_per_step,
             r.tokens_per_s,
-            r.peak_mib,
+            ratio(r.tokens_per_s, |b| b.tokens_per_s),
             r.skipped,
             r.loss_scale
+        );
+    }
+    let source = reports
+        .first()
+        .map(|r| r.memory_source.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("not measured");
+    println!("\nMemory in MiB ({source}); the parts are those of the last step.\n");
+    println!("| precision | peak | vs 32-true | parameters | gradients | optimizer state | activations (step peak) |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in reports {
+        println!(
+            "| {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.precision,
+            r.peak_mib,
+            ratio(r.peak_mib, |b| b.peak_mib),
+            r.params_mib,
+            r.grads_mib,
+            r.optimizer_mib,
+            r.activations_mib
         );
     }
     if !diverged.is_empty() {
