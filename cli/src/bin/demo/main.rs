@@ -129,8 +129,8 @@ impl Size {
     /// Where 16-bit matrix products run natively (AMX-BF16 or AVX512-BF16, a GPU), a model
     /// whose matrix multiplies dominate the step (d_model 512, 4 layers, 8 x 256 tokens), so
     /// that the precisions' speed shows. Elsewhere libtorch computes them through float32,
-    /// tens of times slower than float32 itself (on a 2-core AVX2 EPYC, 1.2 GFLOP/s against
-    /// 47 for a bfloat16 matrix product, in PyTorch as here): the demo's small model (d_model
+    /// tens of times slower than float32 itself (on a 2-core AVX2 EPYC, a bfloat16 matrix
+    /// product at 1.2 GFLOP/s against 47 in float32, in PyTorch as here): the small model (d_model
     /// 96, 3 layers) keeps the 16-bit runs to about a second a step, and shows the memory.
     fn for_machine(machine: &Machine) -> Size {
         if machine.bf16 {
