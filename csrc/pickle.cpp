@@ -27,6 +27,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -48,47 +49,93 @@ void tf_ivalue_free(tf_ivalue v) { delete static_cast<IValue *>(v); }
 
 void tf_free_buffer(char *data) { std::free(data); }
 
-char *tf_archive_record(const char *path, const char *name, char **data, size_t *len) {
-  TF_PROTECT({
-    *data = nullptr;
-    *len = 0;
-    caffe2::serialize::PyTorchStreamReader reader{std::string(path)};
-    if (!reader.hasRecord(name)) {
-      throw std::runtime_error(std::string("the archive has no record '") + name + "'");
-    }
-    auto [ptr, size] = reader.getRecord(name);
-    char *out = static_cast<char *>(std::malloc(size == 0 ? 1 : size));
-    if (out == nullptr) throw std::bad_alloc();
-    std::memcpy(out, ptr.get(), size);
-    *data = out;
-    *len = size;
-  })
-}
-
-char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue *out) {
+char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue *out,
+                    char **records, size_t *records_len) {
   TF_PROTECT({
     *out = nullptr;
+    *records = nullptr;
+    *records_len = 0;
     caffe2::serialize::PyTorchStreamReader reader{std::string(path)};
-    size_t offset = 0;
-    auto read = [&](char *buffer, size_t n) -> size_t {
-      if (offset >= len) return 0;
-      size_t k = std::min(n, len - offset);
-      std::memcpy(buffer, pickle + offset, k);
-      offset += k;
-      return k;
+    // One parse of the pickle; `read_record` supplies each storage's bytes. The Unpickler trusts
+    // the pickle's element count: a storage declared longer than its record would expose the
+    // heap past the record, so sizes are checked before anything is read (below).
+    auto parse = [&](std::function<at::DataPtr(const std::string &)> read_record,
+                     const std::shared_ptr<torch::jit::DeserializationStorageContext> &context) {
+      size_t offset = 0;
+      auto read = [&](char *buffer, size_t n) -> size_t {
+        if (offset >= len) return 0;
+        size_t k = std::min(n, len - offset);
+        std::memcpy(buffer, pickle + offset, k);
+        offset += k;
+        return k;
+      };
+      // One storage per record, as torch.load shares them: a weight saved under two names (a
+      // tied weight) reads back as two tensors over one storage.
+      torch::jit::Unpickler unpickler(read, nullptr, nullptr, std::move(read_record),
+                                      at::Device(at::kCPU), false,
+                                      torch::jit::Unpickler::defaultTypeParser, context);
+      unpickler.set_version(reader.version());
+      return unpickler.parse_ivalue();
     };
-    std::function<at::DataPtr(const std::string &)> read_record =
+    // Pass 1 reads no record: each storage gets no bytes, only its declared size, which the
+    // archive's own directory (sizes, not contents) must match; a decompression bomb or a short
+    // record is refused before a byte of it is inflated.
+    std::vector<std::string> keys;
+    std::unordered_map<std::string, size_t> index;  // key -> position in keys
+    std::vector<size_t> record_bytes;
+    {
+      auto context = std::make_shared<torch::jit::DeserializationStorageContext>();
+      parse(
+          [&](const std::string &key) -> at::DataPtr {
+            if (index.emplace(key, keys.size()).second) keys.push_back(key);
+            return at::DataPtr(nullptr, at::Device(at::kCPU));
+          },
+          context);
+      for (const auto &key : keys) {
+        const std::string name = "data/" + key;
+        if (!reader.hasRecord(name)) {
+          throw std::runtime_error("the pickle names a storage '" + name +
+                                   "' that the archive does not hold");
+        }
+        const size_t declared = context->getStorage(key).nbytes();
+        const size_t held = reader.getRecordSize(name);
+        if (held != declared) {
+          throw std::runtime_error("record '" + name + "' holds " + std::to_string(held) +
+                                   " bytes where the pickle declares a storage of " +
+                                   std::to_string(declared) +
+                                   " bytes (torch.load refuses it too)");
+        }
+        record_bytes.push_back(held);
+      }
+    }
+    // Pass 2 reads the records the first pass checked, and only those.
+    auto context = std::make_shared<torch::jit::DeserializationStorageContext>();
+    IValue value = parse(
         [&](const std::string &key) -> at::DataPtr {
-      auto record = reader.getRecord("data/" + key);
-      return std::move(std::get<0>(record));
-    };
-    // One storage per record, as torch.load shares them: a weight saved under two names (a tied
-    // weight) reads back as two tensors over one storage.
-    torch::jit::Unpickler unpickler(read, nullptr, nullptr, read_record, at::Device(at::kCPU),
-                                    false, torch::jit::Unpickler::defaultTypeParser,
-                                    std::make_shared<torch::jit::DeserializationStorageContext>());
-    unpickler.set_version(reader.version());
-    *out = boxed(unpickler.parse_ivalue());
+          auto at = index.find(key);
+          if (at == index.end()) {
+            throw std::runtime_error("the pickle read storage '" + key + "' only the second time");
+          }
+          const std::string name = "data/" + key;
+          if (reader.getRecordSize(name) != record_bytes[at->second]) {
+            throw std::runtime_error("record '" + name + "' changed while it was read");
+          }
+          return std::move(std::get<0>(reader.getRecord(name)));
+        },
+        context);
+    std::string listed;
+    for (size_t i = 0; i < keys.size(); i++) {
+      if (context->hasStorage(keys[i]) && context->getStorage(keys[i]).nbytes() != record_bytes[i]) {
+        throw std::runtime_error("storage '" + keys[i] + "' changed size between two reads");
+      }
+      listed += "data/" + keys[i] + "\n";
+    }
+    char *names = static_cast<char *>(std::malloc(listed.size() + 1));
+    if (names == nullptr) throw std::bad_alloc();
+    std::memcpy(names, listed.data(), listed.size() + 1);
+    *out = boxed(std::move(value));
+    *records = names;
+    *records_len = listed.size();
   })
 }
 

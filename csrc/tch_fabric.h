@@ -211,7 +211,7 @@ char *tf_reducer_prepare(tf_reducer r, const tf_tensor *outputs, size_t n);
 void tf_reducer_free(tf_reducer r);
 
 /* torch.save-format files (pickle.cpp). A `tf_ivalue` is a heap `c10::IValue*` owned by the
- * caller and released with tf_ivalue_free; buffers from tf_archive_record with tf_free_buffer. */
+ * caller and released with tf_ivalue_free; buffers from tf_torch_load with tf_free_buffer. */
 typedef void *tf_ivalue;
 enum {
   TF_IV_NONE = 0,
@@ -234,10 +234,11 @@ typedef struct {
 } tf_ivalue_info;
 void tf_ivalue_free(tf_ivalue v);
 void tf_free_buffer(char *data);
-/* The bytes of record `name` ("data.pkl") of the zip archive at `path` (malloc'ed). */
-char *tf_archive_record(const char *path, const char *name, char **data, size_t *len);
-/* Unpickles `pickle` with the tensors read from the archive at `path`, onto the CPU. */
-char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue *out);
+/* Unpickles `pickle` with the tensors read from the archive at `path`, onto the CPU, after
+ * checking that every storage's record holds exactly the bytes the pickle declares. `records`
+ * (malloc'ed, `records_len` bytes) lists the records read, one name a line. */
+char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue *out,
+                    char **records, size_t *records_len);
 /* Writes `value` to `path` as torch.save does (zip archive, pickle protocol 2, untagged). */
 char *tf_torch_save(tf_ivalue value, const char *path);
 char *tf_ivalue_inspect(tf_ivalue value, tf_ivalue_info *out);

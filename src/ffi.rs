@@ -265,17 +265,13 @@ extern "C" {
     pub(crate) fn tf_reducer_free(reducer: *mut c_void);
     pub(crate) fn tf_ivalue_free(v: CIValue);
     pub(crate) fn tf_free_buffer(data: *mut c_char);
-    pub(crate) fn tf_archive_record(
-        path: *const c_char,
-        name: *const c_char,
-        data: *mut *mut c_char,
-        len: *mut usize,
-    ) -> *mut c_char;
     pub(crate) fn tf_torch_load(
         path: *const c_char,
         pickle: *const c_char,
         len: usize,
         out: *mut CIValue,
+        records: *mut *mut c_char,
+        records_len: *mut usize,
     ) -> *mut c_char;
     pub(crate) fn tf_torch_save(value: CIValue, path: *const c_char) -> *mut c_char;
     pub(crate) fn tf_ivalue_inspect(value: CIValue, out: *mut IValueInfo) -> *mut c_char;

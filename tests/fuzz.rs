@@ -1,5 +1,6 @@
 //! Property tests ("fuzzing" on stable Rust) of everything that parses outside input: the
-//! checkpoint reader (arbitrary bytes, forged headers, mutated checkpoints), the precision
+//! checkpoint readers (arbitrary bytes, forged headers, mutated checkpoints; torch.save archives
+//! damaged or with hostile pickles), the precision
 //! parser (`FromStr`, `TryFrom<i64>`) and the GradScaler state JSON (`from_json`, then
 //! `load_state_dict`). Each target must never panic, and what it accepts must make sense.
 //!
@@ -358,4 +359,125 @@ fn fuzz_the_grad_scaler_state() {
         "scaler state JSON: {cases} cases, 0 panics ({} loaded)",
         loaded.get()
     );
+}
+
+/// A torch.save archive rebuilt with its entries' checksums right: what a hostile (rather than
+/// damaged) file looks like, since the CRC-32 check catches mere damage.
+fn rezip(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in entries {
+        w.start_file(name.as_str(), stored).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// One input of the torch.save reader.
+#[derive(Debug, Clone)]
+enum TorchInput {
+    /// Random bytes behind a zip's magic number (so the torch.save reader takes them).
+    Raw(Vec<u8>),
+    /// The file with bytes changed: the zip's structure or an entry's content (CRC-32 wrong).
+    Mutated(Vec<Mutation>),
+    /// `data.pkl` changed, the archive rebuilt with checksums that match: hostile pickles for
+    /// the rewriter and libtorch's Unpickler.
+    Repickled(Vec<Mutation>),
+}
+
+#[test]
+fn fuzz_the_torch_save_reader() {
+    let dir = std::env::temp_dir().join(format!("tch-fabric-fuzz-pt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (f, vs, _) = checkpoint(&dir);
+    let good_path = dir.join("good.pt");
+    let epoch = std::collections::BTreeMap::from([("epoch".to_string(), 4u32)]);
+    f.save(&good_path, &epoch).unwrap();
+    let good = std::fs::read(&good_path).unwrap();
+    let saved = weights(&vs);
+    let entries: Vec<(String, Vec<u8>)> = {
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(good.clone())).unwrap();
+        (0..z.len())
+            .map(|i| {
+                let mut e = z.by_index(i).unwrap();
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+                (e.name().to_string(), bytes)
+            })
+            .collect()
+    };
+    let pkl = entries
+        .iter()
+        .position(|(n, _)| n.ends_with("/data.pkl"))
+        .unwrap();
+    let path = dir.join("case.pt");
+    let input = prop_oneof![
+        1 => prop::collection::vec(any::<u8>(), 0..256).prop_map(TorchInput::Raw),
+        3 => prop::collection::vec(mutation(), 1..4).prop_map(TorchInput::Mutated),
+        4 => prop::collection::vec(mutation(), 1..4).prop_map(TorchInput::Repickled),
+    ];
+    let (mut runner, cases) = runner();
+    let (refused, loaded, other) = (Cell::new(0u32), Cell::new(0u32), Cell::new(0u32));
+    runner
+        .run(&input, |input| {
+            let bytes = match &input {
+                TorchInput::Raw(b) => [&b"PK\x03\x04"[..], b].concat(),
+                TorchInput::Mutated(ms) => {
+                    let mut b = good.clone();
+                    for m in ms {
+                        apply(&mut b, m);
+                    }
+                    b
+                }
+                TorchInput::Repickled(ms) => {
+                    let mut e = entries.clone();
+                    for m in ms {
+                        if !e[pkl].1.is_empty() {
+                            apply(&mut e[pkl].1, m);
+                        }
+                    }
+                    rezip(&e)
+                }
+            };
+            std::fs::write(&path, &bytes).unwrap();
+            if let TorchInput::Repickled(_) = input {
+                // A valid pickle may say something else (another epoch, another number): it
+                // must read or be refused, never crash; the model is left out of it.
+                match tch_fabric::checkpoint::inspect(&path) {
+                    Ok(_) => other.set(other.get() + 1),
+                    Err(_) => refused.set(refused.get() + 1),
+                }
+                return Ok(());
+            }
+            match f.load::<std::collections::BTreeMap<String, u32>>(&path) {
+                Err(_) => refused.set(refused.get() + 1),
+                Ok(state) => {
+                    // Damage the checksums do not cover (the zip's own padding and directory
+                    // fields libtorch ignores) loads exactly what was saved.
+                    prop_assert_eq!(&state, &epoch);
+                    let now = weights(&vs);
+                    prop_assert!(
+                        now.len() == saved.len()
+                            && now
+                                .iter()
+                                .zip(&saved)
+                                .all(|(a, b)| a.0 == b.0 && a.1.equal(&b.1)),
+                        "loaded altered weights"
+                    );
+                    loaded.set(loaded.get() + 1);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!(
+        "torch.save reader: {cases} cases, 0 panics ({} refused, {} loaded the saved content, \
+         {} rewritten pickles read)",
+        refused.get(),
+        loaded.get(),
+        other.get()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,7 @@
 //! | `torch` (with `pickle`) | `torch.save`'s format, as Lightning writes and reads it |
 //! | `atomic` | crash-safe writes and careful opens, for both formats |
 //! | `inspect` | what a checkpoint holds, read without a model ([`inspect`]) |
+mod archive;
 mod atomic;
 mod inspect;
 mod layout;

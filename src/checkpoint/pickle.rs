@@ -14,10 +14,26 @@
 //!   objects that `torch.load(weights_only=True)` would refuse too, named in the error.
 //!
 //! Everything else is copied byte for byte, so memo indices keep their meaning.
+//!
+//! The walk also bounds what the Unpickler would build, since libtorch builds and frees value
+//! trees recursively and sizes its memo by the largest index: values nested deeper than
+//! [`MAX_HEIGHT`] (each container's height is tracked through the memo, and a container may
+//! not grow once it sits in another), type strings of `restore_type_tag` nested deeper than
+//! [`MAX_TYPE_NESTING`], and memo indices past the pickle's own length are refused. The walk
+//! is linear in the pickle's length.
 
 /// The key under which a rewritten OrderedDict keeps its `BUILD` state (its `_metadata`): it
 /// starts with a NUL, which no Python identifier (hence no module or parameter name) contains.
 pub(crate) const BUILD_KEY: &str = "\u{0}tch_fabric.build_state";
+
+/// The deepest nesting of containers (lists, dicts, tuples, objects) a pickle may build. A
+/// state dict is under 10 deep; libtorch frees a value tree recursively, and 10^5 levels
+/// overflow its stack.
+pub(crate) const MAX_HEIGHT: u32 = 128;
+
+/// The deepest bracket nesting of a type string given to `torch.jit._pickle.restore_type_tag`
+/// (`Dict[str, List[Tensor]]` is 2): libtorch's type parser recurses on each level.
+pub(crate) const MAX_TYPE_NESTING: u32 = 32;
 
 /// What the walk knows about a stack entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,15 +46,31 @@ enum Kind {
     OrderedDict,
     /// `()`.
     EmptyTuple,
+    /// `torch.jit._pickle.restore_type_tag`, whose second argument libtorch parses as a type.
+    RestoreTypeTag,
     Other,
 }
 
-/// A stack entry: its kind and where its bytes start in the output (where a key is inserted
-/// before a BUILD state).
+/// What the walk knows about a value: how deep it nests, whether it already sits in another
+/// container, and for a string (or a tuple of them) its bracket nesting as a type string.
+#[derive(Debug, Clone, Copy, Default)]
+struct Node {
+    height: u32,
+    placed: bool,
+    nest: u32,
+}
+
+/// The node of every value that holds nothing and is never added to (numbers, None, globals,
+/// storages).
+const LEAF: usize = 0;
+
+/// A stack entry: its kind, where its bytes start in the output (where a key is inserted
+/// before a BUILD state), and its value's [`Node`] (shared by the memo's copies).
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     kind: Kind,
     start: usize,
+    node: usize,
 }
 
 const EMPTY_DICT: u8 = b'}';
@@ -91,8 +123,12 @@ struct Walk<'a> {
     input: &'a [u8],
     pos: usize,
     out: Vec<u8>,
+    /// Bytes to insert into `out` (at a position, in the order given), applied once at the end
+    /// so that each insertion costs its own length, not the output's.
+    inserts: Vec<(usize, Vec<u8>)>,
     stack: Vec<Entry>,
-    memo: std::collections::HashMap<u64, Kind>,
+    memo: std::collections::HashMap<u64, (Kind, usize)>,
+    nodes: Vec<Node>,
 }
 
 impl<'a> Walk<'a> {
@@ -102,14 +138,73 @@ impl<'a> Walk<'a> {
             .ok_or_else(|| format!("stack underflow at byte {}", self.pos))
     }
 
-    /// Pops through the topmost MARK and returns the MARK's entry.
-    fn pop_mark(&mut self) -> Result<Entry, String> {
+    /// Pops through the topmost MARK, marking what it pops as placed, and returns the MARK's
+    /// entry with the greatest height and type nesting among the popped values.
+    fn pop_mark(&mut self) -> Result<(Entry, u32, u32), String> {
+        let (mut height, mut nest) = (0, 0);
         loop {
             let e = self.pop()?;
             if e.kind == Kind::Mark {
-                return Ok(e);
+                return Ok((e, height, nest));
             }
+            let n = self.place(e.node);
+            height = height.max(n.height);
+            nest = nest.max(n.nest);
         }
+    }
+
+    /// Marks a value as sitting in a container and returns its node.
+    fn place(&mut self, node: usize) -> Node {
+        if node != LEAF {
+            self.nodes[node].placed = true;
+        }
+        self.nodes[node]
+    }
+
+    /// A new value holding values of `height` (and type nesting `nest`) at most.
+    fn node(&mut self, height: u32, nest: u32) -> Result<usize, String> {
+        if height > MAX_HEIGHT {
+            return Err(format!(
+                "values nested more than {MAX_HEIGHT} deep (at byte {}); a checkpoint nests under 10",
+                self.pos
+            ));
+        }
+        self.nodes.push(Node {
+            height,
+            placed: false,
+            nest,
+        });
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Records that values of up to `height` were added to the value of `node`.
+    fn grow(&mut self, node: usize, height: u32) -> Result<(), String> {
+        if node == LEAF {
+            return Err(format!(
+                "items added to a value that is not a container, at byte {}",
+                self.pos
+            ));
+        }
+        let n = &mut self.nodes[node];
+        let new = height + 1;
+        if new > n.height {
+            if n.placed {
+                return Err(format!(
+                    "a container grown after it was put in another (byte {}), which no \
+                     torch.save writes",
+                    self.pos
+                ));
+            }
+            if new > MAX_HEIGHT {
+                return Err(format!(
+                    "values nested more than {MAX_HEIGHT} deep (at byte {}); a checkpoint nests \
+                     under 10",
+                    self.pos
+                ));
+            }
+            n.height = new;
+        }
+        Ok(())
     }
 
     fn top(&self) -> Result<Entry, String> {
@@ -119,8 +214,8 @@ impl<'a> Walk<'a> {
             .ok_or_else(|| format!("empty stack at byte {}", self.pos))
     }
 
-    fn push(&mut self, kind: Kind, start: usize) {
-        self.stack.push(Entry { kind, start });
+    fn push(&mut self, kind: Kind, start: usize, node: usize) {
+        self.stack.push(Entry { kind, start, node });
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
@@ -156,14 +251,58 @@ impl<'a> Walk<'a> {
 }
 
 /// The memo index of a GET/PUT: a decimal line (protocol 0's `g`/`p`) or the binary argument.
-fn memo_index(text: bool, argument: &[u8], binary: u64) -> Result<u64, String> {
-    if !text {
-        return Ok(binary);
+/// A pickler numbers its memo from 0, one entry per value it wrote, so an index is below the
+/// pickle's length; libtorch sizes its memo by the largest index, so one far past it would
+/// allocate gigabytes.
+fn memo_index(text: bool, argument: &[u8], binary: u64, len: usize) -> Result<u64, String> {
+    let index = if text {
+        String::from_utf8_lossy(argument)
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| "a bad memo index".to_string())?
+    } else {
+        binary
+    };
+    if index >= len as u64 {
+        return Err(format!(
+            "memo index {index} in a pickle of {len} bytes, which has fewer values than that"
+        ));
     }
-    String::from_utf8_lossy(argument)
-        .trim()
-        .parse::<u64>()
-        .map_err(|_| "a bad memo index".to_string())
+    Ok(index)
+}
+
+/// The bracket nesting of a string as a type string (`List[Dict[str, Tensor]]`: 2).
+fn type_nesting(text: &[u8]) -> u32 {
+    let (mut depth, mut most) = (0u32, 0u32);
+    for &b in text {
+        match b {
+            b'[' | b'(' => {
+                depth += 1;
+                most = most.max(depth);
+            }
+            b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    most
+}
+
+/// Applies the insertions (positions in `out` before any insertion) in one pass.
+fn splice_all(out: Vec<u8>, mut inserts: Vec<(usize, Vec<u8>)>) -> Vec<u8> {
+    if inserts.is_empty() {
+        return out;
+    }
+    inserts.sort_by_key(|(at, _)| *at);
+    let extra: usize = inserts.iter().map(|(_, b)| b.len()).sum();
+    let mut merged = Vec::with_capacity(out.len() + extra);
+    let mut from = 0;
+    for (at, bytes) in inserts {
+        merged.extend_from_slice(&out[from..at]);
+        merged.extend_from_slice(&bytes);
+        from = at;
+    }
+    merged.extend_from_slice(&out[from..]);
+    merged
 }
 
 /// `data.pkl` of a torch.save archive, rewritten for libtorch's Unpickler (see the module
@@ -173,8 +312,10 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
         input,
         pos: 0,
         out: Vec::with_capacity(input.len() + 64),
+        inserts: Vec::new(),
         stack: Vec::new(),
         memo: std::collections::HashMap::new(),
+        nodes: vec![Node::default()],
     };
     let input = w.input;
     loop {
@@ -211,7 +352,7 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
         match op {
             b'.' => {
                 w.out.extend_from_slice(raw);
-                return Ok(w.out);
+                return Ok(splice_all(w.out, w.inserts));
             }
             // FRAME: a hint that the copy would make wrong; dropped.
             0x95 => replaced = Some(Vec::new()),
@@ -227,9 +368,11 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
                 }
                 if (module, name) == ("collections", "OrderedDict") {
                     replaced = Some(vec![EMPTY_DICT]);
-                    w.push(Kind::OrderedDictClass, start);
+                    w.push(Kind::OrderedDictClass, start, LEAF);
+                } else if (module, name) == ("torch.jit._pickle", "restore_type_tag") {
+                    w.push(Kind::RestoreTypeTag, start, LEAF);
                 } else {
-                    w.push(Kind::Other, start);
+                    w.push(Kind::Other, start, LEAF);
                 }
             }
             // STACK_GLOBAL (protocol 4): the module and name are on the stack as strings; this
@@ -248,30 +391,43 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
                 ))
             }
             b'h' | b'j' | b'g' => {
-                let key = memo_index(op == b'g', argument, int_arg)?;
-                let kind = *w
+                let key = memo_index(op == b'g', argument, int_arg, input.len())?;
+                let (kind, node) = *w
                     .memo
                     .get(&key)
                     .ok_or_else(|| format!("memo entry {key} read before it was written"))?;
                 if kind == Kind::OrderedDictClass {
                     replaced = Some(vec![EMPTY_DICT]);
                 }
-                w.push(kind, start);
+                w.push(kind, start, node);
             }
             b'q' | b'r' | b'p' => {
-                let key = memo_index(op == b'p', argument, int_arg)?;
-                let kind = w.top()?.kind;
-                w.memo.insert(key, kind);
+                let key = memo_index(op == b'p', argument, int_arg, input.len())?;
+                let top = w.top()?;
+                w.memo.insert(key, (top.kind, top.node));
             }
             0x94 => {
-                let kind = w.top()?.kind;
+                let top = w.top()?;
                 let key = w.memo.len() as u64;
-                w.memo.insert(key, kind);
+                w.memo.insert(key, (top.kind, top.node));
             }
-            b')' => w.push(Kind::EmptyTuple, start),
+            b')' => {
+                let node = w.node(1, 0)?;
+                w.push(Kind::EmptyTuple, start, node);
+            }
+            b']' | b'}' | 0x8f => {
+                let node = w.node(1, 0)?;
+                w.push(Kind::Other, start, node);
+            }
+            // Strings: a type string's nesting is checked where restore_type_tag gets it.
+            b'S' | b'V' | b'T' | b'U' | b'X' | 0x8c | 0x8d => {
+                let node = w.node(0, type_nesting(argument))?;
+                w.push(Kind::Other, start, node);
+            }
             b'R' => {
                 let args = w.pop()?;
                 let callable = w.pop()?;
+                let a = w.place(args.node);
                 if callable.kind == Kind::OrderedDictClass {
                     // The EMPTY_TUPLE just emitted is dropped; the EMPTY_DICT that stood for
                     // the class becomes the instance.
@@ -280,23 +436,35 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
                     }
                     w.out.truncate(args.start);
                     replaced = Some(Vec::new());
-                    w.push(Kind::OrderedDict, callable.start);
+                    let node = w.node(1, 0)?;
+                    w.push(Kind::OrderedDict, callable.start, node);
                 } else {
-                    w.push(Kind::Other, callable.start);
+                    if callable.kind == Kind::RestoreTypeTag && a.nest > MAX_TYPE_NESTING {
+                        return Err(format!(
+                            "a type string nested more than {MAX_TYPE_NESTING} deep (at byte \
+                             {op_pos})"
+                        ));
+                    }
+                    // What a call returns holds at most what its arguments held.
+                    let node = w.node(a.height, 0)?;
+                    w.push(Kind::Other, callable.start, node);
                 }
             }
             b'b' => {
                 let state = w.pop()?;
-                if w.top()?.kind == Kind::OrderedDict {
+                let st = w.place(state.node);
+                let top = w.top()?;
+                w.grow(top.node, st.height)?;
+                if top.kind == Kind::OrderedDict {
                     let key = BUILD_KEY.as_bytes();
                     let mut ins = vec![BINUNICODE];
                     ins.extend_from_slice(&(key.len() as u32).to_le_bytes());
                     ins.extend_from_slice(key);
-                    w.out.splice(state.start..state.start, ins);
+                    w.inserts.push((state.start, ins));
                     replaced = Some(vec![SETITEM]);
                 }
             }
-            b'(' => w.push(Kind::Mark, start),
+            b'(' => w.push(Kind::Mark, start, LEAF),
             b'0' => {
                 w.pop()?;
             }
@@ -305,39 +473,64 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
             }
             b'2' => {
                 let top = w.top()?;
-                w.push(top.kind, start);
+                w.push(top.kind, start, top.node);
             }
-            b'Q' | 0x85 => {
+            // BINPERSID: a storage.
+            b'Q' => {
                 let e = w.pop()?;
-                w.push(Kind::Other, e.start);
+                w.push(Kind::Other, e.start, LEAF);
             }
-            0x86 | 0x81 => {
-                w.pop()?;
-                let e = w.pop()?;
-                w.push(Kind::Other, e.start);
+            // TUPLE1, TUPLE2, TUPLE3.
+            0x85..=0x87 => {
+                let (mut height, mut nest, mut first) = (0, 0, 0);
+                for _ in 0..(op - 0x84) {
+                    let e = w.pop()?;
+                    let n = w.place(e.node);
+                    height = height.max(n.height);
+                    nest = nest.max(n.nest);
+                    first = e.start;
+                }
+                let node = w.node(height + 1, nest)?;
+                w.push(Kind::Other, first, node);
             }
-            0x87 | 0x92 => {
-                w.pop()?;
-                w.pop()?;
-                let e = w.pop()?;
-                w.push(Kind::Other, e.start);
+            // NEWOBJ (class, args) and NEWOBJ_EX (class, args, kwargs).
+            0x81 | 0x92 => {
+                let mut height = 0;
+                if op == 0x92 {
+                    let kwargs = w.pop()?;
+                    height = w.place(kwargs.node).height;
+                }
+                let args = w.pop()?;
+                height = height.max(w.place(args.node).height);
+                let class = w.pop()?;
+                let node = w.node(height, 0)?;
+                w.push(Kind::Other, class.start, node);
             }
             b'a' => {
-                w.pop()?;
+                let item = w.pop()?;
+                let h = w.place(item.node).height;
+                let parent = w.top()?;
+                w.grow(parent.node, h)?;
             }
             b's' => {
-                w.pop()?;
-                w.pop()?;
+                let value = w.pop()?;
+                let key = w.pop()?;
+                let h = w.place(value.node).height.max(w.place(key.node).height);
+                let parent = w.top()?;
+                w.grow(parent.node, h)?;
             }
             b'e' | b'u' | 0x90 => {
-                w.pop_mark()?;
+                let (_, h, _) = w.pop_mark()?;
+                let parent = w.top()?;
+                w.grow(parent.node, h)?;
             }
             b't' | b'd' | b'l' | 0x91 | b'o' => {
-                let m = w.pop_mark()?;
-                w.push(Kind::Other, m.start);
+                let (m, h, nest) = w.pop_mark()?;
+                let node = w.node(h + 1, nest)?;
+                w.push(Kind::Other, m.start, node);
             }
             0x80 | 0x98 => {}
-            _ => w.push(Kind::Other, start),
+            _ => w.push(Kind::Other, start, LEAF),
         }
         match replaced {
             Some(bytes) => w.out.extend_from_slice(&bytes),

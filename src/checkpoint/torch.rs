@@ -62,19 +62,21 @@ pub(crate) fn is_torch_file(path: &Path) -> Result<bool> {
     Ok(magic == *b"PK\x03\x04")
 }
 
-/// Reads the archive's value tree.
+/// Reads the archive's value tree: the pickle (checked by [`super::pickle::rewrite`] for what
+/// it may build), then the storages it names, each record checked for its size (by the shim,
+/// before it is read) and its CRC-32 (here, after).
 fn read_value(path: &Path) -> Result<PyValue> {
     let bad = |reason: String| fail(path, reason);
-    let pickle = native::archive_record(path, "data.pkl").map_err(|e| {
-        bad(format!(
-            "not a readable torch.save archive: {}",
-            native_reason(&e)
-        ))
-    })?;
+    let mut archive = super::archive::Archive::open(path)?;
+    let pickle = archive.read("data.pkl", super::archive::MAX_PICKLE_BYTES)?;
     let pickle =
         super::pickle::rewrite(&pickle).map_err(|r| bad(format!("cannot be read: {r}")))?;
-    native::torch_load(path, &pickle)
-        .map_err(|e| bad(format!("cannot be unpickled: {}", native_reason(&e))))
+    let (value, records) = native::torch_load(path, &pickle)
+        .map_err(|e| bad(format!("cannot be unpickled: {}", native_reason(&e))))?;
+    for record in &records {
+        archive.verify(record)?;
+    }
+    Ok(value)
 }
 
 fn native_reason(e: &Error) -> String {

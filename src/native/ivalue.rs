@@ -237,32 +237,14 @@ fn c_path(op: &'static str, path: &std::path::Path) -> Result<std::ffi::CString>
         .map_err(|_| Error::native(op, "the path contains a NUL byte"))
 }
 
-/// The bytes of record `name` of the torch.save archive at `path`.
-pub(crate) fn archive_record(path: &std::path::Path, name: &str) -> Result<Vec<u8>> {
-    const OP: &str = "torch_load";
-    let (p, n) = (
-        c_path(OP, path)?,
-        std::ffi::CString::new(name).map_err(|_| Error::native(OP, "NUL in a record name"))?,
-    );
-    let (mut data, mut len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
-    // SAFETY: live handles and strings; out-parameters are written on success only.
-    call(OP, || unsafe {
-        ffi::tf_archive_record(p.as_ptr(), n.as_ptr(), &mut data, &mut len)
-    })?;
-    if data.is_null() {
-        return Err(Error::native(OP, "the shim returned no buffer"));
-    }
-    // SAFETY: `len` bytes malloc'ed by the shim, freed right after the copy.
-    let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }.to_vec();
-    unsafe { ffi::tf_free_buffer(data) };
-    Ok(bytes)
-}
-
-/// Unpickles `pickle` (a rewritten `data.pkl`) with its tensors from the archive at `path`.
-pub(crate) fn torch_load(path: &std::path::Path, pickle: &[u8]) -> Result<PyValue> {
+/// Unpickles `pickle` (a rewritten `data.pkl`) with its tensors from the archive at `path`, and
+/// the names of the records it read (`data/0`, ...). The shim refuses a storage whose record
+/// does not hold exactly the bytes the pickle declares, before reading any.
+pub(crate) fn torch_load(path: &std::path::Path, pickle: &[u8]) -> Result<(PyValue, Vec<String>)> {
     const OP: &str = "torch_load";
     let p = c_path(OP, path)?;
     let mut out: CIValue = std::ptr::null_mut();
+    let (mut records, mut len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
     // SAFETY: live handles and strings; out-parameters are written on success only.
     call(OP, || unsafe {
         ffi::tf_torch_load(
@@ -270,9 +252,22 @@ pub(crate) fn torch_load(path: &std::path::Path, pickle: &[u8]) -> Result<PyValu
             pickle.as_ptr().cast::<c_char>(),
             pickle.len(),
             &mut out,
+            &mut records,
+            &mut len,
         )
     })?;
-    from_ivalue(&owned(OP, out)?, 0)
+    let value = owned(OP, out)?;
+    if records.is_null() {
+        return Err(Error::native(OP, "the shim returned no record list"));
+    }
+    // SAFETY: `len` bytes malloc'ed by the shim, freed right after the copy.
+    let names =
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(records.cast::<u8>(), len) })
+            .lines()
+            .map(str::to_string)
+            .collect();
+    unsafe { ffi::tf_free_buffer(records) };
+    Ok((from_ivalue(&value, 0)?, names))
 }
 
 /// Writes `value` to `path` in torch.save's format.

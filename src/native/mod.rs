@@ -35,7 +35,7 @@ pub(crate) use device::{
     cuda_reset_peak_memory_stats, load_cuda,
 };
 pub(crate) use dist::{PgConfig, RawProcessGroup, RawReduceOp, RawReducer};
-pub(crate) use ivalue::{archive_record, torch_load, torch_save, PyValue};
+pub(crate) use ivalue::{torch_load, torch_save, PyValue};
 pub(crate) use kernels::{
     amp_unscale, clip_divisor, foreach_add_scalar, foreach_clamp, foreach_mul_tensor,
     foreach_sub_tensor, grad_total_norm, op_has_kernel, unscale_sumsq,
