@@ -20,6 +20,7 @@
 #include <torch/csrc/jit/serialization/storage_context.h>
 #include <torch/csrc/jit/serialization/unpickler.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -153,17 +154,34 @@ char *tf_torch_save(tf_ivalue value, const char *path) {
     pickler.stop();
     std::ofstream file(path, std::ios::binary | std::ios::trunc);
     if (!file) throw std::runtime_error(std::string("cannot open ") + path + " for writing");
+    // The zip writer is told every write succeeded: on a short write it throws, and then
+    // throws again from its destructor (which finishes the archive at a position it no longer
+    // agrees with), which aborts the process. So the first failure is kept here, later writes
+    // are skipped, and the save fails once the writer is done.
+    int write_errno = 0;
+    bool failed = false;
     {
       caffe2::serialize::PyTorchStreamWriter writer([&](const void *bytes, size_t n) -> size_t {
-        file.write(static_cast<const char *>(bytes), static_cast<std::streamsize>(n));
-        return file ? n : 0;
+        if (!failed) {
+          errno = 0;
+          file.write(static_cast<const char *>(bytes), static_cast<std::streamsize>(n));
+          if (!file) {
+            failed = true;
+            write_errno = errno;
+          }
+        }
+        return n;
       });
       torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(),
                                          writer);
       writer.writeEndOfFile();
     }
     file.close();
-    if (!file) throw std::runtime_error(std::string("cannot write ") + path);
+    if (failed || !file) {
+      throw std::runtime_error(std::string("cannot write ") + path +
+                               (write_errno != 0 ? std::string(": ") + std::strerror(write_errno)
+                                                 : std::string()));
+    }
   })
 }
 

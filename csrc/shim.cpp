@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <mutex>
 #include <chrono>
 #include <cstdlib>
@@ -340,6 +341,34 @@ static std::vector<double> step_values(const std::vector<at::Tensor> &steps) {
   return out;
 }
 
+// One-element tensors with the options (dtype, device) of each of `ts`, and copies of
+// (0-dim) step counts: stand-ins that run an optimizer's ops with its scalars and change nothing.
+static std::vector<at::Tensor> tiny(const std::vector<at::Tensor> &ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto &t : ts) out.push_back(at::zeros({1}, t.options()));
+  return out;
+}
+
+static std::vector<at::Tensor> copies(const std::vector<at::Tensor> &ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto &t : ts) out.push_back(t.clone());
+  return out;
+}
+
+// Runs a step on stand-ins; what libtorch refuses there is refused before the real step, with
+// the learning rate named (the usual culprit: lr / bias correction past the dtype's range).
+static void refused_scalars(const std::function<void()> &probe, double lr) {
+  try {
+    probe();
+  } catch (const std::exception &e) {
+    throw std::runtime_error(c10::str("lr = ", lr, " gives a step the parameters' dtype cannot ",
+                                      "take (", ::tch_fabric_shim::message_of(e),
+                                      "); nothing was changed"));
+  }
+}
+
 char *tf_adam_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
                        const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
                        const tf_tensor *state_steps, size_t n, double lr, double beta1,
@@ -352,69 +381,80 @@ char *tf_adam_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf
     // Under no_grad, as Optimizer.step runs. The Python floats are C++ doubles, `**` is
     // libm's pow.
     at::NoGradGuard no_grad;
-    if (foreach) {
-      // torch.optim.adam._multi_tensor_adam (capturable=False), step counts on the CPU.
-      std::vector<at::Tensor> gs = maximize ? at::_foreach_neg(g) : g;
-      at::_foreach_add_(s, at::scalar_tensor(1.0, at::kFloat), 1.0);
-      if (weight_decay != 0) {
-        if (decoupled) {
-          at::_foreach_mul_(p, 1 - lr * weight_decay);
-        } else if (maximize) {
-          at::_foreach_add_(gs, p, weight_decay);
-        } else {
-          gs = at::_foreach_add(gs, p, weight_decay);
+    auto run = [&](std::vector<at::Tensor> &p, std::vector<at::Tensor> &g, std::vector<at::Tensor> &m,
+                   std::vector<at::Tensor> &v, std::vector<at::Tensor> &vmax,
+                   std::vector<at::Tensor> &s) {
+      if (foreach) {
+        // torch.optim.adam._multi_tensor_adam (capturable=False), step counts on the CPU.
+        std::vector<at::Tensor> gs = maximize ? at::_foreach_neg(g) : g;
+        at::_foreach_add_(s, at::scalar_tensor(1.0, at::kFloat), 1.0);
+        if (weight_decay != 0) {
+          if (decoupled) {
+            at::_foreach_mul_(p, 1 - lr * weight_decay);
+          } else if (maximize) {
+            at::_foreach_add_(gs, p, weight_decay);
+          } else {
+            gs = at::_foreach_add(gs, p, weight_decay);
+          }
         }
+        at::_foreach_lerp_(m, gs, 1 - beta1);
+        at::_foreach_mul_(v, beta2);
+        at::_foreach_addcmul_(v, gs, gs, 1 - beta2);
+        std::vector<at::Scalar> step_size, bias_correction2_sqrt;
+        for (double step : step_values(s)) {
+          const double bias_correction1 = 1 - std::pow(beta1, step);
+          const double bias_correction2 = 1 - std::pow(beta2, step);
+          step_size.emplace_back((lr / bias_correction1) * -1);
+          bias_correction2_sqrt.emplace_back(std::pow(bias_correction2, 0.5));
+        }
+        std::vector<at::Tensor> denom;
+        if (amsgrad) {
+          at::_foreach_maximum_(vmax, v);
+          denom = at::_foreach_sqrt(vmax);
+        } else {
+          denom = at::_foreach_sqrt(v);
+        }
+        at::_foreach_div_(denom, bias_correction2_sqrt);
+        at::_foreach_add_(denom, eps);
+        at::_foreach_addcdiv_(p, m, denom, step_size);
+        return;
       }
-      at::_foreach_lerp_(m, gs, 1 - beta1);
-      at::_foreach_mul_(v, beta2);
-      at::_foreach_addcmul_(v, gs, gs, 1 - beta2);
-      std::vector<at::Scalar> step_size, bias_correction2_sqrt;
-      for (double step : step_values(s)) {
+      // torch.optim.adam._single_tensor_adam (capturable=False, differentiable=False), op for op.
+      for (size_t i = 0; i < p.size(); ++i) {
+        at::Tensor &param = p[i];
+        at::Tensor grad = maximize ? g[i].neg() : g[i];
+        s[i].add_(1);
+        if (weight_decay != 0) {
+          if (decoupled) {
+            param.mul_(py_float(1 - lr * weight_decay));
+          } else {
+            grad = grad.add(param, weight_decay);
+          }
+        }
+        m[i].lerp_(grad, 1 - beta1);
+        v[i].mul_(py_float(beta2)).addcmul_(grad, grad, 1 - beta2);
+        const double step = s[i].item<double>();
         const double bias_correction1 = 1 - std::pow(beta1, step);
         const double bias_correction2 = 1 - std::pow(beta2, step);
-        step_size.emplace_back((lr / bias_correction1) * -1);
-        bias_correction2_sqrt.emplace_back(std::pow(bias_correction2, 0.5));
-      }
-      std::vector<at::Tensor> denom;
-      if (amsgrad) {
-        at::_foreach_maximum_(vmax, v);
-        denom = at::_foreach_sqrt(vmax);
-      } else {
-        denom = at::_foreach_sqrt(v);
-      }
-      at::_foreach_div_(denom, bias_correction2_sqrt);
-      at::_foreach_add_(denom, eps);
-      at::_foreach_addcdiv_(p, m, denom, step_size);
-      return nullptr;
-    }
-    // torch.optim.adam._single_tensor_adam (capturable=False, differentiable=False), op for op.
-    for (size_t i = 0; i < n; ++i) {
-      at::Tensor &param = p[i];
-      at::Tensor grad = maximize ? g[i].neg() : g[i];
-      s[i].add_(1);
-      if (weight_decay != 0) {
-        if (decoupled) {
-          param.mul_(py_float(1 - lr * weight_decay));
+        const double step_size = lr / bias_correction1;
+        const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+        at::Tensor denom;
+        if (amsgrad) {
+          at::maximum_out(vmax[i], vmax[i], v[i]);
+          denom = vmax[i].sqrt().div(py_float(bias_correction2_sqrt)).add_(py_float(eps));
         } else {
-          grad = grad.add(param, weight_decay);
+          denom = v[i].sqrt().div(py_float(bias_correction2_sqrt)).add_(py_float(eps));
         }
+        param.addcdiv_(m[i], denom, -step_size);
       }
-      m[i].lerp_(grad, 1 - beta1);
-      v[i].mul_(py_float(beta2)).addcmul_(grad, grad, 1 - beta2);
-      const double step = s[i].item<double>();
-      const double bias_correction1 = 1 - std::pow(beta1, step);
-      const double bias_correction2 = 1 - std::pow(beta2, step);
-      const double step_size = lr / bias_correction1;
-      const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
-      at::Tensor denom;
-      if (amsgrad) {
-        at::maximum_out(vmax[i], vmax[i], v[i]);
-        denom = vmax[i].sqrt().div(py_float(bias_correction2_sqrt)).add_(py_float(eps));
-      } else {
-        denom = v[i].sqrt().div(py_float(bias_correction2_sqrt)).add_(py_float(eps));
-      }
-      param.addcdiv_(m[i], denom, -step_size);
-    }
+    };
+    // The same step on one-element stand-ins first: an op that refuses its scalars (a step
+    // size beyond the dtype's range: "value cannot be converted ... without overflow") fails
+    // there, before any parameter or state changed.
+    auto tp = tiny(p), tg = tiny(g), tm = tiny(m), tv = tiny(v), tvmax = tiny(vmax);
+    auto ts = copies(s);
+    refused_scalars([&] { run(tp, tg, tm, tv, tvmax, ts); }, lr);
+    run(p, g, m, v, vmax, s);
   })
 }
 
@@ -428,55 +468,62 @@ char *tf_sgd_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_
     // A fresh buffer (PyTorch's `grad.detach().clone()`) was made by the caller and
     // receives the gradient's values.
     at::NoGradGuard no_grad;
-    if (foreach) {
-      // torch.optim.sgd._multi_tensor_sgd (dense gradients). As there, Nesterov adds into the
-      // gradient list in place, which is the parameters' own gradients when neither maximize
-      // nor weight decay made copies.
-      std::vector<at::Tensor> gs = maximize ? at::_foreach_neg(g) : g;
-      if (weight_decay != 0) {
-        if (maximize) {
-          at::_foreach_add_(gs, p, weight_decay);
-        } else {
-          gs = at::_foreach_add(gs, p, weight_decay);
-        }
-      }
-      if (momentum != 0) {
-        const bool all_old = std::none_of(fresh, fresh + n, [](int32_t f) { return f != 0; });
-        if (all_old) {
-          at::_foreach_mul_(buf, momentum);
-          at::_foreach_add_(buf, gs, 1 - dampening);
-        } else {
-          for (size_t i = 0; i < n; ++i) {
-            if (fresh[i] != 0) {
-              buf[i].copy_(gs[i]);
-            } else {
-              buf[i].mul_(py_float(momentum)).add_(gs[i], 1 - dampening);
-            }
+    auto run = [&](std::vector<at::Tensor> &p, std::vector<at::Tensor> &g,
+                   std::vector<at::Tensor> &buf) {
+      if (foreach) {
+        // torch.optim.sgd._multi_tensor_sgd (dense gradients). As there, Nesterov adds into the
+        // gradient list in place, which is the parameters' own gradients when neither maximize
+        // nor weight decay made copies.
+        std::vector<at::Tensor> gs = maximize ? at::_foreach_neg(g) : g;
+        if (weight_decay != 0) {
+          if (maximize) {
+            at::_foreach_add_(gs, p, weight_decay);
+          } else {
+            gs = at::_foreach_add(gs, p, weight_decay);
           }
         }
-        if (nesterov) {
-          at::_foreach_add_(gs, buf, momentum);
-        } else {
-          gs = buf;
+        if (momentum != 0) {
+          const bool all_old = std::none_of(fresh, fresh + n, [](int32_t f) { return f != 0; });
+          if (all_old) {
+            at::_foreach_mul_(buf, momentum);
+            at::_foreach_add_(buf, gs, 1 - dampening);
+          } else {
+            for (size_t i = 0; i < p.size(); ++i) {
+              if (fresh[i] != 0) {
+                buf[i].copy_(gs[i]);
+              } else {
+                buf[i].mul_(py_float(momentum)).add_(gs[i], 1 - dampening);
+              }
+            }
+          }
+          if (nesterov) {
+            at::_foreach_add_(gs, buf, momentum);
+          } else {
+            gs = buf;
+          }
         }
+        at::_foreach_add_(p, gs, -lr);
+        return;
       }
-      at::_foreach_add_(p, gs, -lr);
-      return nullptr;
-    }
-    // torch.optim.sgd._single_tensor_sgd, op for op.
-    for (size_t i = 0; i < n; ++i) {
-      at::Tensor grad = maximize ? g[i].neg() : g[i];
-      if (weight_decay != 0) grad = grad.add(p[i], weight_decay);
-      if (momentum != 0) {
-        if (fresh[i] != 0) {
-          buf[i].copy_(grad);
-        } else {
-          buf[i].mul_(py_float(momentum)).add_(grad, 1 - dampening);
+      // torch.optim.sgd._single_tensor_sgd, op for op.
+      for (size_t i = 0; i < p.size(); ++i) {
+        at::Tensor grad = maximize ? g[i].neg() : g[i];
+        if (weight_decay != 0) grad = grad.add(p[i], weight_decay);
+        if (momentum != 0) {
+          if (fresh[i] != 0) {
+            buf[i].copy_(grad);
+          } else {
+            buf[i].mul_(py_float(momentum)).add_(grad, 1 - dampening);
+          }
+          grad = nesterov ? grad.add(buf[i], momentum) : buf[i];
         }
-        grad = nesterov ? grad.add(buf[i], momentum) : buf[i];
+        p[i].add_(grad, -lr);
       }
-      p[i].add_(grad, -lr);
-    }
+    };
+    // One-element stand-ins first, as in tf_adam_for_loop: a refused scalar fails there.
+    auto tp = tiny(p), tg = tiny(g), tbuf = tiny(buf);
+    refused_scalars([&] { run(tp, tg, tbuf); }, lr);
+    run(p, g, buf);
   })
 }
 

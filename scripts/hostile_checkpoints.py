@@ -11,7 +11,8 @@ The cases are the red-team findings of issue #28 on the torch.save reader: stora
 longer than their records (a heap over-read in libtorch's Unpickler), trees nested 10^6 deep
 (a stack overflow when libtorch frees them), a type string nested 10^5 deep (libtorch's type
 parser), a memo index of 2^27 (a 2 GiB memo), decompression bombs, single-byte damage that the
-zip's CRC-32 catches, and a long chain of OrderedDict BUILDs (quadratic in the old rewriter).
+zip's CRC-32 catches, a long chain of OrderedDict BUILDs (quadratic in the old rewriter), and an
+entry named like the key the reader gives a state_dict's metadata.
 """
 
 import io
@@ -145,6 +146,14 @@ def main(out):
     at = good.index(b"state")
     with open(case("damaged_key", "is damaged: its bytes do not match the CRC-32"), "wb") as f:
         f.write(good[:at + 3] + b"\x9b" + good[at + 4:])
+
+    # 8. An entry named like the reader's key for a state_dict's `_metadata`: kept (it was
+    # dropped, so it passed a strict load unseen).
+    key = "\0tch_fabric.build_state"
+    named = {"model": {"w": torch.tensor(1.0), key: torch.tensor(2.0)}, "step": 3}
+    with open(case("key_named_like_build_state", "",
+                   {"model": {"w": 1.0, key: 2.0}, "step": 3}), "wb") as f:
+        f.write(saved(named))
 
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(cases, f, indent=1)

@@ -3,7 +3,7 @@
 //! (device, dtype) once, then handed through clipping, the scaler and the optimizer).
 use crate::error::{Error, Result};
 use crate::native::{self, Meta};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
@@ -132,17 +132,27 @@ impl Params {
     ///
     /// # Errors
     ///
-    /// [`Error::Usage`] for an undefined tensor or a name given twice.
+    /// [`Error::Usage`] for an undefined tensor, a name given twice, or one tensor given under
+    /// two names (PyTorch warns and then updates it twice a step; a tied weight is one
+    /// parameter, as [`Params::from_var_store`] lists it).
     pub fn new(named: Vec<(String, Tensor)>) -> Result<Params> {
         let metas = native::metas(named.iter().map(|(_, t)| t))?;
-        for (i, ((name, _), m)) in named.iter().zip(&metas).enumerate() {
-            if m.is_none() {
+        let mut names: HashSet<&str> = HashSet::with_capacity(named.len());
+        let mut tensors: HashMap<usize, &str> = HashMap::with_capacity(named.len());
+        for ((name, _), m) in named.iter().zip(&metas) {
+            let Some(m) = m else {
                 return Err(Error::Usage(format!(
                     "parameter '{name}' is an undefined tensor"
                 )));
-            }
-            if named[..i].iter().any(|(n, _)| n == name) {
+            };
+            if !names.insert(name) {
                 return Err(Error::Usage(format!("parameter '{name}' is listed twice")));
+            }
+            if let Some(first) = tensors.insert(m.id, name) {
+                return Err(Error::Usage(format!(
+                    "parameters '{first}' and '{name}' are the same tensor: an optimizer would \
+                     update it twice a step; list it once"
+                )));
             }
         }
         let (names, tensors): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();

@@ -292,3 +292,43 @@ fn param_groups_that_do_not_fit_are_errors_that_change_nothing() {
     let e = stepped.param_groups([Group::rest()]).unwrap_err();
     assert!(e.to_string().contains("before its first step"), "{e}");
 }
+
+/// An input the model's own layer cannot take (integer, bool, wrong width: tch's `nn::Linear`
+/// panics on each) comes back from `try_forward` as an error in every precision, and the model
+/// and the autocast state are as before: the 12 panics of #28's red team.
+#[test]
+fn try_forward_returns_the_models_panics_as_errors() {
+    for precision in ["32-true", "bf16-mixed", "16-mixed", "bf16-true"] {
+        let fabric = Fabric::builder()
+            .precision(precision)
+            .accelerator("cpu")
+            .cpu_fp16_autocast(true)
+            .build()
+            .unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let model = nn::linear(vs.root() / "fc", 3, 2, Default::default());
+        let model = fabric.setup_module(model, &mut vs).unwrap();
+        let bad = [
+            Tensor::ones([2, 3], (Kind::Int64, Device::Cpu)),
+            Tensor::ones([2, 3], (Kind::Bool, Device::Cpu)),
+            Tensor::ones([2, 5], (Kind::Float, Device::Cpu)),
+        ];
+        let before = tch_fabric::autocast::autocast_state(Device::Cpu).unwrap();
+        for x in &bad {
+            let e = model.try_forward(x).unwrap_err();
+            assert!(
+                matches!(e, Error::Native { op: "forward", .. }),
+                "{precision}: {e}"
+            );
+            assert!(e.to_string().contains("panicked"), "{precision}: {e}");
+            assert_eq!(
+                tch_fabric::autocast::autocast_state(Device::Cpu).unwrap(),
+                before,
+                "{precision}"
+            );
+        }
+        // The model still works.
+        let ok = model.try_forward(&Tensor::ones([2, 3], (Kind::Float, Device::Cpu)));
+        assert_eq!(ok.unwrap().size(), [2, 2], "{precision}");
+    }
+}

@@ -24,6 +24,9 @@ enum Job {
     },
     /// One save of the weights; prints a [`Measure`] line.
     Measure { path: PathBuf },
+    /// Saves version 1 to `path`, then, with files limited to `limit` bytes (a disk that fills
+    /// up: writes past it fail with EFBIG), version 2 (4 x 8 MiB); prints `FULL <error>`.
+    FullDisk { path: PathBuf, limit: u64 },
 }
 
 /// What one save cost, from `/proc/self/status`.
@@ -84,6 +87,25 @@ fn run_job(job: Job) {
                 fill(&vs, v);
                 f.save(&path, &v).unwrap();
             }
+        }
+        Job::FullDisk { path, limit } => {
+            let vs = model(&f, 4, 2048);
+            fill(&vs, 1);
+            let state = |v: u64| std::collections::BTreeMap::from([("version", v)]);
+            f.save(&path, &state(1)).unwrap();
+            fill(&vs, 2);
+            // SAFETY: plain libc calls on this process; SIGXFSZ would kill it at the limit
+            // instead of failing the write.
+            unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+            }
+            let e = f.save(&path, &state(2)).unwrap_err();
+            println!("FULL {e}");
         }
         Job::Measure { path } => {
             // 4 x 16 MiB = 64 MiB of weights.
@@ -256,5 +278,45 @@ fn a_save_needs_at_most_one_extra_copy_of_the_weights() {
         mib(extra),
         mib(m.weight_bytes)
     );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A disk that fills up during a save (file size limited under the checkpoint's size): the
+/// save returns an error naming the file, in both formats, the process lives on, the previous
+/// checkpoint is whole and no temporary file is left. (A torch.save-format save used to abort
+/// the process: libtorch's zip writer threw from a write callback.)
+#[test]
+fn a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint() {
+    let d = dir("full");
+    for name in ["ckpt.pt", "ckpt.safetensors"] {
+        let path = d.join(name);
+        let out = child(&Job::FullDisk {
+            path: path.clone(),
+            limit: 20 << 20,
+        })
+        .output()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{stdout}\n{stderr}",
+            out.status
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.find("FULL ").map(|at| &l[at + 5..]))
+            .unwrap_or_else(|| panic!("{name}: no error line in {stdout}"));
+        assert!(line.contains(name), "{name}: {line}");
+        println!("{name}: {line}");
+        let f = fabric();
+        let vs = model(&f, 4, 2048);
+        let v: std::collections::BTreeMap<String, u64> = f.load(&path).unwrap();
+        assert_eq!(v["version"], 1, "{name}");
+        for (_, t) in vs.variables() {
+            assert_eq!(t.double_value(&[0, 0]), 1.0, "{name}");
+        }
+        assert_eq!(temps(&d), 0, "{name}: temporary files left");
+    }
     let _ = std::fs::remove_dir_all(&d);
 }

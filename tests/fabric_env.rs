@@ -116,5 +116,17 @@ fn environment_overrides_code_and_cli_conflicts_fail() {
         .build()
         .unwrap_err();
     assert!(e.to_string().contains("devices x num_nodes"), "{e}");
+
+    // A variable set to bytes that are not UTF-8 is an error naming it, not ignored (which ran
+    // 32-true on the CPU instead of what the launcher asked: #28). WORLD_SIZE likewise.
+    for var in ["LT_PRECISION", "LT_ACCELERATOR", "WORLD_SIZE"] {
+        clear();
+        std::env::set_var(
+            var,
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bf16-mixed\xff"),
+        );
+        let e = Fabric::builder().build().unwrap_err().to_string();
+        assert!(e.contains(var) && e.contains("UTF-8"), "{var}: {e}");
+    }
     clear();
 }

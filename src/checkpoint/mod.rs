@@ -30,6 +30,7 @@ mod layout;
 mod pickle;
 mod plan;
 mod safetensors;
+mod state;
 pub(crate) mod torch;
 
 pub use inspect::{inspect, CheckpointFormat, CheckpointInfo, TensorInfo};
@@ -38,6 +39,7 @@ pub use plan::LoadReport;
 pub(crate) use layout::{check_new_model, collect, Model, SharedOptimizer};
 pub(crate) use plan::{apply, plan_load, Rules};
 pub(crate) use safetensors::{read, write};
+pub(crate) use state::check_round_trip;
 
 use crate::error::Error;
 use crate::optim::ParamGroup;

@@ -22,9 +22,21 @@
 //! [`MAX_TYPE_NESTING`], and memo indices past the pickle's own length are refused. The walk
 //! is linear in the pickle's length.
 
-/// The key under which a rewritten OrderedDict keeps its `BUILD` state (its `_metadata`): it
-/// starts with a NUL, which no Python identifier (hence no module or parameter name) contains.
-pub(crate) const BUILD_KEY: &str = "\u{0}tch_fabric.build_state";
+/// The key under which a rewritten OrderedDict keeps its `BUILD` state (its `_metadata`), with
+/// a suffix that makes it appear nowhere in the pickle it is put into, so that no entry of the
+/// file itself (a parameter or user key of that name) is mistaken for it: see [`build_key`].
+const BUILD_KEY: &str = "\u{0}tch_fabric.build_state";
+
+/// [`BUILD_KEY`], then `.1`, `.2`, ... until it is not a substring of `pickle`.
+fn build_key(pickle: &[u8]) -> String {
+    let mut key = BUILD_KEY.to_string();
+    let mut n = 0;
+    while pickle.windows(key.len()).any(|w| w == key.as_bytes()) {
+        n += 1;
+        key = format!("{BUILD_KEY}.{n}");
+    }
+    key
+}
 
 /// The deepest nesting of containers (lists, dicts, tuples, objects) a pickle may build. A
 /// state dict is under 10 deep; libtorch frees a value tree recursively, and 10^5 levels
@@ -306,8 +318,10 @@ fn splice_all(out: Vec<u8>, mut inserts: Vec<(usize, Vec<u8>)>) -> Vec<u8> {
 }
 
 /// `data.pkl` of a torch.save archive, rewritten for libtorch's Unpickler (see the module
-/// documentation), or the reason it cannot be read.
-pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
+/// documentation), and the key its OrderedDicts' BUILD states are under (drop those entries
+/// after unpickling), or the reason it cannot be read.
+pub(crate) fn rewrite(input: &[u8]) -> Result<(Vec<u8>, String), String> {
+    let build = build_key(input);
     let mut w = Walk {
         input,
         pos: 0,
@@ -352,7 +366,7 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
         match op {
             b'.' => {
                 w.out.extend_from_slice(raw);
-                return Ok(splice_all(w.out, w.inserts));
+                return Ok((splice_all(w.out, w.inserts), build));
             }
             // FRAME: a hint that the copy would make wrong; dropped.
             0x95 => replaced = Some(Vec::new()),
@@ -456,7 +470,7 @@ pub(crate) fn rewrite(input: &[u8]) -> Result<Vec<u8>, String> {
                 let top = w.top()?;
                 w.grow(top.node, st.height)?;
                 if top.kind == Kind::OrderedDict {
-                    let key = BUILD_KEY.as_bytes();
+                    let key = build.as_bytes();
                     let mut ins = vec![BINUNICODE];
                     ins.extend_from_slice(&(key.len() as u32).to_le_bytes());
                     ins.extend_from_slice(key);
@@ -555,13 +569,26 @@ mod tests {
     #[test]
     fn ordered_dicts_become_dicts_and_their_metadata_an_entry() {
         assert!(contains(STATE_DICT, b"collections\nOrderedDict\n"));
-        let out = rewrite(STATE_DICT).unwrap();
+        let (out, key) = rewrite(STATE_DICT).unwrap();
+        assert_eq!(key, BUILD_KEY);
         assert!(!contains(&out, b"collections\nOrderedDict\n"));
         assert!(contains(&out, BUILD_KEY.as_bytes()));
         // Tensor rebuilds and everything else are copied as they were.
         assert!(contains(&out, b"torch._utils\n_rebuild_tensor_v2\n"));
         assert!(contains(&out, b"FloatStorage"));
         assert_eq!(*out.last().unwrap(), b'.');
+    }
+
+    #[test]
+    fn the_build_key_is_one_the_file_does_not_hold() {
+        // A file with an entry named like the key (a parameter or user key) keeps it.
+        let mut pickle = b"\x80\x02}X".to_vec();
+        let name = format!("{BUILD_KEY}.1");
+        pickle.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        pickle.extend_from_slice(name.as_bytes());
+        pickle.extend_from_slice(b"K\x01s.");
+        assert_eq!(build_key(&pickle), format!("{BUILD_KEY}.2"));
+        assert_eq!(rewrite(&pickle).unwrap().1, format!("{BUILD_KEY}.2"));
     }
 
     #[test]

@@ -69,14 +69,34 @@ fn read_value(path: &Path) -> Result<PyValue> {
     let bad = |reason: String| fail(path, reason);
     let mut archive = super::archive::Archive::open(path)?;
     let pickle = archive.read("data.pkl", super::archive::MAX_PICKLE_BYTES)?;
-    let pickle =
+    let (pickle, build_key) =
         super::pickle::rewrite(&pickle).map_err(|r| bad(format!("cannot be read: {r}")))?;
-    let (value, records) = native::torch_load(path, &pickle)
+    let (mut value, records) = native::torch_load(path, &pickle)
         .map_err(|e| bad(format!("cannot be unpickled: {}", native_reason(&e))))?;
     for record in &records {
         archive.verify(record)?;
     }
+    drop_build_states(&mut value, &build_key);
     Ok(value)
+}
+
+/// Removes the entries the rewriter made of OrderedDict BUILD states (a state_dict's
+/// `_metadata`), which are under a key the file itself does not hold.
+fn drop_build_states(v: &mut PyValue, key: &str) {
+    match v {
+        PyValue::Dict(entries) => {
+            entries.retain(|(k, _)| !matches!(k, PyValue::Str(s) if s == key));
+            for (_, x) in entries {
+                drop_build_states(x, key);
+            }
+        }
+        PyValue::List(items) | PyValue::Tuple(items) => {
+            for x in items {
+                drop_build_states(x, key);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn native_reason(e: &Error) -> String {
@@ -86,7 +106,7 @@ fn native_reason(e: &Error) -> String {
     }
 }
 
-/// The dict's entries without the rewriter's [`super::pickle::BUILD_KEY`].
+/// The dict's entries.
 fn entries<'a>(path: &Path, what: &str, v: &'a PyValue) -> Result<Vec<(&'a str, &'a PyValue)>> {
     let e = v.as_str_dict().ok_or_else(|| {
         fail(
@@ -94,9 +114,7 @@ fn entries<'a>(path: &Path, what: &str, v: &'a PyValue) -> Result<Vec<(&'a str, 
             format!("{what} is a {}, not a dict with string keys", v.type_name()),
         )
     })?;
-    Ok(e.into_iter()
-        .filter(|(k, _)| *k != super::pickle::BUILD_KEY)
-        .collect())
+    Ok(e)
 }
 
 /// A state tensor from an optimizer state entry: tensors as they are, numbers (PyTorch < 1.12
@@ -403,9 +421,6 @@ pub(super) fn to_json(
                         ))
                     }
                 };
-                if name == super::pickle::BUILD_KEY {
-                    continue;
-                }
                 let sub = if key.is_empty() {
                     name.clone()
                 } else {

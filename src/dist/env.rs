@@ -54,7 +54,19 @@ impl DistEnv {
     ///
     /// [`Error::Distributed`] when a variable is set but malformed or missing.
     pub fn from_env() -> Result<Option<DistEnv>> {
-        Self::from_vars(|k| std::env::var(k).ok())
+        // A variable that is set but not UTF-8 is an error, not an absent variable.
+        let bad = std::cell::RefCell::new(None);
+        let env = Self::from_vars(|k| match env_var(k) {
+            Ok(v) => v,
+            Err(e) => {
+                bad.borrow_mut().get_or_insert(e);
+                None
+            }
+        });
+        match bad.into_inner() {
+            Some(e) => Err(e),
+            None => env,
+        }
     }
 
     /// [`DistEnv::from_env`] over any source of variables (for tests and custom launchers).
@@ -286,5 +298,24 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("not a TCP port"), "{err}");
+    }
+}
+
+/// The environment variable `name`: `None` when unset, an error naming it when it is set but
+/// not UTF-8 (which `std::env::var(..).ok()` would take for unset, silently running with
+/// defaults).
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] for a value that is not UTF-8.
+pub(crate) fn env_var(name: &str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(Error::InvalidConfig {
+            field: "environment variable",
+            value: format!("{name}={}", raw.to_string_lossy()),
+            allowed: "UTF-8 text",
+        }),
     }
 }

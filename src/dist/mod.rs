@@ -17,6 +17,7 @@ pub use env::DistEnv;
 pub use group::{ProcessGroup, ProcessGroupOptions};
 pub use sampler::DistributedSampler;
 
+pub(crate) use env::env_var;
 pub(crate) use group::default_group;
 pub(crate) use reducer::Reducer;
 

@@ -255,8 +255,7 @@ impl FabricBuilder {
             });
         }
         let bucket_bytes = ((mb * 1048576.0) as usize).max(1);
-        let cli = std::env::var("LT_CLI_USED")
-            .ok()
+        let cli = crate::dist::env_var("LT_CLI_USED")?
             .and_then(|v| v.trim().parse::<i64>().ok())
             .is_some_and(|v| v != 0);
 
@@ -397,7 +396,7 @@ fn from_env(
     default: Option<&str>,
     cli: bool,
 ) -> Result<Option<String>> {
-    let Ok(env) = std::env::var(format!("LT_{}", name.to_uppercase())) else {
+    let Some(env) = crate::dist::env_var(&format!("LT_{}", name.to_uppercase()))? else {
         return Ok(None);
     };
     if let Some((as_str, repr)) = given {

@@ -56,10 +56,12 @@ impl Fabric {
     /// [`crate::Error::Io`] / [`crate::Error::Checkpoint`] if the file cannot be written, or a torch.save
     /// file is asked of an optimizer without a `torch.optim` twin ([`crate::TchOptimizer`]);
     /// [`crate::Error::Usage`] for a torch.save state that is not a map or whose entry collides with
-    /// the model or optimizer entries.
+    /// the model or optimizer entries, and for a state the file could not give back: a NaN or
+    /// infinite float (either format), an integer past `i64` (torch.save).
     pub fn save<S: Serialize + ?Sized>(&self, path: impl AsRef<Path>, state: &S) -> Result<()> {
         let path = path.as_ref();
         let torch_format = checkpoint::torch::is_torch_path(path);
+        checkpoint::check_round_trip(state, torch_format)?;
         let state_json = serde_json::to_value(state)?;
         self.update_scale()?;
         let st = self.shared.state.borrow();

@@ -206,14 +206,40 @@ impl<M: nn::ModuleT> FabricModule<M> {
     /// Everything this crate does on the way (input checks, conversions, the precision's
     /// scope) returns errors. The model's own `forward_t` is the model's: tch's layers call
     /// libtorch through panicking methods, so an input a layer cannot take (an integer tensor
-    /// for `nn::Linear`, a wrong width) panics there, as it does without a Fabric.
+    /// for `nn::Linear`, a wrong width) panics inside it. `try_forward` catches that panic at
+    /// this one boundary and returns it as an error: the autocast scope and the module are as
+    /// they were before the call. Rust's panic hook still runs (by default it prints the
+    /// panic's message to stderr); a panic that aborts (`panic = "abort"`) cannot be caught.
     ///
     /// # Errors
     ///
-    /// As [`FabricModule::run`].
+    /// As [`FabricModule::run`], and [`crate::Error::Native`] (op `forward`) with the panic's
+    /// message when the model's `forward_t` panics.
     pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.run_t(xs, |m, xs, train| m.forward_t(&xs, train))
+        let mut panicked = None;
+        let out = self.run_t(xs, |m, xs, train| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.forward_t(&xs, train)))
+                .unwrap_or_else(|payload| {
+                    panicked = Some(panic_message(payload.as_ref()));
+                    // Undefined: passed through the output conversion untouched.
+                    Tensor::new()
+                })
+        })?;
+        match panicked {
+            Some(message) => Err(Error::native("forward", &message)),
+            None => Ok(out),
+        }
     }
+}
+
+/// The message a panic carried (`panic!`'s text, or tch's `unwrap` of a libtorch error).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("the model's forward panicked");
+    format!("the model's forward panicked: {text}")
 }
 
 impl<M: nn::ModuleT> nn::Module for FabricModule<M> {

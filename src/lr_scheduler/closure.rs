@@ -39,7 +39,7 @@ impl<F: FnMut(u64) -> f64> ClosureLR<F> {
     /// returns the learning rate for the next step.
     pub fn advance(&mut self, outcome: &StepOutcome) -> f64 {
         if !outcome.is_skipped() {
-            self.steps += 1;
+            self.steps = self.steps.saturating_add(1);
             self.lr = (self.schedule)(self.steps);
         }
         self.lr

@@ -303,7 +303,7 @@ pub trait Scheduler: std::fmt::Debug {
     /// of a rate; the scheduler and the rates are unchanged then.
     fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<()> {
         let before = self.base().clone();
-        self.base_mut().step_count += 1;
+        self.base_mut().step_count = self.base().step_count.saturating_add(1);
         self.update_lr(None, opt)
             .inspect_err(|_| *self.base_mut() = before)
     }
@@ -355,10 +355,10 @@ pub trait Scheduler: std::fmt::Debug {
                 lrs.len()
             )));
         }
-        match epoch {
-            None => self.base_mut().last_epoch += 1,
-            Some(e) => self.base_mut().last_epoch = e,
-        }
+        self.base_mut().last_epoch = match epoch {
+            None => next_epoch(self.base().last_epoch)?,
+            Some(e) => e,
+        };
         (0..lrs.len())
             .map(|g| match epoch.and_then(|_| self.closed_form_lr(g)) {
                 Some(lr) => Ok(lr),
@@ -498,4 +498,14 @@ pub(crate) fn config(
 pub(crate) fn start<S: Scheduler>(mut s: S, opt: &mut dyn LrTarget) -> Result<S> {
     s.initial_step(opt)?;
     Ok(s)
+}
+
+/// The epoch after `last_epoch`, refused at `i64::MAX` (where it would wrap to the most
+/// negative epoch).
+pub(crate) fn next_epoch(last_epoch: i64) -> Result<i64> {
+    last_epoch.checked_add(1).ok_or_else(|| {
+        Error::Usage(format!(
+            "the scheduler is at epoch {last_epoch}, the last an i64 holds: it cannot step further"
+        ))
+    })
 }

@@ -186,6 +186,9 @@ impl OneCycleLR {
                 },
             ]
         };
+        // The first step's rate, before anything is changed: a schedule PyTorch would divide
+        // by zero in (pct_start * total_steps = 1) is refused with the optimizer untouched.
+        rate_at(&phases, c.anneal_strategy, 0.0)?;
         if c.cycle_momentum {
             opt.set_momentum(top)?;
         }
@@ -219,21 +222,35 @@ impl Scheduler for OneCycleLR {
                 self.total_steps
             )));
         }
-        let step = step as f64;
-        let last = self.phases.len() - 1;
-        let mut start_step = 0.0;
-        for (i, p) in self.phases.iter().enumerate() {
-            if step <= p.end_step || i == last {
-                let pct = (step - start_step) / (p.end_step - start_step);
-                let lr = self.anneal.apply(p.lr.0, p.lr.1, pct);
-                if self.cycle_momentum {
-                    opt.set_momentum(self.anneal.apply(p.momentum.0, p.momentum.1, pct))?;
-                }
-                return Ok(lr);
-            }
-            start_step = p.end_step;
+        let (lr, momentum) = rate_at(&self.phases, self.anneal, step as f64)?;
+        if self.cycle_momentum {
+            opt.set_momentum(momentum)?;
         }
-        // Not reached: the last phase matches every step.
-        Err(Error::Usage("OneCycleLR has no phases".into()))
+        Ok(lr)
     }
+}
+
+/// The rate and momentum at `step`, as PyTorch's `get_lr` computes them; an error where its
+/// division by a phase of no steps would give NaN (Python raises ZeroDivisionError).
+fn rate_at(phases: &[Phase], anneal: Anneal, step: f64) -> Result<(f64, f64)> {
+    let last = phases.len().saturating_sub(1);
+    let mut start_step = 0.0;
+    for (i, p) in phases.iter().enumerate() {
+        if step <= p.end_step || i == last {
+            let pct = (step - start_step) / (p.end_step - start_step);
+            let lr = anneal.apply(p.lr.0, p.lr.1, pct);
+            let momentum = anneal.apply(p.momentum.0, p.momentum.1, pct);
+            if !(lr.is_finite() && momentum.is_finite()) {
+                return Err(Error::InvalidConfig {
+                    field: "pct_start",
+                    value: format!("one that makes a phase of no steps (at step {step})"),
+                    allowed: "one that gives each phase a step (PyTorch divides by zero there)",
+                });
+            }
+            return Ok((lr, momentum));
+        }
+        start_step = p.end_step;
+    }
+    // Not reached: the last phase matches every step.
+    Err(Error::Usage("OneCycleLR has no phases".into()))
 }

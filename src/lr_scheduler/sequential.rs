@@ -119,7 +119,7 @@ impl Scheduler for SequentialLR {
     /// PyTorch's `SequentialLR.step`: the scheduler in charge steps, or restarts at epoch 0
     /// on its milestone.
     fn advance(&mut self, opt: &mut dyn LrTarget) -> Result<()> {
-        let epoch = self.base.last_epoch + 1;
+        let epoch = super::next_epoch(self.base.last_epoch)?;
         let idx = self.index(epoch);
         let child = &mut self.schedulers[idx];
         if idx > 0 && self.milestones[idx - 1] == epoch {
