@@ -48,6 +48,13 @@ struct Config {
     init: Option<PathBuf>,
     /// Also set up a second model that never runs (a GAN's other half on this step).
     idle_model: bool,
+    /// (rank, how): that rank builds another model: "wider" (a hidden layer of 17, not 16),
+    /// "transposed" (every rank has an extra [3, 4] weight, this one [4, 3]).
+    variant: Option<(usize, String)>,
+    /// (rank, step, how): that rank misuses the loop at that step: "skip_backward",
+    /// "double_backward" (a second forward and backward), "no_sync_alone" (the step's backward
+    /// under no_backward_sync on this rank only).
+    misuse: Option<(usize, usize, String)>,
 }
 
 impl Config {
@@ -72,6 +79,8 @@ impl Config {
             find_unused: false,
             init: None,
             idle_model: false,
+            variant: None,
+            misuse: None,
         }
     }
 }
@@ -89,11 +98,11 @@ struct RankReport {
     all_reduces: Vec<u64>,
 }
 
-fn mlp(vs: &nn::Path) -> impl Module {
+fn mlp(vs: &nn::Path, hidden: i64) -> impl Module {
     nn::seq()
-        .add(nn::linear(vs / "l1", 8, 16, Default::default()))
+        .add(nn::linear(vs / "l1", 8, hidden, Default::default()))
         .add_fn(|x| x.tanh())
-        .add(nn::linear(vs / "l2", 16, 4, Default::default()))
+        .add(nn::linear(vs / "l2", hidden, 4, Default::default()))
 }
 
 /// The whole batch of step `step`, identical on every rank.
@@ -135,7 +144,21 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
     // A different initialisation on every rank: setup must broadcast rank 0's.
     tch::manual_seed(7 + 1000 * rank as i64);
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let model = mlp(&vs.root());
+    let variant = cfg
+        .variant
+        .as_ref()
+        .map(|(r, how)| (*r == rank, how.as_str()));
+    let hidden = if variant == Some((true, "wider")) {
+        17
+    } else {
+        16
+    };
+    let model = mlp(&vs.root(), hidden);
+    if let Some((mine, "transposed")) = variant {
+        let _ = vs
+            .root()
+            .zeros("extra", if mine { &[4, 3] } else { &[3, 4] });
+    }
     if cfg.unused_layer {
         let _spare = nn::linear(vs.root() / "spare", 4, 4, Default::default());
     }
@@ -178,8 +201,20 @@ fn train_rank(cfg: &Config) -> anyhow::Result<()> {
         let inject = rank == cfg.inject_rank && cfg.inject_inf_steps.contains(&step);
         let micro = cfg.accumulate.max(1);
         let (xs, ys) = (x.chunk(micro as i64, 0), y.chunk(micro as i64, 0));
+        let misuse = match &cfg.misuse {
+            Some((r, at, how)) if (*r, *at) == (rank, step) => how.as_str(),
+            _ => "",
+        };
         for (k, (x, y)) in xs.iter().zip(&ys).enumerate() {
-            let _sync = fabric.no_backward_sync(&model, cfg.no_sync && k + 1 < micro)?;
+            let alone = misuse == "no_sync_alone";
+            let _sync = fabric.no_backward_sync(&model, alone || (cfg.no_sync && k + 1 < micro))?;
+            if misuse == "skip_backward" {
+                continue;
+            }
+            if misuse == "double_backward" {
+                let again = model.forward(x).mse_loss(y, tch::Reduction::Mean);
+                fabric.backward(&again)?;
+            }
             let out = model.forward(x);
             let mut loss = {
                 let _ac = fabric.autocast()?;
@@ -243,7 +278,9 @@ fn worker() {
     };
     let cfg: Config = serde_json::from_str(&json).expect("worker config");
     if let Err(e) = train_rank(&cfg) {
-        eprintln!("worker error: {e:#}");
+        // One write, so that the ranks' lines do not interleave (tests count them).
+        let line = format!("worker error: {e:#}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         std::process::exit(1);
     }
 }
@@ -409,7 +446,7 @@ fn ddp_matches_lightnings_ddp_32_true() {
     let dir = out_dir("lightning-ddp");
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
-    let _m = mlp(&vs.root());
+    let _m = mlp(&vs.root(), 16);
     let init = dir.join("init.safetensors");
     vs.save(&init).unwrap();
     let mut cfg = Config::new("32-true", &dir);
@@ -545,7 +582,7 @@ fn a_crashing_rank_stops_the_others_and_keeps_the_last_checkpoint() {
     // The checkpoint of step 10 is whole and loads.
     let fabric = Fabric::builder().accelerator("cpu").build().unwrap();
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let model = mlp(&vs.root());
+    let model = mlp(&vs.root(), 16);
     let opt = FusedAdamW::new(&vs, 1e-2).unwrap();
     let _ = fabric.setup(model, &mut vs, opt).unwrap();
     let step: usize = fabric.load(dir.join("ckpt.safetensors")).unwrap();
@@ -826,4 +863,66 @@ fn slurm_tasks_join_one_group() {
         })
         .collect();
     check_two_ranks(children, &dir, "slurm");
+}
+
+/// Ranks that set up different models fail at setup, on every rank, naming the first parameter
+/// that differs: different sizes used to abort rank 0 inside Gloo at the first backward, the
+/// same element count in another shape to train and average mismatched layouts.
+#[test]
+fn ranks_with_different_models_fail_at_setup() {
+    for (how, words) in [
+        (
+            "wider",
+            "parameter 0 is 'l1.bias' [17] Float on rank 1 but 'l1.bias' [16] Float on rank 0",
+        ),
+        (
+            "transposed",
+            "'extra' [4, 3] Float on rank 1 but 'extra' [3, 4] Float on rank 0",
+        ),
+    ] {
+        let dir = out_dir(&format!("variant-{how}"));
+        let mut cfg = Config::new("32-true", &dir);
+        cfg.steps = 2;
+        cfg.variant = Some((1, how.to_string()));
+        let (out, took) = launch(&cfg, 2, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{how}: {stderr}");
+        assert!(
+            !stderr.contains("terminate called"),
+            "{how}: an abort\n{stderr}"
+        );
+        // Both ranks report it (each rank's error line starts with "worker error").
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(words)).collect();
+        assert!(
+            lines.len() >= 2,
+            "{how}: every rank names the difference:\n{stderr}"
+        );
+        eprintln!("{how}: {} ({took:?})", lines[0]);
+    }
+}
+
+/// A rank that skips a backward, runs two, or pauses the gradient sync alone fails on every
+/// rank before any gradient is exchanged (these used to return Ok while the weights drifted
+/// apart until a collective timed out, or never).
+#[test]
+fn call_order_mistakes_fail_on_every_rank_before_averaging() {
+    for how in ["skip_backward", "double_backward", "no_sync_alone"] {
+        let dir = out_dir(&format!("misuse-{how}"));
+        let mut cfg = Config::new("32-true", &dir);
+        cfg.steps = 4;
+        cfg.misuse = Some((1, 1, how.to_string()));
+        let (out, took) = launch(&cfg, 2, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{how}: {stderr}");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("different points of the training loop"))
+            .collect();
+        assert!(lines.len() >= 2, "{how}: every rank names it:\n{stderr}");
+        assert!(
+            took < Duration::from_millis(cfg.timeout_ms),
+            "{how}: {took:?}"
+        );
+        eprintln!("{how}: {} ({took:?})", lines[0]);
+    }
 }

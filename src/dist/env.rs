@@ -264,6 +264,25 @@ fn root_node(nodes: &str) -> String {
     first.split(',').next().unwrap_or("").to_string()
 }
 
+/// The environment variable `name`: `None` when unset, an error naming it when it is set but
+/// not UTF-8 (which `std::env::var(..).ok()` would take for unset, silently running with
+/// defaults).
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] for a value that is not UTF-8.
+pub(crate) fn env_var(name: &str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(Error::InvalidConfig {
+            field: "environment variable",
+            value: format!("{name}={}", raw.to_string_lossy()),
+            allowed: "UTF-8 text",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,21 +320,3 @@ mod tests {
     }
 }
 
-/// The environment variable `name`: `None` when unset, an error naming it when it is set but
-/// not UTF-8 (which `std::env::var(..).ok()` would take for unset, silently running with
-/// defaults).
-///
-/// # Errors
-///
-/// [`Error::InvalidConfig`] for a value that is not UTF-8.
-pub(crate) fn env_var(name: &str) -> Result<Option<String>> {
-    match std::env::var(name) {
-        Ok(v) => Ok(Some(v)),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(raw)) => Err(Error::InvalidConfig {
-            field: "environment variable",
-            value: format!("{name}={}", raw.to_string_lossy()),
-            allowed: "UTF-8 text",
-        }),
-    }
-}

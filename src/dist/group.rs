@@ -169,6 +169,16 @@ impl ProcessGroup {
         self.all_reduces.get() + buckets
     }
 
+    /// MAX all-reduce of the agreement checks ([`crate::dist::same_parameters`],
+    /// [`crate::dist::same_loop_point`]): small, and not in [`ProcessGroup::all_reduce_calls`],
+    /// which counts what the training itself exchanges.
+    pub(crate) fn agreement_max(&self, tensor: &Tensor) -> Result<()> {
+        match &self.raw {
+            Some(raw) => raw.all_reduce(tensor, ReduceOp::Max.into()),
+            None => Ok(()),
+        }
+    }
+
     /// After a failed collective (a Reducer's, inside a backward): the ranks that never entered
     /// it, as `rank 1 (last at collective #7) did not arrive at collective #8 of rank 0`, or ""
     /// when every rank did.

@@ -7,6 +7,7 @@
 //! | `bucket` | packing many tensors into a few collectives |
 //! | `reducer` | libtorch's DDP `Reducer` over one model's parameters |
 //! | `sampler` | [`DistributedSampler`] |
+mod agreement;
 mod bucket;
 mod env;
 mod group;
@@ -17,6 +18,7 @@ pub use env::DistEnv;
 pub use group::{ProcessGroup, ProcessGroupOptions};
 pub use sampler::DistributedSampler;
 
+pub(crate) use agreement::{same_loop_point, same_parameters, LoopPoint};
 pub(crate) use env::env_var;
 pub(crate) use group::default_group;
 pub(crate) use reducer::Reducer;

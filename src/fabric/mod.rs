@@ -89,6 +89,8 @@ struct State {
     model_sync: Vec<ModelSync>,
     /// `fabric.backward` calls so far.
     backward_count: u64,
+    /// Optimizer steps taken so far (skipped ones included: every rank skips the same).
+    step_count: u64,
 }
 
 impl Shared {
@@ -114,6 +116,7 @@ impl Shared {
                 optimizers: Vec::new(),
                 model_sync: Vec::new(),
                 backward_count: 0,
+                step_count: 0,
             }),
         }
     }

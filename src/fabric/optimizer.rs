@@ -85,6 +85,7 @@ impl FabricOptimizer {
             st.scaler.update()?;
         }
         self.seen_backward = st.backward_count;
+        st.step_count += 1;
         Ok(outcome)
     }
 

@@ -168,6 +168,10 @@ impl Fabric {
             None => true,
         });
         named.retain(|_| keep.next().unwrap_or(true));
+        // Every rank must have set up the same parameters: checked before anything is sent (a
+        // size mismatch would fail inside Gloo, an equal size in other shapes would average
+        // mismatched layouts).
+        crate::dist::same_parameters(&self.shared.group, &named, self.device())?;
         let tensors: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         tch::no_grad(|| self.shared.group.broadcast_coalesced(&tensors, 0))?;
         // Then gradients are averaged by libtorch's DDP engine, over the trainable variables.

@@ -18,12 +18,33 @@ impl Fabric {
     /// every parameter must get a gradient (else the next backward fails naming the ones that
     /// did not) unless [`crate::FabricBuilder::find_unused_parameters`].
     ///
+    /// On the CPU, before the gradients are exchanged, the ranks check that they are at the
+    /// same point of the loop (optimizer steps, backward calls, which models are under
+    /// [`Fabric::no_backward_sync`]): one all-reduce of 48 bytes. A rank that skipped or
+    /// repeated a backward, or paused the sync alone, then fails on every rank instead of
+    /// averaging another step's gradients. (On CUDA the check is not made: reading its result
+    /// would wait for the GPU at every backward.)
+    ///
     /// # Errors
     ///
     /// libtorch's error if `loss` does not require gradients; c10d's error when a process is
-    /// gone.
+    /// gone; [`crate::Error::Distributed`] when the ranks are at different points of the loop.
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
         let mut st = self.shared.state.borrow_mut();
+        if self.device() == tch::Device::Cpu && st.model_sync.iter().any(|s| s.reducer.is_some()) {
+            let synced = st
+                .model_sync
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.paused == 0)
+                .fold(0u64, |mask, (i, _)| mask | (1u64 << (i % 64)));
+            let here = crate::dist::LoopPoint {
+                steps: st.step_count,
+                backwards: st.backward_count,
+                synced,
+            };
+            crate::dist::same_loop_point(&self.shared.group, here, self.device())?;
+        }
         let scaled = st.scaler.scale(loss)?;
         // DDP: each model's Reducer is armed unless a NoBackwardSync guard pauses it (then its
         // gradients accumulate locally until the next synced backward); armed, it averages the
