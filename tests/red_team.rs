@@ -181,3 +181,29 @@ fn entries_named_like_the_readers_own_key_are_kept() {
     // A model entry of that name: hostile_checkpoints.rs ("key_named_like_build_state").
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// An optimizer over parameters named otherwise than their VarStore names them: a torch.save
+/// file finds optimizer state through the models' names, so the save is refused up front (it
+/// used to write a file its own load refused); a .safetensors save keeps working.
+#[test]
+fn a_torch_save_its_own_load_would_refuse_is_refused() {
+    let d = dir("renamed");
+    let fabric = Fabric::builder().accelerator("cpu").build().unwrap();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().ones("w", &[3]);
+    let params = Params::new(vec![("renamed".into(), w.shallow_clone())]).unwrap();
+    let opt = AdamW::with_params(params, 1e-3).unwrap();
+    let (_m, mut opt) = fabric.setup((), &mut vs, opt).unwrap();
+    (&w * 2.0).sum(Kind::Float).backward();
+    opt.step().unwrap();
+    let state = BTreeMap::from([("epoch", 1u32)]);
+    let path = d.join("renamed.ckpt");
+    let e = fabric.save(&path, &state).unwrap_err().to_string();
+    assert!(e.contains("'renamed'") && e.contains(".safetensors"), "{e}");
+    assert!(!path.exists());
+    let path = d.join("renamed.safetensors");
+    fabric.save(&path, &state).unwrap();
+    let back: BTreeMap<String, u32> = fabric.load(&path).unwrap();
+    assert_eq!(back, BTreeMap::from([("epoch".into(), 1)]));
+    let _ = std::fs::remove_dir_all(&d);
+}

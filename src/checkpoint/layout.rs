@@ -34,6 +34,15 @@ impl Model {
     }
 
     /// (key, tensor) of every variable, sorted by key.
+    /// The VarStore names of its variables (without the model's key).
+    pub(crate) fn var_names(&self) -> Result<Vec<String>> {
+        Ok(lock_vars(&self.vars)?
+            .named_variables
+            .keys()
+            .cloned()
+            .collect())
+    }
+
     pub(crate) fn entries(&self) -> Result<Vec<(String, Tensor)>> {
         let vars = lock_vars(&self.vars)?;
         let mut out: Vec<(String, Tensor)> = vars

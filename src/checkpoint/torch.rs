@@ -661,6 +661,27 @@ pub(crate) fn write(
     scaler: Option<&GradScalerState>,
     state: &Value,
 ) -> Result<()> {
+    // A load finds each optimizer parameter among the models' variables by name: one that is
+    // not there would make a file its own load refuses.
+    let mut var_names = HashSet::new();
+    for m in models {
+        var_names.extend(m.var_names()?);
+    }
+    for (i, opt) in optimizers.iter().enumerate() {
+        let opt = opt.borrow();
+        let params = opt.params();
+        for (k, name) in params.names().iter().enumerate() {
+            if !var_names.iter().any(|n: &String| params.is_named(k, n)) {
+                return Err(Error::Usage(format!(
+                    "optimizer {i}'s parameter '{name}' is not a variable of any model set up \
+                     with this Fabric: a torch.save checkpoint finds optimizer state through \
+                     the models' variable names, so this file could not be loaded back. Name \
+                     the parameters as their VarStore does (Params::from_var_store), or save \
+                     to a .safetensors path"
+                )));
+            }
+        }
+    }
     let mut top: Vec<(String, PyValue)> = Vec::new();
     for m in models {
         top.push((model_key(m).to_string(), model_entry(m, optimizers)?));

@@ -13,7 +13,11 @@ const MAX_TEXT: i64 = 1 << 30;
 /// All-reduces `values` with MAX, and their negations: every rank gets each value's largest
 /// and smallest over the ranks. One collective, outside [`ProcessGroup::all_reduce_calls`].
 fn range(group: &ProcessGroup, values: &[i64], device: Device) -> Result<Vec<(i64, i64)>> {
-    let both: Vec<i64> = values.iter().copied().chain(values.iter().map(|v| -v)).collect();
+    let both: Vec<i64> = values
+        .iter()
+        .copied()
+        .chain(values.iter().map(|v| -v))
+        .collect();
     let t = Tensor::from_slice(&both).f_to(device).op("to")?;
     group.agreement_max(&t)?;
     let got: Vec<i64> = Vec::try_from(&t.f_to(Device::Cpu).op("to")?).op("to_vec")?;
@@ -70,7 +74,10 @@ pub(crate) fn same_parameters(
         i64::from(crc32fast::hash(text.as_bytes())),
         text.len() as i64,
     ];
-    if range(group, &digest, device)?.iter().all(|(lo, hi)| lo == hi) {
+    if range(group, &digest, device)?
+        .iter()
+        .all(|(lo, hi)| lo == hi)
+    {
         return Ok(());
     }
     // Name it: rank 0's list to every rank, then the lowest (parameter, rank) that differs
@@ -125,7 +132,11 @@ pub(crate) fn same_loop_point(group: &ProcessGroup, here: LoopPoint, device: Dev
     }
     let values = [here.steps as i64, here.backwards as i64, here.synced as i64];
     let r = range(group, &values, device)?;
-    let what = ["optimizer steps", "backward calls", "synchronised models (bit mask)"];
+    let what = [
+        "optimizer steps",
+        "backward calls",
+        "synchronised models (bit mask)",
+    ];
     let differ: Vec<String> = r
         .iter()
         .zip(what)

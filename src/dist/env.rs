@@ -319,4 +319,3 @@ mod tests {
         assert!(err.contains("not a TCP port"), "{err}");
     }
 }
-
