@@ -59,6 +59,18 @@ impl<'p> Archive<'p> {
         self.stream(name, u64::MAX, |_| {})
     }
 
+    /// Checks the format-version record libtorch's reader reads (`.data/version`, or `version`
+    /// in older files), where there is one.
+    pub(crate) fn verify_version(&mut self) -> Result<()> {
+        for name in [".data/version", "version"] {
+            let full = format!("{}{name}", self.prefix);
+            if self.zip.file_names().any(|n| n == full) {
+                return self.verify(name);
+            }
+        }
+        Ok(())
+    }
+
     fn stream(&mut self, name: &str, limit: u64, mut sink: impl FnMut(&[u8])) -> Result<()> {
         let path = self.path;
         let full = format!("{}{name}", self.prefix);

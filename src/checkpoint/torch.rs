@@ -76,6 +76,7 @@ fn read_value(path: &Path) -> Result<PyValue> {
     for record in &records {
         archive.verify(record)?;
     }
+    archive.verify_version()?;
     drop_build_states(&mut value, &build_key);
     Ok(value)
 }
