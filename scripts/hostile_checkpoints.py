@@ -147,6 +147,18 @@ def main(out):
     with open(case("damaged_key", "is damaged: its bytes do not match the CRC-32"), "wb") as f:
         f.write(good[:at + 3] + b"\x9b" + good[at + 4:])
 
+    # 2. The other torch.jit._pickle globals, misused: a tensor-table reference with no table,
+    # list builders given a number, a type string libtorch's parser rejects.
+    jit = b"\x80\x02ctorch.jit._pickle\n"
+    for name, body, words in [
+        ("tensor_table_reference", b"build_tensor_from_id\nK\x00\x85R.", "tensor table"),
+        ("intlist_of_a_number", b"build_intlist\nK\x05\x85R.", "cannot be unpickled"),
+        ("tensorlist_of_a_number", b"build_tensorlist\nK\x05\x85R.", "cannot be unpickled"),
+        ("bad_type_string", b"restore_type_tag\n]X\x05\x00\x00\x00List[\x86R.",
+         "cannot be unpickled"),
+    ]:
+        archive(case(name, words), jit + body)
+
     # 8. An entry named like the reader's key for a state_dict's `_metadata`: kept (it was
     # dropped, so it passed a strict load unseen).
     key = "\0tch_fabric.build_state"
