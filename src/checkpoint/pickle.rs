@@ -309,6 +309,8 @@ fn splice_all(out: Vec<u8>, mut inserts: Vec<(usize, Vec<u8>)>) -> Vec<u8> {
     let mut merged = Vec::with_capacity(out.len() + extra);
     let mut from = 0;
     for (at, bytes) in inserts {
+        // Positions come from entries already emitted, so within `out`; clamped all the same.
+        let at = at.clamp(from, out.len());
         merged.extend_from_slice(&out[from..at]);
         merged.extend_from_slice(&bytes);
         from = at;

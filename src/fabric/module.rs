@@ -207,9 +207,10 @@ impl<M: nn::ModuleT> FabricModule<M> {
     /// scope) returns errors. The model's own `forward_t` is the model's: tch's layers call
     /// libtorch through panicking methods, so an input a layer cannot take (an integer tensor
     /// for `nn::Linear`, a wrong width) panics inside it. `try_forward` catches that panic at
-    /// this one boundary and returns it as an error: the autocast scope and the module are as
-    /// they were before the call. Rust's panic hook still runs (by default it prints the
-    /// panic's message to stderr); a panic that aborts (`panic = "abort"`) cannot be caught.
+    /// this one boundary and returns it as an error, with the autocast state restored (what
+    /// the model itself changed before panicking, a batch norm's running statistics, stays
+    /// changed). Rust's panic hook still runs (by default it prints the panic's message to
+    /// stderr); a panic that aborts (`panic = "abort"`) cannot be caught.
     ///
     /// # Errors
     ///
