@@ -124,17 +124,25 @@ char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue 
           return std::move(std::get<0>(reader.getRecord(name)));
         },
         context);
+    // The records' names, a line each, and (beside the value) a byte tensor over each record's
+    // storage, in the same order: Rust checks the CRC-32 of the very bytes libtorch read (not a
+    // second reading of the file, which another zip reader could resolve differently), and the
+    // tensors keep the storages alive even where the pickle dropped its own tensor.
     std::string listed;
+    c10::List<at::Tensor> bytes;
     for (size_t i = 0; i < keys.size(); i++) {
-      if (context->hasStorage(keys[i]) && context->getStorage(keys[i]).nbytes() != record_bytes[i]) {
+      if (!context->hasStorage(keys[i])) continue;
+      const c10::Storage storage = context->getStorage(keys[i]);
+      if (storage.nbytes() != record_bytes[i]) {
         throw std::runtime_error("storage '" + keys[i] + "' changed size between two reads");
       }
+      bytes.push_back(at::empty({0}, at::TensorOptions().dtype(at::kByte)).set_(storage));
       listed += "data/" + keys[i] + "\n";
     }
     char *names = static_cast<char *>(std::malloc(listed.size() + 1));
     if (names == nullptr) throw std::bad_alloc();
     std::memcpy(names, listed.data(), listed.size() + 1);
-    *out = boxed(std::move(value));
+    *out = boxed(IValue(c10::ivalue::Tuple::create({std::move(value), IValue(bytes)})));
     *records = names;
     *records_len = listed.size();
   })

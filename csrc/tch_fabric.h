@@ -235,8 +235,9 @@ typedef struct {
 void tf_ivalue_free(tf_ivalue v);
 void tf_free_buffer(char *data);
 /* Unpickles `pickle` with the tensors read from the archive at `path`, onto the CPU, after
- * checking that every storage's record holds exactly the bytes the pickle declares. `records`
- * (malloc'ed, `records_len` bytes) lists the records read, one name a line. */
+ * checking that every storage's record holds exactly the bytes the pickle declares. `out` is a
+ * tuple (value, list of byte tensors over the records read); `records` (malloc'ed,
+ * `records_len` bytes) names those records, a line each, in the same order. */
 char *tf_torch_load(const char *path, const char *pickle, size_t len, tf_ivalue *out,
                     char **records, size_t *records_len);
 /* Writes `value` to `path` as torch.save does (zip archive, pickle protocol 2, untagged). */

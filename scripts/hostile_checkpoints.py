@@ -26,15 +26,19 @@ import zlib
 import torch
 
 
-def archive(path, pickle, records=None, deflate=(), prefix="archive"):
-    """A torch.save-layout zip: PREFIX/data.pkl, PREFIX/data/<key>, version and byteorder."""
+def archive(path, pickle, records=None, deflate=(), prefix="archive", attrs=None):
+    """A torch.save-layout zip: PREFIX/data.pkl, PREFIX/data/<key>, version and byteorder;
+    `attrs` sets entries' external attributes."""
+    attrs = attrs or {}
     records = records or {}
     with zipfile.ZipFile(path, "w") as z:
         entries = [("data.pkl", pickle)] + [("data/" + k, v) for k, v in records.items()]
         entries += [(".data/version", b"3\n"), ("byteorder", b"little")]
         for name, data in entries:
             kind = zipfile.ZIP_DEFLATED if name in deflate else zipfile.ZIP_STORED
-            z.writestr(zipfile.ZipInfo(f"{prefix}/{name}"), data, compress_type=kind)
+            info = zipfile.ZipInfo(f"{prefix}/{name}")
+            info.external_attr = attrs.get(name, 0)
+            z.writestr(info, data, compress_type=kind)
 
 
 def entries_of(path):
@@ -88,6 +92,11 @@ def main(out):
     archive(case("empty_record", "holds 0 bytes where the pickle declares a storage of 48"),
             e["data.pkl"], {"0": b""})
     archive(case("missing_record", "that the archive does not hold"), e["data.pkl"], {})
+    # A record marked as a directory (MS-DOS attribute 0x10): libtorch's zip reader then
+    # "extracts" nothing into the buffer it allocated, so the tensor held uninitialised heap
+    # (found by the fuzz target); its bytes fail the CRC-32.
+    archive(case("directory_record", "is damaged: its bytes do not match the CRC-32"),
+            e["data.pkl"], {"0": e["data/0"]}, attrs={"data/0": 0x10})
     archive(case("long_record", "holds 64 bytes where the pickle declares a storage of 48"),
             e["data.pkl"], {"0": e["data/0"] + bytes(16)})
 

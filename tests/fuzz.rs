@@ -427,7 +427,10 @@ fn fuzz_the_torch_save_reader() {
                 TorchInput::Mutated(ms) => {
                     let mut b = good.clone();
                     for m in ms {
-                        apply(&mut b, m);
+                        // A truncation may have emptied it: nothing left to change.
+                        if !b.is_empty() {
+                            apply(&mut b, m);
+                        }
                     }
                     b
                 }

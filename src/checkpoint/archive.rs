@@ -1,5 +1,6 @@
 //! The zip container of a torch.save file, read through its own directory: the pickle read
-//! whole, and every record the load used checked against the CRC-32 the directory gives it.
+//! whole, and the bytes libtorch read for every record checked against the size and CRC-32 the
+//! directory gives it.
 //!
 //! libtorch's reader (miniz, built without its CRC checks) reads what the archive holds, damaged
 //! or not; Python's `zipfile` would name the damaged entry. Here a load that used a damaged
@@ -57,6 +58,37 @@ impl<'p> Archive<'p> {
     /// Reads record `name` through to check its checksum, keeping nothing.
     pub(crate) fn verify(&mut self, name: &str) -> Result<()> {
         self.stream(name, u64::MAX, |_| {})
+    }
+
+    /// Checks bytes another reader (libtorch's) read for record `name` against what the
+    /// directory gives for it: their count and CRC-32. Reads nothing of the record itself, so
+    /// the check is of the very bytes that were used.
+    pub(crate) fn check_read(&mut self, name: &str, bytes: u64, crc32: u32) -> Result<()> {
+        let path = self.path;
+        let full = format!("{}{name}", self.prefix);
+        let entry = self
+            .zip
+            .by_name(&full)
+            .map_err(|e| fail(path, format!("cannot read record '{full}': {e}")))?;
+        if entry.size() != bytes {
+            return Err(fail(
+                path,
+                format!(
+                    "record '{full}' was read as {bytes} bytes where the archive declares {}",
+                    entry.size()
+                ),
+            ));
+        }
+        if entry.crc32() != crc32 {
+            return Err(fail(
+                path,
+                format!(
+                    "record '{full}' is damaged: its bytes do not match the CRC-32 the archive \
+                     gives for it"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the format-version record libtorch's reader reads (`.data/version`, or `version`

@@ -73,8 +73,8 @@ fn read_value(path: &Path) -> Result<PyValue> {
         super::pickle::rewrite(&pickle).map_err(|r| bad(format!("cannot be read: {r}")))?;
     let (mut value, records) = native::torch_load(path, &pickle)
         .map_err(|e| bad(format!("cannot be unpickled: {}", native_reason(&e))))?;
-    for record in &records {
-        archive.verify(record)?;
+    for r in &records {
+        archive.check_read(&r.name, r.bytes, r.crc32)?;
     }
     archive.verify_version()?;
     drop_build_states(&mut value, &build_key);

@@ -237,10 +237,21 @@ fn c_path(op: &'static str, path: &std::path::Path) -> Result<std::ffi::CString>
         .map_err(|_| Error::native(op, "the path contains a NUL byte"))
 }
 
+/// A record libtorch read for a storage: its name (`data/0`), how many bytes, and their
+/// CRC-32 (of the bytes as read, for the caller to check against the archive's directory).
+pub(crate) struct RecordRead {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
 /// Unpickles `pickle` (a rewritten `data.pkl`) with its tensors from the archive at `path`, and
-/// the names of the records it read (`data/0`, ...). The shim refuses a storage whose record
-/// does not hold exactly the bytes the pickle declares, before reading any.
-pub(crate) fn torch_load(path: &std::path::Path, pickle: &[u8]) -> Result<(PyValue, Vec<String>)> {
+/// the records it read. The shim refuses a storage whose record does not hold exactly the
+/// bytes the pickle declares, before reading any.
+pub(crate) fn torch_load(
+    path: &std::path::Path,
+    pickle: &[u8],
+) -> Result<(PyValue, Vec<RecordRead>)> {
     const OP: &str = "torch_load";
     let p = c_path(OP, path)?;
     let mut out: CIValue = std::ptr::null_mut();
@@ -256,18 +267,55 @@ pub(crate) fn torch_load(path: &std::path::Path, pickle: &[u8]) -> Result<(PyVal
             &mut len,
         )
     })?;
-    let value = owned(OP, out)?;
+    let pair = owned(OP, out)?;
     if records.is_null() {
         return Err(Error::native(OP, "the shim returned no record list"));
     }
     // SAFETY: `len` bytes malloc'ed by the shim, freed right after the copy.
-    let names =
+    let listed =
         String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(records.cast::<u8>(), len) })
-            .lines()
-            .map(str::to_string)
-            .collect();
+            .into_owned();
     unsafe { ffi::tf_free_buffer(records) };
-    Ok((from_ivalue(&value, 0)?, names))
+    let item = |i: usize| -> Result<Owned> {
+        let mut v: CIValue = std::ptr::null_mut();
+        // SAFETY: live handles and strings; out-parameters are written on success only.
+        call(OP, || unsafe { ffi::tf_ivalue_item(pair.0, i, &mut v) })?;
+        owned(OP, v)
+    };
+    let value = from_ivalue(&item(0)?, 0)?;
+    let PyValue::List(views) = from_ivalue(&item(1)?, 0)? else {
+        return Err(Error::native(OP, "the shim returned no record bytes"));
+    };
+    let names: Vec<&str> = listed.lines().collect();
+    if names.len() != views.len() {
+        return Err(Error::native(
+            OP,
+            "the shim listed records it did not return",
+        ));
+    }
+    let mut read = Vec::with_capacity(views.len());
+    for (name, view) in names.into_iter().zip(&views) {
+        let PyValue::Tensor(t) = view else {
+            return Err(Error::native(
+                OP,
+                "the shim returned a record that is no tensor",
+            ));
+        };
+        let n = t.numel();
+        let crc = if n == 0 {
+            crc32fast::hash(&[])
+        } else {
+            // SAFETY: a contiguous uint8 tensor of `n` elements over the record's storage,
+            // which it keeps alive while the slice is used.
+            crc32fast::hash(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) })
+        };
+        read.push(RecordRead {
+            name: name.to_string(),
+            bytes: n as u64,
+            crc32: crc,
+        });
+    }
+    Ok((value, read))
 }
 
 /// Writes `value` to `path` in torch.save's format.
