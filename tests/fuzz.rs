@@ -8,7 +8,7 @@
 //! `cargo test`; `.ci/run` runs 10,000). Run with `--nocapture` to see the counts.
 mod common;
 
-use common::weights;
+use common::{same, weights};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -205,15 +205,7 @@ fn fuzz_the_checkpoint_reader() {
                     // Only the checkpoint itself, or a change the format ignores (JSON
                     // whitespace), loads; and then it restores exactly what was saved.
                     prop_assert_eq!(state, ("epoch".to_string(), 4));
-                    let now = weights(&vs);
-                    prop_assert!(
-                        now.len() == saved.len()
-                            && now
-                                .iter()
-                                .zip(&saved)
-                                .all(|(a, b)| a.0 == b.0 && a.1.equal(&b.1)),
-                        "loaded altered weights"
-                    );
+                    prop_assert!(same(&weights(&vs), &saved), "loaded altered weights");
                     loaded.set(loaded.get() + 1);
                 }
             }
@@ -460,15 +452,7 @@ fn fuzz_the_torch_save_reader() {
                     // Damage the checksums do not cover (the zip's own padding and directory
                     // fields libtorch ignores) loads exactly what was saved.
                     prop_assert_eq!(&state, &epoch);
-                    let now = weights(&vs);
-                    prop_assert!(
-                        now.len() == saved.len()
-                            && now
-                                .iter()
-                                .zip(&saved)
-                                .all(|(a, b)| a.0 == b.0 && a.1.equal(&b.1)),
-                        "loaded altered weights"
-                    );
+                    prop_assert!(same(&weights(&vs), &saved), "loaded altered weights");
                     loaded.set(loaded.get() + 1);
                 }
             }

@@ -2,25 +2,14 @@
 //! in hostile_checkpoints.rs, faults in checkpoint_crash.rs, panics in bad_inputs.rs, launcher
 //! variables in fabric_env.rs): each
 //! gets a typed error naming the problem and leaves every state as it was, or round-trips.
+mod common;
+
+use common::{same, weights};
 use std::collections::BTreeMap;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Kind};
 use tch_fabric::lr_scheduler::{OneCycle, OneCycleLR, Scheduler, StepLR};
 use tch_fabric::optim::{OptimizerState, Params};
 use tch_fabric::{AdamW, Error, Fabric, Optimizer, Sgd};
-
-fn weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn same(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
-}
 
 /// One tensor under two names would be updated twice a step (PyTorch only warns).
 #[test]
