@@ -18,6 +18,8 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <set>
+#include <tuple>
 #include <mutex>
 #include <chrono>
 #include <cstdlib>
@@ -341,24 +343,42 @@ static std::vector<double> step_values(const std::vector<at::Tensor> &steps) {
   return out;
 }
 
-// One-element tensors with the options (dtype, device) of each of `ts`, and copies of
-// (0-dim) step counts: stand-ins that run an optimizer's ops with its scalars and change nothing.
-static std::vector<at::Tensor> tiny(const std::vector<at::Tensor> &ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto &t : ts) out.push_back(at::zeros({1}, t.options()));
+// The stand-ins of a step (see refused_scalars): one parameter per distinct (dtype, device,
+// gradient dtype, `extra`: the step count or the fresh-buffer flag), which is all that decides
+// whether an op accepts the step's scalars; the first position of each.
+static std::vector<size_t> representatives(const std::vector<at::Tensor> &p,
+                                           const std::vector<at::Tensor> &g,
+                                           const std::function<double(size_t)> &extra) {
+  std::set<std::tuple<int, int, int, int, double>> seen;
+  std::vector<size_t> out;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const auto key = std::make_tuple(static_cast<int>(p[i].scalar_type()),
+                                     static_cast<int>(p[i].device().type()),
+                                     static_cast<int>(p[i].device().index()),
+                                     static_cast<int>(g[i].scalar_type()), extra(i));
+    if (seen.insert(key).second) out.push_back(i);
+  }
   return out;
 }
 
-static std::vector<at::Tensor> copies(const std::vector<at::Tensor> &ts) {
+// One-element tensors with the options (dtype, device) of `ts` at `at`: stand-ins that run an
+// optimizer's ops with its scalars and change nothing.
+static std::vector<at::Tensor> tiny(const std::vector<at::Tensor> &ts, const std::vector<size_t> &at) {
   std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto &t : ts) out.push_back(t.clone());
+  if (ts.empty()) return out;
+  out.reserve(at.size());
+  for (size_t i : at) out.push_back(at::zeros({1}, ts[i].options()));
   return out;
 }
 
-// Runs a step on stand-ins; what libtorch refuses there is refused before the real step, with
-// the learning rate named (the usual culprit: lr / bias correction past the dtype's range).
+// Copies of the (0-dim) step counts at `at`.
+static std::vector<at::Tensor> copies(const std::vector<at::Tensor> &ts, const std::vector<size_t> &at) {
+  std::vector<at::Tensor> out;
+  out.reserve(at.size());
+  for (size_t i : at) out.push_back(ts[i].clone());
+  return out;
+}
+
 static void refused_scalars(const std::function<void()> &probe, double lr) {
   try {
     probe();
@@ -451,8 +471,11 @@ char *tf_adam_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf
     // The same step on one-element stand-ins first: an op that refuses its scalars (a step
     // size beyond the dtype's range: "value cannot be converted ... without overflow") fails
     // there, before any parameter or state changed.
-    auto tp = tiny(p), tg = tiny(g), tm = tiny(m), tv = tiny(v), tvmax = tiny(vmax);
-    auto ts = copies(s);
+    const auto steps = step_values(s);
+    const auto at = representatives(p, g, [&](size_t i) { return steps[i]; });
+    auto tp = tiny(p, at), tg = tiny(g, at), tm = tiny(m, at), tv = tiny(v, at),
+         tvmax = tiny(vmax, at);
+    auto ts = copies(s, at);
     refused_scalars([&] { run(tp, tg, tm, tv, tvmax, ts); }, lr);
     run(p, g, m, v, vmax, s);
   })
@@ -469,7 +492,7 @@ char *tf_sgd_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_
     // receives the gradient's values.
     at::NoGradGuard no_grad;
     auto run = [&](std::vector<at::Tensor> &p, std::vector<at::Tensor> &g,
-                   std::vector<at::Tensor> &buf) {
+                   std::vector<at::Tensor> &buf, const std::vector<int32_t> &fresh) {
       if (foreach) {
         // torch.optim.sgd._multi_tensor_sgd (dense gradients). As there, Nesterov adds into the
         // gradient list in place, which is the parameters' own gradients when neither maximize
@@ -483,7 +506,8 @@ char *tf_sgd_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_
           }
         }
         if (momentum != 0) {
-          const bool all_old = std::none_of(fresh, fresh + n, [](int32_t f) { return f != 0; });
+          const bool all_old =
+              std::none_of(fresh.begin(), fresh.end(), [](int32_t f) { return f != 0; });
           if (all_old) {
             at::_foreach_mul_(buf, momentum);
             at::_foreach_add_(buf, gs, 1 - dampening);
@@ -521,9 +545,13 @@ char *tf_sgd_for_loop(const tf_tensor *params, const tf_tensor *grads, const tf_
       }
     };
     // One-element stand-ins first, as in tf_adam_for_loop: a refused scalar fails there.
-    auto tp = tiny(p), tg = tiny(g), tbuf = tiny(buf);
-    refused_scalars([&] { run(tp, tg, tbuf); }, lr);
-    run(p, g, buf);
+    const std::vector<int32_t> all_fresh(fresh, fresh + n);
+    const auto at = representatives(p, g, [&](size_t i) { return all_fresh[i]; });
+    auto tp = tiny(p, at), tg = tiny(g, at), tbuf = tiny(buf, at);
+    std::vector<int32_t> tfresh;
+    for (size_t i : at) tfresh.push_back(all_fresh[i]);
+    refused_scalars([&] { run(tp, tg, tbuf, tfresh); }, lr);
+    run(p, g, buf, all_fresh);
   })
 }
 
