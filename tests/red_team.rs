@@ -70,10 +70,7 @@ fn a_step_whose_scalars_overflow_changes_nothing() {
 /// optimizer's beta1 or rates are touched.
 #[test]
 fn a_refused_one_cycle_leaves_the_optimizer_alone() {
-    let (fabric, vs) = fabric_with_model("w");
-    let mut opt = fabric
-        .setup_optimizers(AdamW::new(&vs, 1e-3).unwrap())
-        .unwrap();
+    let (_fabric, _vs, mut opt) = adamw_set_up();
     let (lr, beta1) = (opt.lr(), opt.momentum());
     let mut c = OneCycle::new(0.1, 1);
     c.pct_start = 1.0;
@@ -86,10 +83,7 @@ fn a_refused_one_cycle_leaves_the_optimizer_alone() {
 /// A scheduler loaded at the last epoch an i64 holds refuses to step rather than wrap.
 #[test]
 fn a_scheduler_at_i64_max_refuses_to_step() {
-    let (fabric, vs) = fabric_with_model("w");
-    let mut opt = fabric
-        .setup_optimizers(AdamW::new(&vs, 1e-3).unwrap())
-        .unwrap();
+    let (_fabric, _vs, mut opt) = adamw_set_up();
     let mut sched = StepLR::new(&mut opt, 10, 0.5).unwrap();
     let mut state = sched.state_dict();
     state.last_epoch = i64::MAX;
@@ -107,6 +101,15 @@ fn fabric_with_model(name: &str) -> (Fabric, nn::VarStore) {
     let _ = vs.root().ones(name, &[2]);
     let _ = fabric.setup_module((), &mut vs).unwrap();
     (fabric, vs)
+}
+
+/// A Fabric with one model variable and an AdamW (lr 1e-3) over it, set up.
+fn adamw_set_up() -> (Fabric, nn::VarStore, tch_fabric::FabricOptimizer) {
+    let (fabric, vs) = fabric_with_model("w");
+    let opt = fabric
+        .setup_optimizers(AdamW::new(&vs, 1e-3).unwrap())
+        .unwrap();
+    (fabric, vs, opt)
 }
 
 fn dir(name: &str) -> std::path::PathBuf {

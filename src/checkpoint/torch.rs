@@ -672,7 +672,8 @@ pub(crate) fn write(
         let opt = opt.borrow();
         let params = opt.params();
         for (k, name) in params.names().iter().enumerate() {
-            if !var_names.iter().any(|n: &String| params.is_named(k, n)) {
+            let known = |n: &String| var_names.contains(n);
+            if !known(name) && !params.aliases(k).iter().any(known) {
                 return Err(Error::Usage(format!(
                     "optimizer {i}'s parameter '{name}' is not a variable of any model set up \
                      with this Fabric: a torch.save checkpoint finds optimizer state through \
