@@ -137,7 +137,8 @@ fn cxx(includes: &[PathBuf], abi: &str) -> cc::Build {
     b
 }
 
-/// The build of `csrc/ops.cpp`, the hot path of the AMP step: optimised in every profile.
+/// The build of `csrc/ops.cpp` and `csrc/rounding.cpp`, the hot path of the step: optimised in
+/// every profile.
 fn ops_build(includes: &[PathBuf], abi: &str) -> cc::Build {
     let mut b = cxx(includes, abi);
     b.opt_level(3)
@@ -147,7 +148,8 @@ fn ops_build(includes: &[PathBuf], abi: &str) -> cc::Build {
         .flag("-fopenmp")
         // Lets sqrt vectorise in the AdamW kernel (the op never reads errno).
         .flag("-fno-math-errno")
-        .file("csrc/ops.cpp");
+        .file("csrc/ops.cpp")
+        .file("csrc/rounding.cpp");
     b
 }
 

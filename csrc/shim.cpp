@@ -789,6 +789,71 @@ char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_
   })
 }
 
+// The rounded steps (csrc/rounding.cpp). Each list has n entries, or the count given beside it
+// (0 where the step does not use it).
+char *tf_adamw_rounded(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                       const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
+                       size_t n_max, const tf_tensor *kahan_comps, size_t n_comps,
+                       const tf_tensor *state_steps, const int64_t *positions, size_t n, double lr,
+                       double beta1, double beta2, double weight_decay, double eps,
+                       int32_t maximize, int64_t mode, uint64_t seed, tf_tensor grad_scale,
+                       tf_tensor found_inf) {
+  TF_PROTECT({
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("tch_fabric::adamw_rounded_", "")
+            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                        at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, double,
+                        double, double, double, double, bool, int64_t, int64_t,
+                        const std::optional<at::Tensor> &, const std::optional<at::Tensor> &)>();
+    std::optional<at::Tensor> scale, inf;
+    if (grad_scale != nullptr) scale = deref(grad_scale);
+    if (found_inf != nullptr) inf = deref(found_inf);
+    op.call(to_vector(params, n), to_vector(grads, n), to_vector(exp_avgs, n),
+            to_vector(exp_avg_sqs, n), to_vector(max_exp_avg_sqs, n_max),
+            to_vector(kahan_comps, n_comps), to_vector(state_steps, n),
+            at::IntArrayRef(positions, n), lr, beta1, beta2, weight_decay, eps, maximize != 0,
+            mode, static_cast<int64_t>(seed), scale, inf);
+  })
+}
+
+char *tf_sgd_rounded(const tf_tensor *params, const tf_tensor *grads,
+                     const tf_tensor *momentum_buffers, size_t n_buffers,
+                     const tf_tensor *kahan_comps, size_t n_comps, const tf_tensor *state_steps,
+                     size_t n_steps, const int64_t *positions, size_t n, double lr,
+                     double weight_decay, double momentum, double dampening, int32_t nesterov,
+                     int32_t maximize, int32_t is_first_step, int64_t mode, uint64_t seed,
+                     tf_tensor grad_scale, tf_tensor found_inf) {
+  TF_PROTECT({
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("tch_fabric::sgd_rounded_", "")
+            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                        at::TensorList, at::IntArrayRef, double, double, double, double, bool, bool,
+                        bool, int64_t, int64_t, const std::optional<at::Tensor> &,
+                        const std::optional<at::Tensor> &)>();
+    std::optional<at::Tensor> scale, inf;
+    if (grad_scale != nullptr) scale = deref(grad_scale);
+    if (found_inf != nullptr) inf = deref(found_inf);
+    op.call(to_vector(params, n), to_vector(grads, n), to_vector(momentum_buffers, n_buffers),
+            to_vector(kahan_comps, n_comps), to_vector(state_steps, n_steps),
+            at::IntArrayRef(positions, n), lr, weight_decay, momentum, dampening, nesterov != 0,
+            maximize != 0, is_first_step != 0, mode, static_cast<int64_t>(seed), scale, inf);
+  })
+}
+
+char *tf_stochastic_round(tf_tensor x, uint64_t seed, uint32_t position, uint32_t step,
+                          tf_tensor *out) {
+  TF_PROTECT({
+    *out = nullptr;
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("tch_fabric::stochastic_round", "")
+            .typed<at::Tensor(const at::Tensor &, int64_t, int64_t, int64_t)>();
+    *out = new at::Tensor(op.call(deref(x), static_cast<int64_t>(seed), position, step));
+  })
+}
+
 char *tf_clip_divisor(tf_tensor sumsq, tf_tensor scale, double max_norm, tf_tensor *norm,
                       tf_tensor *divisor) {
   TF_PROTECT({

@@ -159,6 +159,24 @@ char *tf_adamw_folded(const tf_tensor *params, const tf_tensor *grads, const tf_
                       const tf_tensor *exp_avg_sqs, const tf_tensor *state_steps, size_t n,
                       double lr, double beta1, double beta2, double weight_decay, double eps,
                       int32_t maximize, tf_tensor divisor, tf_tensor found_inf);
+/* tch_fabric::adamw_rounded_ / sgd_rounded_ / stochastic_round through the dispatcher (see
+ * csrc/rounding.cpp). Lists have n entries, or the count given beside them. */
+char *tf_adamw_rounded(const tf_tensor *params, const tf_tensor *grads, const tf_tensor *exp_avgs,
+                       const tf_tensor *exp_avg_sqs, const tf_tensor *max_exp_avg_sqs,
+                       size_t n_max, const tf_tensor *kahan_comps, size_t n_comps,
+                       const tf_tensor *state_steps, const int64_t *positions, size_t n, double lr,
+                       double beta1, double beta2, double weight_decay, double eps,
+                       int32_t maximize, int64_t mode, uint64_t seed, tf_tensor grad_scale,
+                       tf_tensor found_inf);
+char *tf_sgd_rounded(const tf_tensor *params, const tf_tensor *grads,
+                     const tf_tensor *momentum_buffers, size_t n_buffers,
+                     const tf_tensor *kahan_comps, size_t n_comps, const tf_tensor *state_steps,
+                     size_t n_steps, const int64_t *positions, size_t n, double lr,
+                     double weight_decay, double momentum, double dampening, int32_t nesterov,
+                     int32_t maximize, int32_t is_first_step, int64_t mode, uint64_t seed,
+                     tf_tensor grad_scale, tf_tensor found_inf);
+char *tf_stochastic_round(tf_tensor x, uint64_t seed, uint32_t position, uint32_t step,
+                          tf_tensor *out);
 /* tch_fabric::clip_divisor through the dispatcher: *norm and *divisor receive new tensors. */
 char *tf_clip_divisor(tf_tensor sumsq, tf_tensor scale, double max_norm, tf_tensor *norm,
                       tf_tensor *divisor);

@@ -8,6 +8,7 @@ use super::{fail, io, Contents};
 use crate::dtype;
 use crate::error::{Error, Op, Result};
 use crate::native;
+use crate::optim::ParamGroup;
 use crate::precision::Precision;
 use crate::scaler::GradScalerState;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo, View};
@@ -29,6 +30,10 @@ const KEY_STATE: &str = "tch_fabric.state";
 const KEY_CHECKSUMS: &str = "tch_fabric.checksums";
 /// How many optimizers the saving Fabric had (absent in files from before the third wave).
 const KEY_OPTIMIZERS: &str = "tch_fabric.optimizers";
+/// Each optimizer's param groups (PyTorch's names, as torch.save files hold them), a JSON list
+/// by optimizer index (null for an optimizer without them); since the third wave (earlier files
+/// leave every optimizer's hyper-parameters as they are).
+const KEY_PARAM_GROUPS: &str = "tch_fabric.param_groups";
 /// The largest header safetensors itself reads (its `MAX_HEADER_SIZE`): a larger declared size
 /// is a damaged or foreign file, refused before anything is allocated for it.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -179,7 +184,7 @@ impl View for &Staged<'_> {
 pub(crate) fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
-    (precision, optimizers): (Precision, usize),
+    (precision, param_groups): (Precision, &[Option<Vec<ParamGroup>>]),
     scaler: Option<&GradScalerState>,
     state_json: &str,
 ) -> Result<()> {
@@ -201,7 +206,11 @@ pub(crate) fn write(
     let mut meta = HashMap::new();
     meta.insert(KEY_FORMAT.to_string(), FORMAT.to_string());
     meta.insert(KEY_PRECISION.to_string(), precision.to_string());
-    meta.insert(KEY_OPTIMIZERS.to_string(), optimizers.to_string());
+    meta.insert(KEY_OPTIMIZERS.to_string(), param_groups.len().to_string());
+    meta.insert(
+        KEY_PARAM_GROUPS.to_string(),
+        serde_json::to_string(param_groups)?,
+    );
     if let Some(s) = scaler {
         meta.insert(KEY_SCALER.to_string(), s.to_json());
     }
@@ -468,6 +477,15 @@ pub(crate) fn read(path: &Path) -> Result<Contents> {
                 .map_err(|_| fail(path, format!("tch_fabric.optimizers is {n:?}, not a count")))
         })
         .transpose()?;
+    let param_groups = match meta.get(KEY_PARAM_GROUPS) {
+        None => HashMap::new(),
+        Some(text) => serde_json::from_str::<Vec<Option<Vec<ParamGroup>>>>(text)
+            .map_err(|e| fail(path, format!("{KEY_PARAM_GROUPS} is damaged: {e}")))?
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, g)| Some((i, g?)))
+            .collect(),
+    };
     let mut tensors = HashMap::new();
     for_each_tensor(
         path,
@@ -497,7 +515,7 @@ pub(crate) fn read(path: &Path) -> Result<Contents> {
         precision,
         scaler,
         state_json,
-        param_groups: HashMap::new(),
+        param_groups,
         missing: Vec::new(),
         optimizers,
     })

@@ -81,11 +81,16 @@ impl Fabric {
                 &state_json,
             )
         } else {
+            let groups: Vec<_> = st
+                .optimizers
+                .iter()
+                .map(|o| o.borrow().param_groups())
+                .collect();
             checkpoint::collect(&st.models, &st.optimizers).and_then(|tensors| {
                 checkpoint::write(
                     path,
                     &tensors,
-                    (self.precision(), st.optimizers.len()),
+                    (self.precision(), &groups),
                     scaler.as_ref(),
                     &state_json.to_string(),
                 )

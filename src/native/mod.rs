@@ -41,8 +41,8 @@ pub(crate) use kernels::{
     foreach_sub_tensor, grad_total_norm, op_has_kernel, unscale_sumsq,
 };
 pub(crate) use optim::{
-    adam_for_loop, adamw_folded, fused_adamw, fused_sgd, sgd_for_loop, AdamHyper, AdamLists,
-    SgdHyper,
+    adam_for_loop, adamw_folded, adamw_rounded, fused_adamw, fused_sgd, sgd_for_loop, sgd_rounded,
+    stochastic_round, AdamHyper, AdamLists, RoundMode, Rounded, SgdHyper,
 };
 pub(crate) use process::may_be_alive;
 pub(crate) use profile::{op_count_begin, op_count_end};

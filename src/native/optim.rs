@@ -1,6 +1,6 @@
 //! The optimizer kernels: libtorch's `_fused_adamw_` and `_fused_sgd_`, PyTorch's for-loop and
 //! foreach Adam and SGD steps (op for op in the shim), and tch-fabric's folded AdamW.
-use super::{call, ptr, ptrs};
+use super::{call, owned, ptr, ptrs};
 use crate::error::{Error, Result};
 use crate::ffi::{self, CTensor};
 use tch::Tensor;
@@ -263,4 +263,160 @@ pub(crate) fn fused_sgd(
             found_inf.map_or(std::ptr::null_mut(), ptr),
         )
     })
+}
+
+/// How a rounded step writes a parameter's new float32 value back to bfloat16 (the `mode` of
+/// `csrc/rounding.cpp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RoundMode {
+    /// Random bits keyed by this seed, the parameter's position and the step.
+    Stochastic { seed: u64 },
+    /// A compensation buffer per parameter.
+    Kahan,
+}
+
+impl RoundMode {
+    fn code(self) -> (i64, u64) {
+        match self {
+            RoundMode::Stochastic { seed } => (1, seed),
+            RoundMode::Kahan => (2, 0),
+        }
+    }
+}
+
+/// The extra lists of a rounded step: each parameter's position in its optimizer and, with
+/// Kahan summation, its compensation buffer.
+pub(crate) struct Rounded<'a> {
+    pub mode: RoundMode,
+    pub positions: Vec<i64>,
+    pub comps: Vec<&'a Tensor>,
+}
+
+impl Rounded<'_> {
+    fn check(&self, op: &'static str, n: usize) -> Result<()> {
+        let comps = if self.mode == RoundMode::Kahan { n } else { 0 };
+        if self.positions.len() != n || self.comps.len() != comps {
+            return Err(Error::native(op, "tensor lists of different lengths"));
+        }
+        Ok(())
+    }
+}
+
+/// tch-fabric's `adamw_rounded_`: AdamW on bfloat16 parameters computed in float32 and written
+/// back by `r.mode`.
+pub(crate) fn adamw_rounded(
+    l: &AdamLists<'_>,
+    r: &Rounded<'_>,
+    lr: f64,
+    h: &AdamHyper,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "tch_fabric::adamw_rounded_";
+    let a = l.ptrs(OP, h.amsgrad)?;
+    r.check(OP, a.params.len())?;
+    let comps = ptrs(r.comps.iter().copied());
+    let (mode, seed) = r.mode.code();
+    let n_max = if h.amsgrad { a.params.len() } else { 0 };
+    // SAFETY: `ptrs` and `check` made every array as long as the count passed beside it (n for
+    // the unnamed ones).
+    call(OP, || unsafe {
+        ffi::tf_adamw_rounded(
+            a.params.as_ptr(),
+            a.grads.as_ptr(),
+            a.exp_avgs.as_ptr(),
+            a.exp_avg_sqs.as_ptr(),
+            a.max_exp_avg_sqs.as_ptr(),
+            n_max,
+            comps.as_ptr(),
+            comps.len(),
+            a.steps.as_ptr(),
+            r.positions.as_ptr(),
+            a.params.len(),
+            lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            i32::from(h.maximize),
+            mode,
+            seed,
+            grad_scale.map_or(std::ptr::null_mut(), ptr),
+            found_inf.map_or(std::ptr::null_mut(), ptr),
+        )
+    })
+}
+
+/// tch-fabric's `sgd_rounded_`: SGD on bfloat16 parameters computed in float32 and written back
+/// by `r.mode`; `steps` (one per parameter) only with stochastic rounding.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgd_rounded(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    buffers: &[&Tensor],
+    steps: &[&Tensor],
+    r: &Rounded<'_>,
+    lr: f64,
+    h: &SgdHyper,
+    is_first_step: bool,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "tch_fabric::sgd_rounded_";
+    let n = params.len();
+    let stochastic = matches!(r.mode, RoundMode::Stochastic { .. });
+    if grads.len() != n
+        || (h.momentum != 0.0 && buffers.len() != n)
+        || steps.len() != if stochastic { n } else { 0 }
+    {
+        return Err(Error::native(OP, "tensor lists of different lengths"));
+    }
+    r.check(OP, n)?;
+    let (p, g, b, s, c) = (
+        ptrs(params.iter().copied()),
+        ptrs(grads.iter().copied()),
+        ptrs(buffers.iter().copied()),
+        ptrs(steps.iter().copied()),
+        ptrs(r.comps.iter().copied()),
+    );
+    let (mode, seed) = r.mode.code();
+    // SAFETY: every array is as long as the count passed beside it (checked above).
+    call(OP, || unsafe {
+        ffi::tf_sgd_rounded(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            b.len(),
+            c.as_ptr(),
+            c.len(),
+            s.as_ptr(),
+            s.len(),
+            r.positions.as_ptr(),
+            n,
+            lr,
+            h.weight_decay,
+            h.momentum,
+            h.dampening,
+            i32::from(h.nesterov),
+            i32::from(h.maximize),
+            i32::from(is_first_step),
+            mode,
+            seed,
+            grad_scale.map_or(std::ptr::null_mut(), ptr),
+            found_inf.map_or(std::ptr::null_mut(), ptr),
+        )
+    })
+}
+
+/// tch-fabric's `stochastic_round`: a float32 tensor rounded to bfloat16 with the random bits
+/// of parameter `position` at `step`.
+pub(crate) fn stochastic_round(x: &Tensor, seed: u64, position: u32, step: u32) -> Result<Tensor> {
+    const OP: &str = "tch_fabric::stochastic_round";
+    let mut out: ffi::CTensor = std::ptr::null_mut();
+    // SAFETY: `x` is a live tensor; the shim writes a fresh tensor (or null) to `out`.
+    call(OP, || unsafe {
+        ffi::tf_stochastic_round(ptr(x), seed, position, step, &mut out)
+    })?;
+    // SAFETY: `out` is null or the fresh tensor the shim allocated for us.
+    unsafe { owned(OP, out) }
 }

@@ -4,6 +4,7 @@
 //! generic type ([`AdamFamily`]) for the three.
 use super::group::{Group, GroupOptions};
 use super::param_group::{adam_group, load_adam, ParamGroup};
+use super::rounding::Rounding;
 use super::slots::{Field, Shape};
 use super::stepper::{unscaled_only, GroupStep, Impl, Kernel, Stepped, Stepper};
 use super::{non_negative, Amp, Params};
@@ -41,6 +42,8 @@ pub struct AdamKernel {
     hyper: AdamHyper,
     decoupled: bool,
     implementation: Impl,
+    /// How bfloat16 parameters are written back (fused only).
+    rounding: Rounding,
 }
 
 impl AdamKernel {
@@ -84,8 +87,17 @@ impl AdamKernel {
         // PyTorch counts the step first and takes a skipped step back afterwards, on the
         // device, so a skip never advances the count and nothing waits for the host.
         native::foreach_add_scalar(&lists.steps, 1.0)?;
-        let ran = match (&scale, &inf) {
-            (Some(divisor), Some(found)) if folded_kernel => {
+        let rounded = self.rounding.lists(step)?;
+        let ran = match (&scale, &inf, &rounded) {
+            (_, _, Some(r)) => native::adamw_rounded(
+                &lists,
+                r,
+                step.lr,
+                &self.hyper,
+                scale.as_deref(),
+                inf.as_deref(),
+            ),
+            (Some(divisor), Some(found), None) if folded_kernel => {
                 native::adamw_folded(&lists, step.lr, &self.hyper, divisor, found)
             }
             _ => native::fused_adamw(
@@ -141,12 +153,14 @@ impl Kernel for AdamKernel {
         if self.hyper.amsgrad {
             fields.push(MAX_EXP_AVG_SQ);
         }
+        fields.extend(self.rounding.fields());
         fields.push(self.step_field());
         fields
     }
 
     /// PyTorch's checks of `torch.optim.Adam` and `AdamW`.
     fn validate(&self) -> Result<()> {
+        self.rounding.validate()?;
         let h = &self.hyper;
         non_negative("eps", h.eps, "Invalid epsilon value: finite and >= 0")?;
         for (field, beta, allowed) in [
@@ -198,19 +212,26 @@ impl Kernel for AdamKernel {
         self.hyper.beta1 = momentum;
     }
 
+    fn check_kind(&self, kind: Kind) -> Result<()> {
+        self.rounding.check_kind(kind)
+    }
+
     fn param_group(&self) -> ParamGroup {
         let fused = self.implementation == Impl::Fused;
-        adam_group(
+        let mut g = adam_group(
             &self.hyper,
             self.decoupled,
             self.implementation.foreach(),
             fused,
-        )
+        );
+        self.rounding.save(&mut g);
+        g
     }
 
     fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
         let mut foreach = self.implementation.foreach();
         load_adam(group, &mut self.hyper, self.decoupled, &mut foreach)?;
+        self.rounding.load(group)?;
         if let Impl::ForLoop { .. } = self.implementation {
             self.implementation = Impl::ForLoop { foreach };
         }
@@ -337,6 +358,7 @@ impl<const FUSED: bool, const DECOUPLED: bool> AdamFamily<FUSED, DECOUPLED> {
             } else {
                 Impl::ForLoop { foreach: None }
             },
+            rounding: Rounding::default(),
         };
         Ok(AdamFamily {
             stepper: Stepper::new(params, lr, kernel)?,
@@ -408,6 +430,41 @@ impl AdamFamily<true, true> {
     /// As [`FusedAdamW::new`].
     pub fn with_params(params: Params, lr: f64) -> Result<Self> {
         Self::build(params, lr)
+    }
+
+    /// Stochastic rounding of bfloat16 parameters: each new weight is computed in float32 and
+    /// rounded to one of its two neighbouring bfloat16 values with probability proportional to
+    /// the distance, so updates smaller than half a bfloat16 ulp survive in expectation and
+    /// `bf16-true` trains like `32-true`. The moments stay bfloat16, rounded to nearest (as
+    /// torchao's `_AdamW(bf16_stochastic_round=True)` keeps them). The random bits are keyed by
+    /// (`seed`, parameter position, step, element): the same for any thread count, and resumed
+    /// exactly, since checkpoints keep the seed (`stochastic_rounding_seed` in the param group)
+    /// and the step counts. float32 parameters step as without it; float16 ones are refused at
+    /// the step. Not together with [`FusedAdamW::kahan_summation`].
+    ///
+    /// ```
+    /// use tch::{nn, Device, Kind};
+    /// use tch_fabric::{FusedAdamW, Optimizer};
+    /// let mut vs = nn::VarStore::new(Device::Cpu);
+    /// let _layer = nn::linear(vs.root() / "fc", 4, 1, Default::default());
+    /// vs.bfloat16();
+    /// let opt = FusedAdamW::new(&vs, 1e-3)?.stochastic_rounding(42);
+    /// assert!(opt.validate().is_ok());
+    /// # Ok::<(), tch_fabric::Error>(())
+    /// ```
+    pub fn stochastic_rounding(self, seed: u64) -> Self {
+        self.configure(|k| k.rounding.stochastic = Some(seed))
+    }
+
+    /// Kahan-compensated updates of bfloat16 parameters: what rounding the new weight to
+    /// bfloat16 drops is kept in a bfloat16 buffer per parameter (state field `kahan_comp`,
+    /// counted as optimizer state in [`crate::Fabric::memory_report`] and saved in checkpoints)
+    /// and added to the next update. Deterministic, without random bits, for 2 more bytes per
+    /// parameter. float32 parameters step as without it (their buffer stays zero); float16 ones
+    /// are refused at the step. Set before the first step; not together with
+    /// [`FusedAdamW::stochastic_rounding`].
+    pub fn kahan_summation(self, kahan: bool) -> Self {
+        self.configure(|k| k.rounding.kahan = kahan)
     }
 }
 

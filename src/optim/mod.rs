@@ -10,6 +10,7 @@
 //! | `adam` | the Adam family: [`FusedAdamW`], [`AdamW`], [`Adam`] (one kernel: fused, for-loop or foreach) |
 //! | `sgd` | SGD: [`FusedSgd`], [`Sgd`] (one kernel: fused, for-loop or foreach) |
 //! | `param_group` | PyTorch's `param_groups` entries, for torch.save checkpoints |
+//! | `rounding` | how the fused optimizers write bfloat16 parameters back: stochastic rounding, Kahan summation; [`stochastic_round`] |
 //! | `tch_adapter` | [`TchOptimizer`]: tch's own optimizers behind the trait |
 //!
 //! [`Params`] (an optimizer's parameters in PyTorch's order) and [`GradBatch`] (their
@@ -17,6 +18,7 @@
 mod adam;
 mod group;
 mod param_group;
+mod rounding;
 mod sgd;
 mod slots;
 mod stepper;
@@ -26,6 +28,7 @@ pub use crate::params::{GradBatch, GradGroup, Params};
 pub use adam::{Adam, AdamFamily, AdamW, FusedAdamW};
 pub use group::Group;
 pub use param_group::ParamGroup;
+pub use rounding::stochastic_round;
 pub use sgd::{FusedSgd, Sgd, SgdFamily};
 pub use tch_adapter::TchOptimizer;
 

@@ -4,11 +4,12 @@
 //! switch, one generic type ([`SgdFamily`]) for both.
 use super::group::{Group, GroupOptions};
 use super::param_group::{load_sgd, sgd_group, ParamGroup};
+use super::rounding::Rounding;
 use super::slots::{Field, Shape};
 use super::stepper::{unscaled_only, GroupStep, Impl, Kernel, Stepped, Stepper};
 use super::{non_negative, Amp, Params};
 use crate::error::{Error, Result};
-use crate::native::{self, SgdHyper};
+use crate::native::{self, Rounded, SgdHyper};
 use crate::params::group_by;
 use tch::{nn, Tensor};
 
@@ -16,12 +17,20 @@ const MOMENTUM_BUFFER: Field = Field {
     name: "momentum_buffer",
     shape: Shape::LikeParam,
 };
+/// The step count, kept only with stochastic rounding (its random bits are keyed by the step;
+/// PyTorch's SGD counts no steps): on the parameter's device, as the fused Adam's.
+const STEP: Field = Field {
+    name: "step",
+    shape: Shape::Scalar,
+};
 
 /// The SGD algorithm: its hyper-parameters and which of PyTorch's implementations runs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SgdKernel {
     hyper: SgdHyper,
     implementation: Impl,
+    /// How bfloat16 parameters are written back (fused only).
+    rounding: Rounding,
 }
 
 impl SgdKernel {
@@ -39,22 +48,67 @@ impl SgdKernel {
     /// Fresh and older momentum buffers go to separate kernel calls: the kernel's
     /// `is_first_step` covers a whole call.
     fn run_fused(&self, step: &GroupStep<'_>) -> Result<()> {
-        let (state, grads, group) = (step.state, step.grads, step.group);
+        let (state, group) = (step.state, step.group);
         let (scale, inf) = step.amp_tensors()?;
+        if self.rounding.stochastic.is_none() {
+            return self.run_fused_calls(step, &[], scale.as_deref(), inf.as_deref());
+        }
+        let steps = state.all(group, &STEP)?;
+        // Counted first and taken back on a skipped step, as the fused Adam does.
+        native::foreach_add_scalar(&steps, 1.0)?;
+        if let Err(e) = self.run_fused_calls(step, &steps, scale.as_deref(), inf.as_deref()) {
+            native::foreach_add_scalar(&steps, -1.0)?;
+            return Err(e);
+        }
+        if let Some(inf) = &inf {
+            native::foreach_sub_tensor(&steps, inf)?;
+        }
+        Ok(())
+    }
+
+    fn run_fused_calls(
+        &self,
+        step: &GroupStep<'_>,
+        steps: &[&Tensor],
+        scale: Option<&Tensor>,
+        inf: Option<&Tensor>,
+    ) -> Result<()> {
+        let (state, grads, group) = (step.state, step.grads, step.group);
+        let rounded = self.rounding.lists(step)?;
         let fresh = group_by(group.indices.iter().map(|&i| Some(state.is_fresh(i))));
         for (first, positions) in fresh {
             let indices: Vec<usize> = positions.iter().map(|&k| group.indices[k]).collect();
             let p: Vec<&Tensor> = indices.iter().map(|&i| &step.params.tensors()[i]).collect();
             let g: Vec<&Tensor> = indices.iter().filter_map(|&i| grads.get(i)).collect();
-            native::fused_sgd(
+            let buffers = self.buffers(step, &indices)?;
+            let Some(r) = &rounded else {
+                native::fused_sgd(&p, &g, &buffers, step.lr, &self.hyper, first, scale, inf)?;
+                continue;
+            };
+            // This call's share of the group's lists.
+            let part = Rounded {
+                mode: r.mode,
+                positions: positions.iter().map(|&k| r.positions[k]).collect(),
+                comps: positions
+                    .iter()
+                    .filter_map(|&k| r.comps.get(k).copied())
+                    .collect(),
+            };
+            let part_steps: Vec<&Tensor> = positions
+                .iter()
+                .filter_map(|&k| steps.get(k).copied())
+                .collect();
+            native::sgd_rounded(
                 &p,
                 &g,
-                &self.buffers(step, &indices)?,
+                &buffers,
+                &part_steps,
+                &part,
                 step.lr,
                 &self.hyper,
                 first,
-                scale.as_deref(),
-                inf.as_deref(),
+                scale,
+                inf,
             )?;
         }
         Ok(())
@@ -75,17 +129,22 @@ impl Kernel for SgdKernel {
 
     /// A momentum buffer when there is momentum.
     fn fields(&self) -> Vec<Field> {
+        let mut fields = Vec::new();
         if self.hyper.momentum != 0.0 {
-            vec![MOMENTUM_BUFFER]
-        } else {
-            Vec::new()
+            fields.push(MOMENTUM_BUFFER);
         }
+        fields.extend(self.rounding.fields());
+        if self.rounding.stochastic.is_some() {
+            fields.push(STEP);
+        }
+        fields
     }
 
     /// PyTorch's checks of `torch.optim.SGD`, with its wording ("Invalid momentum value",
     /// "Invalid weight_decay value", "Nesterov momentum requires a momentum and zero
     /// dampening").
     fn validate(&self) -> Result<()> {
+        self.rounding.validate()?;
         let h = &self.hyper;
         non_negative("momentum", h.momentum, "Invalid momentum value")?;
         non_negative("weight_decay", h.weight_decay, "Invalid weight_decay value")?;
@@ -131,14 +190,21 @@ impl Kernel for SgdKernel {
         self.hyper.momentum = momentum;
     }
 
+    fn check_kind(&self, kind: tch::Kind) -> Result<()> {
+        self.rounding.check_kind(kind)
+    }
+
     fn param_group(&self) -> ParamGroup {
         let fused = self.implementation == Impl::Fused;
-        sgd_group(&self.hyper, self.implementation.foreach(), fused)
+        let mut g = sgd_group(&self.hyper, self.implementation.foreach(), fused);
+        self.rounding.save(&mut g);
+        g
     }
 
     fn load_param_group(&mut self, group: &ParamGroup) -> Result<()> {
         let mut foreach = self.implementation.foreach();
         load_sgd(group, &mut self.hyper, &mut foreach)?;
+        self.rounding.load(group)?;
         if let Impl::ForLoop { .. } = self.implementation {
             self.implementation = Impl::ForLoop { foreach };
         }
@@ -262,6 +328,7 @@ impl<const FUSED: bool> SgdFamily<FUSED> {
             } else {
                 Impl::ForLoop { foreach: None }
             },
+            rounding: Rounding::default(),
         };
         Ok(SgdFamily {
             stepper: Stepper::new(params, lr, kernel)?,
@@ -310,6 +377,27 @@ impl<const FUSED: bool> SgdFamily<FUSED> {
     pub fn param_groups(mut self, groups: impl IntoIterator<Item = Group>) -> Result<Self> {
         self.stepper.set_groups(groups.into_iter().collect())?;
         Ok(self)
+    }
+}
+
+impl SgdFamily<true> {
+    /// Stochastic rounding of bfloat16 parameters, as [`crate::FusedAdamW::stochastic_rounding`]:
+    /// the new weight computed in float32, rounded up or down with probability proportional to
+    /// the distance, random bits keyed by (`seed`, parameter position, step, element). Each
+    /// parameter then keeps a step count (state field `step`, which PyTorch's SGD does not
+    /// have) so that the bits of a resumed run are those it would have drawn. The momentum
+    /// buffers stay bfloat16, rounded to nearest. Set before the first step; not together with
+    /// [`FusedSgd::kahan_summation`].
+    pub fn stochastic_rounding(self, seed: u64) -> Self {
+        self.configure(|k| k.rounding.stochastic = Some(seed))
+    }
+
+    /// Kahan-compensated updates of bfloat16 parameters, as
+    /// [`crate::FusedAdamW::kahan_summation`]: a bfloat16 buffer per parameter (state field
+    /// `kahan_comp`) carries what each rounding drops into the next update. Set before the
+    /// first step; not together with [`FusedSgd::stochastic_rounding`].
+    pub fn kahan_summation(self, kahan: bool) -> Self {
+        self.configure(|k| k.rounding.kahan = kahan)
     }
 }
 

@@ -31,6 +31,12 @@ pub trait Kernel: Clone + std::fmt::Debug {
     /// PyTorch's checks of the hyper-parameters other than the learning rate.
     fn validate(&self) -> Result<()>;
 
+    /// Refuses parameters of a dtype the options do not support, checked for every group
+    /// before any steps.
+    fn check_kind(&self, _kind: tch::Kind) -> Result<()> {
+        Ok(())
+    }
+
     /// Steps the parameters of one (device, dtype) group.
     fn run_group(&self, step: &GroupStep<'_>) -> Result<()>;
 
@@ -334,6 +340,11 @@ impl<T: Stepped> Optimizer for T {
         let s = self.stepper_mut();
         s.validate()?;
         check_groups(s.defaults.op(), grads)?;
+        for g in &s.groups {
+            for on_device in grads.groups() {
+                g.kernel.check_kind(on_device.kind)?;
+            }
+        }
         let fresh = s.slots.fresh(&s.params, grads)?;
         let state = State {
             slots: &s.slots,
