@@ -79,7 +79,7 @@ fn main() -> Result<()> {
     };
     let mut objects = ops_build(&includes, &abi).compile_intermediates();
     if let Some(cuda) = &cuda {
-        objects.push(cuda.object.clone());
+        objects.extend(cuda.objects.iter().cloned());
     }
     // The static copy for Rust: whole, so the registrations survive the final link.
     cxx(&includes, &abi)

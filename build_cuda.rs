@@ -1,5 +1,5 @@
-//! The `cuda` feature's half of build.rs: compiles `csrc/ops_cuda.cu` with nvcc into an object
-//! that goes into the ops libraries next to `csrc/ops.cpp`. Without the feature nothing here runs, so
+//! The `cuda` feature's half of build.rs: compiles `csrc/ops_cuda.cu` and `csrc/rounding_cuda.cu`
+//! with nvcc into objects that go into the ops libraries next to `csrc/ops.cpp`. Without the feature nothing here runs, so
 //! a CPU build never needs a CUDA compiler.
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -8,12 +8,15 @@ use std::process::Command;
 /// What the ops libraries' links need from the CUDA build.
 pub struct Cuda {
     /// The compiled kernels.
-    pub object: PathBuf,
+    pub objects: Vec<PathBuf>,
     /// The folder of the CUDA runtime torch uses.
     pub cudart_dir: PathBuf,
     /// Its file name (versioned, e.g. `libcudart.so.13`: the wheels ship no unversioned link).
     pub cudart: String,
 }
+
+/// The CUDA sources in `csrc/`, without `.cu` (scripts/gpu/prepare.sh compiles the same list).
+const CUDA_SOURCES: [&str; 2] = ["ops_cuda", "rounding_cuda"];
 
 /// Compiles the CUDA kernels against the libtorch in `lib_dir`.
 pub fn compile(includes: &[PathBuf], lib_dir: &Path, abi: &str, out_dir: &Path) -> Result<Cuda> {
@@ -22,29 +25,33 @@ pub fn compile(includes: &[PathBuf], lib_dir: &Path, abi: &str, out_dir: &Path) 
     let site = site_packages(lib_dir)?;
     let nvcc = find_nvcc(site.as_deref())?;
 
-    let object = out_dir.join("ops_cuda.o");
-    let mut cmd = Command::new(&nvcc);
-    cmd.args(["-c", "csrc/ops_cuda.cu", "-o"])
-        .arg(&object)
-        .args(nvcc_flags()?)
-        .arg(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"));
-    for dir in includes {
-        cmd.arg(format!("-I{}", dir.display()));
-    }
-    cmd.args(gencode()?);
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {}", nvcc.display()))?;
-    if !status.success() {
-        bail!(
-            "compiling csrc/ops_cuda.cu with {} failed ({status})",
-            nvcc.display()
-        );
+    let mut objects = Vec::new();
+    for name in CUDA_SOURCES {
+        let object = out_dir.join(format!("{name}.o"));
+        let mut cmd = Command::new(&nvcc);
+        cmd.args(["-c", &format!("csrc/{name}.cu"), "-o"])
+            .arg(&object)
+            .args(nvcc_flags()?)
+            .arg(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"));
+        for dir in includes {
+            cmd.arg(format!("-I{}", dir.display()));
+        }
+        cmd.args(gencode()?);
+        let status = cmd
+            .status()
+            .with_context(|| format!("running {}", nvcc.display()))?;
+        if !status.success() {
+            bail!(
+                "compiling csrc/{name}.cu with {} failed ({status})",
+                nvcc.display()
+            );
+        }
+        objects.push(object);
     }
 
     let (cudart_dir, cudart) = find_cudart(site.as_deref(), &nvcc)?;
     Ok(Cuda {
-        object,
+        objects,
         cudart_dir,
         cudart,
     })

@@ -25,6 +25,7 @@ for arg in "$@"; do
 done
 
 TORCH_VERSION=2.13.0
+TORCHAO_VERSION=0.18.0
 PY_PACKAGES=("torch==${TORCH_VERSION}" "lightning==2.6.*" "safetensors" "numpy")
 # torch 2.13.0 is built with CUDA 13.0. The unsuffixed names hold the files (the `-cu13`
 # names are empty stubs); the runtime headers (cuda_runtime.h) come with torch itself, in
@@ -130,6 +131,14 @@ assert torch._C._GLIBCXX_USE_CXX11_ABI
 PY
   touch "$stamp"
   say "installed torch ${TORCH_VERSION}"
+fi
+
+# torchao, for the stochastic-rounding comparison (scripts/bench_rounding.py): without its
+# dependencies, which would replace this torch.
+if ! "$venv/bin/python" -c "import importlib.metadata as m; assert m.version('torchao') == '${TORCHAO_VERSION}'" 2>/dev/null; then
+  say "installing torchao ${TORCHAO_VERSION} (no dependencies: torch stays ${TORCH_VERSION})"
+  "$venv/bin/python" -m pip install --disable-pip-version-check --no-deps "torchao==${TORCHAO_VERSION}" ||
+    die "pip could not install torchao==${TORCHAO_VERSION}"
 fi
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -382,6 +382,58 @@ def sync_free(ctx):
     return None
 
 
+def rounded_state(dev, mode, n, gen_seed):
+    """The bfloat16 state of one tch_fabric::adamw_rounded_ step, drawn on the CPU and moved to
+    `dev`: [param, grad, exp_avg, exp_avg_sq] and the Kahan buffers (mode 2)."""
+    g = torch.Generator().manual_seed(gen_seed)
+    t = [torch.randn(n, generator=g).bfloat16().to(dev) for _ in range(3)]
+    t.append(torch.rand(n, generator=g).bfloat16().to(dev))
+    comp = [(torch.randn(n, generator=g) * 1e-3).bfloat16().to(dev)] if mode == 2 else []
+    return t, comp, torch.tensor(7.0, device=dev)
+
+
+def rounded_step(state, mode, scale=None, found=None):
+    (p, grad, m, v), comp, step = state
+    torch.ops.tch_fabric.adamw_rounded_([p], [grad], [m], [v], [], comp, [step], [3], 1e-3, 0.9,
+                                        0.999, 0.01, 1e-8, False, mode, 99, scale, found)
+
+
+@check("rounded steps (stochastic rounding, Kahan): the device draws the CPU kernel's bits")
+def rounding(ctx):
+    # stochastic_round: the same bits on every device (Philox keyed by seed, position, step and
+    # element index, rounding.h shared by both kernels).
+    x = torch.randn(100_003, generator=ctx.gen) * 3
+    want = torch.ops.tch_fabric.stochastic_round(x, 7, 3, 11)
+    got = torch.ops.tch_fabric.stochastic_round(x.to(ctx.dev), 7, 3, 11).cpu()
+    assert same_bits(got, want), "stochastic_round differs from the CPU kernel's bits"
+    # Unbiased: 1 + 1/512 is a quarter of the way to the next bfloat16.
+    ups = torch.ops.tch_fabric.stochastic_round(torch.full((1 << 16,), 1 + 1 / 512).to(ctx.dev), 1, 0, 1)
+    frac = (ups.float() > 1).float().mean().item()
+    assert abs(frac - 0.25) < 0.01, f"{frac} rounded up, expected 0.25"
+    details = []
+    for mode in (1, 2):
+        cpu, dev = (rounded_state(d, mode, 100_003, mode) for d in (torch.device("cpu"), ctx.dev))
+        rounded_step(cpu, mode)
+        rounded_step(dev, mode)
+        names = ("param", "grad", "exp_avg", "exp_avg_sq", "kahan_comp")
+        for name, a, b in zip(names, dev[0] + dev[1], cpu[0] + cpu[1]):
+            a = a.cpu()
+            assert same_bits(a, b), f"mode {mode}: {name}: {int((bits(a) != bits(b)).sum())} elements differ"
+        details.append(f"mode {mode} equal")
+    if ctx.dev.type == "cuda":
+        # No host read: grad_scale, found_inf and the step count stay on the device.
+        scale, found = scalar(2.0, ctx.dev), torch.zeros((), device=ctx.dev)
+        state = rounded_state(ctx.dev, 1, 4096, 5)
+        ctx.sync()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            rounded_step(state, 1, scale, found)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        details.append("sync-free")
+    return ", ".join(details)
+
+
 @check("eager step: taken on finite gradients, a skipped step changes nothing")
 def eager_skip(ctx):
     groups = adamw_state(ctx, FLOATS)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the GPU check's bundle: tch_fabric's ops library (csrc/ops.cpp + csrc/ops_cuda.cu; no
+# Builds the GPU check's bundle: tch_fabric's ops library (csrc/ops.cpp, rounding.cpp and their .cu; no
 # Rust, no tch) against a given PyTorch, plus scripts/gpu/check.py, in one small folder to
 # carry to a GPU machine that has that PyTorch but no Rust and no package registry.
 #
@@ -70,18 +70,24 @@ trap 'rm -rf "$obj"' EXIT
 say "torch $torch_version (CUDA $torch_cuda) at $torch_dir"
 say "nvcc $("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'): $nvcc; device code: ${gencode[*]}"
 t0=$SECONDS
-# The two compiles run side by side (nvcc takes about a minute on 2 cores).
-"${CXX:-g++}" "${common[@]}" -w "${includes[@]}" -c "$repo/csrc/ops.cpp" -o "$obj/ops.o" &
+# The C++ and CUDA compiles run side by side (nvcc takes about a minute a file on 2 cores).
+# The same sources as build.rs and build_cuda.rs.
+( for f in ops rounding; do
+    "${CXX:-g++}" "${common[@]}" -w "${includes[@]}" -c "$repo/csrc/$f.cpp" -o "$obj/$f.o" || exit 1
+  done ) &
 cxx_pid=$!
-"$nvcc" "${nvcc_flags[@]}" "-D_GLIBCXX_USE_CXX11_ABI=$abi" "${includes[@]}" "${gencode[@]}" \
-  -c "$repo/csrc/ops_cuda.cu" -o "$obj/ops_cuda.o" || die "nvcc failed on csrc/ops_cuda.cu"
-wait "$cxx_pid" || die "compiling csrc/ops.cpp failed"
+for f in ops_cuda rounding_cuda; do
+  "$nvcc" "${nvcc_flags[@]}" "-D_GLIBCXX_USE_CXX11_ABI=$abi" "${includes[@]}" "${gencode[@]}" \
+    -c "$repo/csrc/$f.cu" -o "$obj/$f.o" || die "nvcc failed on csrc/$f.cu"
+done
+wait "$cxx_pid" || die "compiling csrc/ops.cpp or csrc/rounding.cpp failed"
 
 # No rpath: on the GPU machine `import torch` has already loaded libtorch, c10 and the CUDA
 # runtime (the same sonames) before check.py loads the library.
 mkdir -p "$out"
 rm -f "$out/libtch_fabric_ops.so"
-"${CXX:-g++}" -shared -fopenmp -o "$out/libtch_fabric_ops.so" "$obj/ops.o" "$obj/ops_cuda.o" \
+"${CXX:-g++}" -shared -fopenmp -o "$out/libtch_fabric_ops.so" "$obj"/ops.o "$obj"/rounding.o \
+  "$obj"/ops_cuda.o "$obj"/rounding_cuda.o \
   -L"$torch_dir/lib" -ltorch_cpu -lc10 -lc10_cuda -L"$(dirname "$cudart")" "-l:$(basename "$cudart")" ||
   die "linking the ops library failed"
 strip --strip-unneeded "$out/libtch_fabric_ops.so"

@@ -187,14 +187,14 @@ impl Rounding {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] for a tensor that is not float32 or not on the CPU (the CUDA
-/// kernels round inside the optimizer steps only).
+/// [`Error::InvalidConfig`] for a tensor that is not float32; [`Error::Native`] for a CUDA
+/// tensor in a build without the `cuda` feature.
 pub fn stochastic_round(x: &Tensor, seed: u64, position: u32, step: u32) -> Result<Tensor> {
-    if x.kind() != Kind::Float || x.device() != tch::Device::Cpu {
+    if x.kind() != Kind::Float {
         return Err(Error::InvalidConfig {
             field: "x",
-            value: format!("{:?} on {:?}", x.kind(), x.device()),
-            allowed: "a float32 CPU tensor",
+            value: format!("{:?}", x.kind()),
+            allowed: "a float32 tensor",
         });
     }
     native::stochastic_round(x, seed, position, step)

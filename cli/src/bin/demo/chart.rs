@@ -343,6 +343,7 @@ mod tests {
             skipped: 0,
             loss_scale: 1.0,
             steps: 0,
+            val_at: Vec::new(),
         }
     }
 

@@ -108,6 +108,19 @@ struct Args {
     /// share of every batch (1 to 1024).
     #[arg(long, default_value_t = 1)]
     devices: usize,
+    /// Write bfloat16 weights back by stochastic rounding (FusedAdamW's
+    /// `.stochastic_rounding(--seed)`): bf16-true then trains like 32-true. The comparison
+    /// adds a `bf16-true + stochastic rounding` run.
+    #[arg(long)]
+    stochastic_rounding: bool,
+    /// Write bfloat16 weights back with Kahan-compensated updates (FusedAdamW's
+    /// `.kahan_summation(true)`): deterministic, one more bfloat16 buffer per weight.
+    #[arg(long, conflicts_with = "stochastic_rounding")]
+    kahan: bool,
+    /// Also measure the validation loss after these steps (in the report's `val_at`; used by
+    /// scripts/bench_rounding.py to read several run lengths off one run).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    eval_at: Vec<usize>,
     /// Where a child run writes its report (used by --compare).
     #[arg(long, hide = true)]
     report: Option<PathBuf>,
@@ -230,6 +243,9 @@ pub struct Report {
     pub skipped: u64,
     pub loss_scale: f64,
     pub steps: usize,
+    /// (step, validation loss) at the `--eval-at` steps this run trained through.
+    #[serde(default)]
+    pub val_at: Vec<(usize, f64)>,
 }
 
 /// Every step's loss, time and skip so far: what the report and the chart are drawn from.
@@ -307,6 +323,12 @@ fn check_args(args: &Args) -> Result<()> {
     }
     if !(args.eps.is_finite() && args.eps >= 0.0) {
         bail!("--eps must be a finite number >= 0, not {}", args.eps);
+    }
+    if (args.stochastic_rounding || args.kahan) && args.precision.is_none() {
+        bail!(
+            "--stochastic-rounding and --kahan train one precision: add --precision bf16-true (the \
+             comparison has a bf16-true + stochastic rounding run of its own)"
+        );
     }
     if args.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1 (a number of steps)");
@@ -409,8 +431,20 @@ fn fabric_for(precision: Precision) -> Result<Fabric> {
         .build()?)
 }
 
+/// The run's name in tables and files: the precision, and the rounding option if any.
+fn label(args: &Args, precision: Precision) -> String {
+    if args.stochastic_rounding {
+        format!("{precision} + stochastic rounding")
+    } else if args.kahan {
+        format!("{precision} + Kahan")
+    } else {
+        precision.to_string()
+    }
+}
+
 fn checkpoint_path(args: &Args, precision: Precision) -> PathBuf {
-    args.out.join(format!("{precision}.ckpt.safetensors"))
+    let name = label(args, precision).replace(" + ", "-").replace(' ', "-");
+    args.out.join(format!("{name}.ckpt.safetensors"))
 }
 
 /// Runs this very command as `--devices` processes, as `fabric run --devices N` would.
@@ -449,6 +483,36 @@ fn batch(ids: &Tensor, n_train: i64, args: &Args, step: usize, device: Device) -
         .index_select(0, &(idx + 1).view([-1]))
         .view([args.batch, args.block]);
     (x.to_device(device), y.to_device(device))
+}
+
+/// The validation loss: the mean over 4 fixed batches from the held-out tenth of `ids`.
+fn validate(
+    fabric: &Fabric,
+    model: &tch_fabric::FabricModule<model::Gpt>,
+    ids: &Tensor,
+    n_train: i64,
+    args: &Args,
+) -> Result<f64> {
+    let n = ids.size()[0];
+    let loss = tch::no_grad(|| -> Result<f64> {
+        model.eval();
+        let val_ids = ids.narrow(0, n_train, n - n_train);
+        let count = (n - n_train) as usize;
+        let mut total = 0.0;
+        let evals = 4;
+        for k in 0..evals {
+            let vargs = Args {
+                seed: 0xABCD + k,
+                batch: args.batch.min(((count as i64) - args.block - 2).max(1)),
+                ..args.clone()
+            };
+            let (x, y) = batch(&val_ids, n - n_train, &vargs, 0, fabric.device());
+            total += loss_of(fabric, model, &x, &y)?.f_double_value(&[])?;
+        }
+        Ok(total / evals as f64)
+    });
+    model.train();
+    loss
 }
 
 fn loss_of(
@@ -508,7 +572,13 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
     // float32.
     let mut vs = fabric.init_module()?;
     let gpt = model::Gpt::new(&vs.root(), cfg);
-    let opt = FusedAdamW::new(&vs, args.lr)?.eps(args.eps);
+    let mut opt = FusedAdamW::new(&vs, args.lr)?.eps(args.eps);
+    if args.stochastic_rounding {
+        opt = opt.stochastic_rounding(args.seed);
+    }
+    if args.kahan {
+        opt = opt.kahan_summation(true);
+    }
     let (model, mut opt) = fabric.setup(gpt, &mut vs, opt)?;
 
     let ids = Tensor::from_slice(&corpus.ids);
@@ -565,13 +635,14 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
             .progress_chars("=> "),
     );
     bar.set_prefix(if world > 1 {
-        format!("{precision} x{world}")
+        format!("{} x{world}", label(args, precision))
     } else {
-        precision.to_string()
+        label(args, precision)
     });
     let tokens_per_step = (args.batch * args.block) as f64;
     let mut timed = Vec::new();
     let mut run_peak = 0;
+    let mut val_at = Vec::new();
     let mut breakdown = None;
     let save = |step: usize, history: &History| -> Result<()> {
         fabric.save(
@@ -650,6 +721,9 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
             fabric.loss_scale()?
         ));
         bar.inc(1);
+        if args.eval_at.contains(&(step + 1)) {
+            val_at.push((step + 1, validate(&fabric, &model, &ids, n_train, args)?));
+        }
         if (step + 1) % args.checkpoint_every == 0 {
             save(step + 1, &history)?;
         }
@@ -660,24 +734,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         save(args.steps, &history)?;
     }
 
-    // Validation on fixed batches from the held-out tenth.
-    let val_loss = tch::no_grad(|| -> Result<f64> {
-        model.eval();
-        let val_ids = ids.narrow(0, n_train, n - n_train);
-        let count = (n - n_train) as usize;
-        let mut total = 0.0;
-        let evals = 4;
-        for k in 0..evals {
-            let vargs = Args {
-                seed: 0xABCD + k,
-                batch: args.batch.min(((count as i64) - args.block - 2).max(1)),
-                ..args.clone()
-            };
-            let (x, y) = batch(&val_ids, n - n_train, &vargs, 0, device);
-            total += loss_of(&fabric, &model, &x, &y)?.f_double_value(&[])?;
-        }
-        Ok(total / evals as f64)
-    })?;
+    let val_loss = validate(&fabric, &model, &ids, n_train, args)?;
 
     timed.sort_by(f64::total_cmp);
     let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
@@ -689,7 +746,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         breakdown.as_ref().map_or(f64::NAN, |r| mib(f(r)))
     };
     let report = Report {
-        precision: precision.to_string(),
+        precision: label(args, precision),
         // The mean of the last ten losses; NaN once the run diverged.
         train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
         losses: history.losses.clone(),
@@ -707,6 +764,7 @@ fn train(args: &Args, corpus: &Corpus, precision: Precision) -> Result<ExitCode>
         skipped: fabric.skipped_steps()?,
         loss_scale: fabric.loss_scale()?,
         steps: args.steps,
+        val_at,
     };
     if !lead {
         return Ok(ExitCode::SUCCESS);
@@ -725,11 +783,21 @@ fn compare(args: &Args) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the demo's own executable")?;
     let device = Device::cuda_if_available();
     let mut reports = Vec::new();
-    for precision in compared() {
-        let report_path = args.out.join(format!("{precision}.report.json"));
+    // Every precision, then bf16-true again with stochastic rounding (what it adds to bf16-true
+    // is the point of the row).
+    let runs = compared()
+        .into_iter()
+        .map(|p| (p, false))
+        .chain([(Precision::Bf16True, true)]);
+    for (precision, rounding) in runs {
+        let name = if rounding { "-stochastic-rounding" } else { "" };
+        let report_path = args.out.join(format!("{precision}{name}.report.json"));
         let _ = std::fs::remove_file(&report_path);
         let mut cmd = Command::new(&exe);
         cmd.arg("--precision").arg(precision.to_string());
+        if rounding {
+            cmd.arg("--stochastic-rounding");
+        }
         cmd.arg("--report").arg(&report_path);
         for (flag, value) in [
             ("--steps", args.steps.to_string()),
