@@ -29,9 +29,75 @@
 
 #include <cmath>
 
+// Every float operation rounded on its own, as the CUDA kernels compute (rounding.h): no
+// multiply-adds contracted by the compiler in any of the ISA clones below.
+#pragma GCC optimize("fp-contract=off")
+
 namespace {
 
 using namespace tf_rounding;
+
+#define TF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// The tile loops of the two options, one function each so that the mode is a constant and the
+// element function (inlined) vectorises; `div` divides the gradients (1 without a scale).
+TF_CLONES void adamw_tile_stochastic(uint16_t *__restrict p, const uint16_t *__restrict g,
+                                     uint16_t *__restrict m, uint16_t *__restrict v,
+                                     const uint32_t *__restrict r, int64_t n, AdamScalars k,
+                                     float div) {
+  for (int64_t i = 0; i < n; ++i) {
+    adamw_element(p + i, bf16_to_f32(g[i]) / div, m + i, v + i, nullptr, nullptr, k,
+                  kStochastic, r[i]);
+  }
+}
+
+TF_CLONES void adamw_tile_kahan(uint16_t *__restrict p, const uint16_t *__restrict g,
+                                uint16_t *__restrict m, uint16_t *__restrict v,
+                                uint16_t *__restrict c, int64_t n, AdamScalars k, float div) {
+  for (int64_t i = 0; i < n; ++i) {
+    adamw_element(p + i, bf16_to_f32(g[i]) / div, m + i, v + i, nullptr, c + i, k, kKahan, 0);
+  }
+}
+
+// SGD's tile loop, with the option and whether there is momentum as constants.
+template <int64_t kMode, bool kMomentum>
+inline __attribute__((always_inline)) void sgd_tile(uint16_t *__restrict p,
+                                                    const uint16_t *__restrict g,
+                                                    uint16_t *__restrict b, uint16_t *__restrict c,
+                                                    const uint32_t *__restrict r, int64_t n,
+                                                    const SgdScalars &k, float div) {
+  for (int64_t i = 0; i < n; ++i) {
+    sgd_element(p + i, bf16_to_f32(g[i]) / div, kMomentum ? b + i : nullptr,
+                kMode == kKahan ? c + i : nullptr, k, kMode, kMode == kStochastic ? r[i] : 0);
+  }
+}
+
+TF_CLONES void sgd_tile_stochastic(uint16_t *__restrict p, const uint16_t *__restrict g,
+                                   uint16_t *__restrict b, const uint32_t *__restrict r,
+                                   int64_t n, SgdScalars k, float div) {
+  if (b) {
+    sgd_tile<kStochastic, true>(p, g, b, nullptr, r, n, k, div);
+  } else {
+    sgd_tile<kStochastic, false>(p, g, nullptr, nullptr, r, n, k, div);
+  }
+}
+
+TF_CLONES void sgd_tile_kahan(uint16_t *__restrict p, const uint16_t *__restrict g,
+                              uint16_t *__restrict b, uint16_t *__restrict c, int64_t n,
+                              SgdScalars k, float div) {
+  if (b) {
+    sgd_tile<kKahan, true>(p, g, b, c, nullptr, n, k, div);
+  } else {
+    sgd_tile<kKahan, false>(p, g, nullptr, c, nullptr, n, k, div);
+  }
+}
+
+// Writes the divided gradients back, after the step read them (PyTorch's fused kernels leave
+// them unscaled).
+void write_unscaled(uint16_t *g, int64_t n, float div) {
+  if (div == 1.f) return;
+  for (int64_t i = 0; i < n; ++i) g[i] = bf16_nearest(bf16_to_f32(g[i]) / div);
+}
 
 // Philox blocks per tile: the tile's generators run as 8-wide vector code (the rounds are
 // written lane by lane over arrays so the compiler vectorises them).
@@ -158,14 +224,6 @@ uint32_t step_word(const char *op, const at::Tensor &step) {
   return static_cast<uint32_t>(s);
 }
 
-// Divides the gradient by the scale and writes it back, as PyTorch's fused kernels do.
-inline float unscaled(uint16_t *g, float divisor) {
-  if (divisor == 1.f) return bf16_to_f32(*g);
-  const float v = bf16_to_f32(*g) / divisor;
-  *g = bf16_nearest(v);
-  return v;
-}
-
 void adamw_rounded_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                        at::TensorList kahan_comps, at::TensorList state_steps,
@@ -207,10 +265,21 @@ void adamw_rounded_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
     const float div = *divisor;
     for_tiles(params[t].numel(), key, mode == kStochastic,
               [&](int64_t begin, int64_t end, const uint32_t *bits) {
-                for (int64_t i = begin; i < end; ++i) {
-                  adamw_element(p + i, unscaled(g + i, div), m + i, v + i, mv ? mv + i : nullptr,
-                                c ? c + i : nullptr, k, mode, bits[i - begin]);
+                const int64_t len = end - begin;
+                if (mode == kStochastic && !mv) {
+                  adamw_tile_stochastic(p + begin, g + begin, m + begin, v + begin, bits, len, k,
+                                        div);
+                } else if (mode == kKahan && !mv) {
+                  adamw_tile_kahan(p + begin, g + begin, m + begin, v + begin, c + begin, len, k,
+                                   div);
+                } else {  // AMSGrad, or round to nearest (the op's mode 0, for tests)
+                  for (int64_t i = begin; i < end; ++i) {
+                    adamw_element(p + i, bf16_to_f32(g[i]) / div, m + i, v + i,
+                                  mv ? mv + i : nullptr, c ? c + i : nullptr, k, mode,
+                                  bits[i - begin]);
+                  }
                 }
+                write_unscaled(g + begin, len, div);
               });
   }
 }
@@ -248,10 +317,19 @@ void sgd_rounded_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     const float div = *divisor;
     for_tiles(params[t].numel(), key, mode == kStochastic,
               [&](int64_t begin, int64_t end, const uint32_t *bits) {
-                for (int64_t i = begin; i < end; ++i) {
-                  sgd_element(p + i, unscaled(g + i, div), b ? b + i : nullptr,
-                              c ? c + i : nullptr, k, mode, bits[i - begin]);
+                const int64_t len = end - begin;
+                uint16_t *bb = b ? b + begin : nullptr;
+                if (mode == kStochastic) {
+                  sgd_tile_stochastic(p + begin, g + begin, bb, bits, len, k, div);
+                } else if (mode == kKahan) {
+                  sgd_tile_kahan(p + begin, g + begin, bb, c + begin, len, k, div);
+                } else {  // round to nearest (the op's mode 0, for tests)
+                  for (int64_t i = begin; i < end; ++i) {
+                    sgd_element(p + i, bf16_to_f32(g[i]) / div, b ? b + i : nullptr, nullptr, k,
+                                mode, 0);
+                  }
                 }
+                write_unscaled(g + begin, len, div);
               });
   }
 }

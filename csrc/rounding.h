@@ -19,10 +19,24 @@
 #if defined(__CUDACC__)
 #define TF_HD __host__ __device__ __forceinline__
 #else
-#define TF_HD inline
+// Always inlined: the CPU kernel's tile loops vectorise only with the element function inside.
+#define TF_HD inline __attribute__((always_inline))
 #endif
 
 namespace tf_rounding {
+
+// Float arithmetic that no compiler fuses into multiply-adds, so that both devices round every
+// operation alike: nvcc contracts a * b + c by default (its intrinsics below are never
+// contracted); rounding.cpp is compiled with contraction off.
+#if defined(__CUDA_ARCH__)
+TF_HD float mul(float a, float b) { return __fmul_rn(a, b); }
+TF_HD float add(float a, float b) { return __fadd_rn(a, b); }
+TF_HD float sub(float a, float b) { return __fsub_rn(a, b); }
+#else
+TF_HD float mul(float a, float b) { return a * b; }
+TF_HD float add(float a, float b) { return a + b; }
+TF_HD float sub(float a, float b) { return a - b; }
+#endif
 
 // How a parameter's new float32 value is written back to bfloat16 (the `mode` argument of the
 // ops).
@@ -137,9 +151,9 @@ TF_HD void write_back(uint16_t *p, uint16_t *c, float old, float target, int64_t
   if (mode == kStochastic) {
     *p = bf16_stochastic(target, r);
   } else if (mode == kKahan) {
-    const float y = (target - old) + bf16_to_f32(*c);
-    const uint16_t t = bf16_nearest(old + y);
-    *c = bf16_nearest(y - (bf16_to_f32(t) - old));
+    const float y = add(sub(target, old), bf16_to_f32(*c));
+    const uint16_t t = bf16_nearest(add(old, y));
+    *c = bf16_nearest(sub(y, sub(bf16_to_f32(t), old)));
     *p = t;
   } else {
     *p = bf16_nearest(target);
@@ -151,19 +165,19 @@ TF_HD void write_back(uint16_t *p, uint16_t *c, float old, float target, int64_t
 // `max_v` is null without AMSGrad.
 TF_HD void adamw_element(uint16_t *p, float g, uint16_t *m, uint16_t *v, uint16_t *max_v,
                          uint16_t *c, const AdamScalars &k, int64_t mode, uint32_t r) {
-  g *= k.sign;
+  g = mul(g, k.sign);
   const float old = bf16_to_f32(*p);
-  const float decayed = old * k.decay;
-  const float mi = bf16_to_f32(*m) * k.beta1 + g * k.one_minus_beta1;
-  const float vi = bf16_to_f32(*v) * k.beta2 + g * g * k.one_minus_beta2;
+  const float decayed = mul(old, k.decay);
+  const float mi = add(mul(bf16_to_f32(*m), k.beta1), mul(g, k.one_minus_beta1));
+  const float vi = add(mul(bf16_to_f32(*v), k.beta2), mul(mul(g, g), k.one_minus_beta2));
   float vd = vi;
   if (max_v) {
     const float mv = bf16_to_f32(*max_v);
     vd = mv > vi ? mv : vi;
     *max_v = bf16_nearest(vd);
   }
-  const float denom = std::sqrt(vd) / k.bc2_sqrt + k.eps;
-  write_back(p, c, old, decayed - k.step_size * mi / denom, mode, r);
+  const float denom = add(std::sqrt(vd) / k.bc2_sqrt, k.eps);
+  write_back(p, c, old, sub(decayed, mul(k.step_size, mi) / denom), mode, r);
   *m = bf16_nearest(mi);
   *v = bf16_nearest(vi);
 }
@@ -177,15 +191,16 @@ struct SgdScalars {
 // nearest even in bfloat16, the parameter by `mode`. `buf` is null without momentum.
 TF_HD void sgd_element(uint16_t *p, float g, uint16_t *buf, uint16_t *c, const SgdScalars &k,
                        int64_t mode, uint32_t r) {
-  g *= k.sign;
+  g = mul(g, k.sign);
   const float old = bf16_to_f32(*p);
-  if (k.weight_decay != 0.f) g += old * k.weight_decay;
+  if (k.weight_decay != 0.f) g = add(g, mul(old, k.weight_decay));
   if (buf) {
-    const float b = k.first ? g : bf16_to_f32(*buf) * k.momentum + k.one_minus_dampening * g;
+    const float b =
+        k.first ? g : add(mul(bf16_to_f32(*buf), k.momentum), mul(k.one_minus_dampening, g));
     *buf = bf16_nearest(b);
-    g = k.nesterov ? g + b * k.momentum : b;
+    g = k.nesterov ? add(g, mul(b, k.momentum)) : b;
   }
-  write_back(p, c, old, old - k.lr * g, mode, r);
+  write_back(p, c, old, sub(old, mul(k.lr, g)), mode, r);
 }
 
 }  // namespace tf_rounding

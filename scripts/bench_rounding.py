@@ -172,6 +172,40 @@ def rust_run(demo, precision, extra, data, cfg, eval_at, seed, out):
     return out
 
 
+def kernel_times(lib, n=1 << 22, reps=15):
+    """The optimizer step alone on n bfloat16 parameters: libtorch's _fused_adamw_ (round to
+    nearest) against tch-fabric's adamw_rounded_ with stochastic rounding and with Kahan
+    summation, medians of `reps` steps (ms)."""
+    import torch
+
+    torch.ops.load_library(lib)
+    g = torch.Generator().manual_seed(0)
+
+    def state():
+        t = [torch.randn(n, generator=g).bfloat16() for _ in range(3)]
+        return t + [torch.rand(n, generator=g).bfloat16(), torch.zeros(n, dtype=torch.bfloat16)]
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    p, grad, m, v, comp = state()
+    step = torch.tensor(10.0)
+    out = {"_fused_adamw_ (nearest)": timed(lambda: torch._fused_adamw_(
+        [p], [grad], [m], [v], [], [step], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8,
+        amsgrad=False, maximize=False))}
+    for name, mode, comps in (("adamw_rounded_ stochastic", 1, []), ("adamw_rounded_ Kahan", 2, [comp])):
+        out[name] = timed(lambda: torch.ops.tch_fabric.adamw_rounded_(
+            [p], [grad], [m], [v], [], comps, [step], [0], 1e-3, 0.9, 0.999, 0.01, 1e-8, False, mode, 1,
+            None, None))
+    return out
+
+
 def machine():
     cpu, flags = platform.processor() or "unknown CPU", set()
     try:
@@ -222,13 +256,27 @@ def main():
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--json", help="also write every run's numbers here")
+    ap.add_argument("--kernel-only", action="store_true", help="only time the optimizer step alone")
+    ap.add_argument("--lib", help="the ops library (default: the release build's)")
     args = ap.parse_args()
     cfg = {"batch": args.batch, "block": args.block, "d_model": args.d_model, "layers": args.layers,
            "heads": args.heads, "lr": args.lr}
     import torch
 
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: the demo's GPT, d_model {args.d_model}, {args.layers} layers, {args.heads} heads, "
+    import glob
+
+    lib = args.lib or max(glob.glob("target/release/build/tch-fabric-*/out/libtch_fabric_ops.so"),
+                          key=os.path.getmtime)
+    times = kernel_times(lib)
+    base = times["_fused_adamw_ (nearest)"]
+    print(f"\nThe AdamW step alone, 4 M bfloat16 parameters, median of 15 ({torch.get_num_threads()} threads):\n")
+    print("| kernel | ms | vs _fused_adamw_ |\n|---|---|---|")
+    for name, ms in times.items():
+        print(f"| {name} | {ms:.2f} | {ms / base:.2f}x |")
+    if args.kernel_only:
+        return 0
+    print(f"\nmodel: the demo's GPT, d_model {args.d_model}, {args.layers} layers, {args.heads} heads, "
           f"batch {args.batch} x {args.block} tokens, AdamW lr {args.lr}, weight decay 0.01")
     all_runs = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -400,6 +400,22 @@ fn bad_combinations_are_refused_and_change_nothing() {
     assert!(o.step().is_err());
     assert!(same(&weights(&r.vs), &before));
 
+    // An option that needs new state, set after the first step: refused, nothing changed.
+    let mut o = FusedAdamW::new(&r.vs, 1e-3).unwrap();
+    r.model
+        .forward(&x)
+        .mse_loss(&y, tch::Reduction::Mean)
+        .backward();
+    o.step().unwrap();
+    let mut o = o.kahan_summation(true);
+    let stepped = weights(&r.vs);
+    let e = o.step().unwrap_err();
+    assert!(
+        matches!(&e, Error::Usage(m) if m.contains("kahan_summation")),
+        "{e}"
+    );
+    assert!(same(&weights(&r.vs), &stepped));
+
     // float16 parameters: refused before any parameter steps (the float32 ones included).
     let mut vs = nn::VarStore::new(Device::Cpu);
     let a = vs.root().ones("a", &[8]);

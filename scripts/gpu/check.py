@@ -392,10 +392,10 @@ def rounded_state(dev, mode, n, gen_seed):
     return t, comp, torch.tensor(7.0, device=dev)
 
 
-def rounded_step(state, mode, scale=None, found=None):
+def rounded_step(state, mode, scale=None, found=None, max_v=()):
     (p, grad, m, v), comp, step = state
-    torch.ops.tch_fabric.adamw_rounded_([p], [grad], [m], [v], [], comp, [step], [3], 1e-3, 0.9,
-                                        0.999, 0.01, 1e-8, False, mode, 99, scale, found)
+    torch.ops.tch_fabric.adamw_rounded_([p], [grad], [m], [v], list(max_v), comp, [step], [3], 1e-3,
+                                        0.9, 0.999, 0.01, 1e-8, False, mode, 99, scale, found)
 
 
 @check("rounded steps (stochastic rounding, Kahan): the device draws the CPU kernel's bits")
@@ -420,6 +420,13 @@ def rounding(ctx):
             a = a.cpu()
             assert same_bits(a, b), f"mode {mode}: {name}: {int((bits(a) != bits(b)).sum())} elements differ"
         details.append(f"mode {mode} equal")
+        # The CPU kernel's vectorised loop against its element-by-element one (which AMSGrad
+        # takes; with a zero running maximum AMSGrad computes what AdamW does).
+        tile, scalar = (rounded_state(torch.device("cpu"), mode, 100_003, mode) for _ in range(2))
+        rounded_step(tile, mode)
+        rounded_step(scalar, mode, max_v=[torch.zeros(100_003, dtype=torch.bfloat16)])
+        for a, b in zip(tile[0] + tile[1], scalar[0] + scalar[1]):
+            assert same_bits(a, b), f"mode {mode}: the vectorised CPU loop differs from the scalar one"
     if ctx.dev.type == "cuda":
         # No host read: grad_scale, found_inf and the step count stay on the device.
         scale, found = scalar(2.0, ctx.dev), torch.zeros((), device=ctx.dev)

@@ -86,8 +86,8 @@ impl AdamKernel {
             && self.contiguous(step)?;
         // PyTorch counts the step first and takes a skipped step back afterwards, on the
         // device, so a skip never advances the count and nothing waits for the host.
-        native::foreach_add_scalar(&lists.steps, 1.0)?;
         let rounded = self.rounding.lists(step)?;
+        native::foreach_add_scalar(&lists.steps, 1.0)?;
         let ran = match (&scale, &inf, &rounded) {
             (_, _, Some(r)) => native::adamw_rounded(
                 &lists,

@@ -56,6 +56,11 @@ impl Slots {
         }
     }
 
+    /// Whether parameter `i` has state, and with which fields.
+    pub(crate) fn fields_of(&self, i: usize) -> Option<&[Field]> {
+        self.state[i].as_ref().map(|_| self.fields[i].as_slice())
+    }
+
     /// Whether any parameter has state (it stepped, or state was loaded).
     pub(crate) fn has_state(&self) -> bool {
         self.state.iter().any(Option::is_some)

@@ -231,11 +231,27 @@ impl<K: Kernel> Stepper<K> {
         Ok(())
     }
 
-    /// PyTorch's checks of every group's learning rate and hyper-parameters.
+    /// PyTorch's checks of every group's learning rate and hyper-parameters, and that no
+    /// option set after a parameter had state needs a state field it lacks (AMSGrad, momentum
+    /// from zero, Kahan summation, SGD's step count for stochastic rounding).
     fn validate(&self) -> Result<()> {
         for g in &self.groups {
             check_lr(g.lr)?;
             g.kernel.validate()?;
+            let fields = g.kernel.fields();
+            if let Some(i) = g.indices.iter().copied().find(|&i| {
+                self.slots
+                    .fields_of(i)
+                    .is_some_and(|have| fields.iter().any(|f| !have.contains(f)))
+            }) {
+                return Err(Error::Usage(format!(
+                    "{}: an option set after parameter '{}' had state needs state it does not \
+                     have (amsgrad, momentum from 0, kahan_summation, stochastic_rounding): set \
+                     such options when the optimizer is built",
+                    g.kernel.op(),
+                    self.params.names()[i]
+                )));
+            }
         }
         Ok(())
     }

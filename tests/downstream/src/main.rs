@@ -21,6 +21,7 @@ fn main() -> Result<()> {
     ops_are_registered()?;
     fp16_adamw_with_clipping()?;
     sgd_step()?;
+    bf16_true_rounded_steps()?;
     default_adamw_with_schedule()?;
     checkpoint_round_trip()?;
     println!("downstream: all checks passed");
@@ -113,6 +114,51 @@ fn sgd_step() -> Result<()> {
         "one momentum buffer per parameter"
     );
     println!("FusedSgd step: ok");
+    Ok(())
+}
+
+/// bf16-true with stochastic rounding (FusedAdamW) and Kahan summation (FusedSgd): the rounded
+/// step ops (`tch_fabric::adamw_rounded_`, `sgd_rounded_`) reach this binary too.
+fn bf16_true_rounded_steps() -> Result<()> {
+    for kahan in [false, true] {
+        let fabric = Fabric::builder()
+            .precision("bf16-true")
+            .accelerator("cpu")
+            .build()?;
+        let mut vs = fabric.init_module()?;
+        let model = mlp(&vs);
+        let before = vs.variables()["l1.weight"].copy();
+        let (x, y) = batch();
+        let state = if kahan {
+            let opt = FusedSgd::new(&vs, 0.1)?.momentum(0.9).kahan_summation(true);
+            let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+            fabric.backward(&model.forward(&x).mse_loss(&y, Reduction::Mean))?;
+            opt.step()?;
+            opt.state_tensors()?.len()
+        } else {
+            let opt = FusedAdamW::new(&vs, 1e-2)?.stochastic_rounding(7);
+            let (model, mut opt) = fabric.setup(model, &mut vs, opt)?;
+            fabric.backward(&model.forward(&x).mse_loss(&y, Reduction::Mean))?;
+            opt.step()?;
+            opt.state_tensors()?.len()
+        };
+        ensure!(
+            !vs.variables()["l1.weight"].equal(&before),
+            "the rounded step changed no weight"
+        );
+        // Kahan SGD: momentum and compensation buffers; stochastic AdamW: two moments, a step.
+        ensure!(state == if kahan { 8 } else { 12 }, "{state} state tensors");
+    }
+    // A quarter of the way to the next bfloat16: about a quarter of the roundings go up.
+    let x = Tensor::full([1 << 14], 1.0 + 1.0 / 512.0, (Kind::Float, Device::Cpu));
+    let up = tch_fabric::optim::stochastic_round(&x, 1, 0, 1)?
+        .to_kind(Kind::Float)
+        .gt(1.0)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    ensure!((up - 0.25).abs() < 0.02, "{up} of the roundings went up");
+    println!("bf16-true stochastic rounding and Kahan summation: ok");
     Ok(())
 }
 
