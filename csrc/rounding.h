@@ -57,6 +57,9 @@ struct Philox {
   uint32_t v[4] = {0, 0, 0, 0};
   TF_HD constexpr Philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
     uint32_t c[4] = {c0, c1, c2, c3};
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#pragma GCC unroll 10
+#endif
     for (int round = 0; round < 10; ++round) {
       uint32_t hi0 = 0, hi1 = 0;
       const uint32_t lo0 = mulhilo(0xD2511F53u, c[0], &hi0);

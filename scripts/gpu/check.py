@@ -382,6 +382,32 @@ def sync_free(ctx):
     return None
 
 
+def philox4x32(counter, key):
+    """Philox 4x32-10 (Random123's definition), in Python: the specification the kernels'
+    generator is checked against."""
+    c, (k0, k1), m = list(counter), key, 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & m, p1 & m, ((p0 >> 32) ^ c[3] ^ k1) & m, p0 & m]
+        k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+    return c
+
+
+def expected_rounding(x, seed, position, step):
+    """stochastic_round's result by its specification (csrc/rounding.h): element i takes the 16
+    random bits j = i % 8 of Philox(counter (i // 8 low, high, step, position), key (seed low,
+    high)), word j // 2, half j % 2; the float32 bits plus those 16 bits, truncated."""
+    out = []
+    for i, u in enumerate(x.view(torch.int32).tolist()):
+        u &= 0xFFFFFFFF
+        block = i // 8
+        words = philox4x32([block & 0xFFFFFFFF, block >> 32, step, position],
+                           (seed & 0xFFFFFFFF, seed >> 32))
+        r = (words[(i % 8) >> 1] >> (16 * (i % 2))) & 0xFFFF
+        out.append(((u + r) & 0xFFFFFFFF) >> 16)
+    return out
+
+
 def rounded_state(dev, mode, n, gen_seed):
     """The bfloat16 state of one tch_fabric::adamw_rounded_ step, drawn on the CPU and moved to
     `dev`: [param, grad, exp_avg, exp_avg_sq] and the Kahan buffers (mode 2)."""
@@ -406,6 +432,10 @@ def rounding(ctx):
     want = torch.ops.tch_fabric.stochastic_round(x, 7, 3, 11)
     got = torch.ops.tch_fabric.stochastic_round(x.to(ctx.dev), 7, 3, 11).cpu()
     assert same_bits(got, want), "stochastic_round differs from the CPU kernel's bits"
+    assert philox4x32([0, 0, 0, 0], (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    spec = expected_rounding(x[:203], 7 + (5 << 32), 3, 11)
+    head = torch.ops.tch_fabric.stochastic_round(x[:203].to(ctx.dev), 7 + (5 << 32), 3, 11).cpu()
+    assert [v & 0xFFFF for v in bits(head).tolist()] == spec, "the kernel's bits are not Philox's"
     # Unbiased: 1 + 1/512 is a quarter of the way to the next bfloat16.
     ups = torch.ops.tch_fabric.stochastic_round(torch.full((1 << 16,), 1 + 1 / 512).to(ctx.dev), 1, 0, 1)
     frac = (ups.float() > 1).float().mean().item()
