@@ -227,16 +227,7 @@ void adamw_rounded_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   if (!divisor) return;
   for (size_t t = 0; t < n; ++t) {
     const uint32_t step = step_word(op, state_steps[t]);
-    AdamScalars k;
-    k.decay = static_cast<float>(1.0 - lr * weight_decay);
-    k.beta1 = static_cast<float>(beta1);
-    k.beta2 = static_cast<float>(beta2);
-    k.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-    k.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    k.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
-    k.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
-    k.eps = static_cast<float>(eps);
-    k.sign = maximize ? -1.f : 1.f;
+    const AdamScalars k = adam_scalars(lr, beta1, beta2, weight_decay, eps, maximize, step);
     uint16_t *p = bf16_ptr(params[t]), *g = bf16_ptr(grads[t]), *m = bf16_ptr(exp_avgs[t]),
              *v = bf16_ptr(exp_avg_sqs[t]);
     uint16_t *mv = max_exp_avg_sqs.empty() ? nullptr : bf16_ptr(max_exp_avg_sqs[t]);
@@ -280,14 +271,8 @@ void sgd_rounded_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const auto divisor = check_common(op, params, grads, kahan_comps, state_steps, positions, mode,
                                     mode == kStochastic, grad_scale, found_inf);
   if (!divisor) return;
-  SgdScalars k;
-  k.lr = static_cast<float>(lr);
-  k.weight_decay = static_cast<float>(weight_decay);
-  k.momentum = static_cast<float>(momentum);
-  k.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  k.sign = maximize ? -1.f : 1.f;
-  k.nesterov = nesterov;
-  k.first = is_first_step;
+  const SgdScalars k =
+      sgd_scalars(lr, weight_decay, momentum, dampening, nesterov, maximize, is_first_step);
   for (size_t t = 0; t < n; ++t) {
     const uint32_t step = mode == kStochastic ? step_word(op, state_steps[t]) : 0;
     uint16_t *p = bf16_ptr(params[t]), *g = bf16_ptr(grads[t]);

@@ -146,6 +146,22 @@ struct AdamScalars {
   float eps, sign;  // sign: -1 with maximize
 };
 
+// AdamW's scalars for one parameter at `step` (counting this step).
+TF_HD AdamScalars adam_scalars(double lr, double beta1, double beta2, double weight_decay,
+                               double eps, bool maximize, double step) {
+  AdamScalars k;
+  k.decay = static_cast<float>(1.0 - lr * weight_decay);
+  k.beta1 = static_cast<float>(beta1);
+  k.beta2 = static_cast<float>(beta2);
+  k.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  k.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  k.step_size = static_cast<float>(lr / (1.0 - ::pow(beta1, step)));
+  k.bc2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(beta2, step)));
+  k.eps = static_cast<float>(eps);
+  k.sign = maximize ? -1.f : 1.f;
+  return k;
+}
+
 // Writes `target` (the parameter's new float32 value) back to bfloat16 storage `*p`, whose old
 // value is `old`. Kahan: the compensation `*c` holds what earlier roundings dropped; it is added
 // to this update and what this rounding drops is kept in it again.
@@ -189,6 +205,19 @@ struct SgdScalars {
   float lr, weight_decay, momentum, one_minus_dampening, sign;
   bool nesterov, first;
 };
+
+TF_HD SgdScalars sgd_scalars(double lr, double weight_decay, double momentum, double dampening,
+                             bool nesterov, bool maximize, bool first) {
+  SgdScalars k;
+  k.lr = static_cast<float>(lr);
+  k.weight_decay = static_cast<float>(weight_decay);
+  k.momentum = static_cast<float>(momentum);
+  k.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  k.sign = maximize ? -1.f : 1.f;
+  k.nesterov = nesterov;
+  k.first = first;
+  return k;
+}
 
 // One element of SGD in float32 (PyTorch's fused SGD formula); the momentum buffer stored to
 // nearest even in bfloat16, the parameter by `mode`. `buf` is null without momentum.

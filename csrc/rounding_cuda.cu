@@ -65,30 +65,16 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Tensors t, Shared s) {
   const float divisor = s.grad_scale ? *s.grad_scale : 1.f;
   if (kAdam) {
     // The per-tensor scalars in double, as the CPU kernel computes them.
-    AdamScalars k;
-    k.decay = static_cast<float>(1.0 - s.lr * s.weight_decay);
-    k.beta1 = static_cast<float>(s.beta1);
-    k.beta2 = static_cast<float>(s.beta2);
-    k.one_minus_beta1 = static_cast<float>(1.0 - s.beta1);
-    k.one_minus_beta2 = static_cast<float>(1.0 - s.beta2);
-    k.step_size = static_cast<float>(s.lr / (1.0 - pow(s.beta1, static_cast<double>(step))));
-    k.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(s.beta2, static_cast<double>(step))));
-    k.eps = static_cast<float>(s.eps);
-    k.sign = s.maximize ? -1.f : 1.f;
+    const AdamScalars k =
+        adam_scalars(s.lr, s.beta1, s.beta2, s.weight_decay, s.eps, s.maximize, step);
     for (int64_t i = begin; i < end; ++i) {
       adamw_element(t.p + i, unscaled(t.g + i, divisor), t.buf1 + i, t.buf2 + i,
                     t.buf3 ? t.buf3 + i : nullptr, t.comp ? t.comp + i : nullptr, k, s.mode,
                     bits.bits16(static_cast<int>(i - begin)));
     }
   } else {
-    SgdScalars k;
-    k.lr = static_cast<float>(s.lr);
-    k.weight_decay = static_cast<float>(s.weight_decay);
-    k.momentum = static_cast<float>(s.momentum);
-    k.one_minus_dampening = static_cast<float>(1.0 - s.dampening);
-    k.sign = s.maximize ? -1.f : 1.f;
-    k.nesterov = s.nesterov;
-    k.first = s.first;
+    const SgdScalars k = sgd_scalars(s.lr, s.weight_decay, s.momentum, s.dampening, s.nesterov,
+                                     s.maximize, s.first);
     for (int64_t i = begin; i < end; ++i) {
       sgd_element(t.p + i, unscaled(t.g + i, divisor), t.buf1 ? t.buf1 + i : nullptr,
                   t.comp ? t.comp + i : nullptr, k, s.mode,

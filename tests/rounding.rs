@@ -190,6 +190,14 @@ fn bits_do_not_depend_on_the_thread_count() {
     assert!(same(&results[0], &results[1]));
 }
 
+fn bf16_fabric() -> Fabric {
+    Fabric::builder()
+        .precision("bf16-true")
+        .accelerator("cpu")
+        .build()
+        .unwrap()
+}
+
 /// A bf16-true Fabric run of `steps` steps with the optimizer `make(vs, seed)` builds, loading
 /// `load` first and saving to `save` at the end when given; returns the weights.
 fn fabric_run<O: Optimizer + 'static>(
@@ -199,11 +207,7 @@ fn fabric_run<O: Optimizer + 'static>(
     load: Option<&std::path::Path>,
     save: Option<&std::path::Path>,
 ) -> Vec<(String, Tensor)> {
-    let fabric = Fabric::builder()
-        .precision("bf16-true")
-        .accelerator("cpu")
-        .build()
-        .unwrap();
+    let fabric = bf16_fabric();
     let mut r = run();
     let opt = make(&r.vs, seed);
     let (m, mut opt) = fabric.setup(r.model, &mut r.vs, opt).unwrap();
@@ -467,11 +471,7 @@ fn bad_combinations_are_refused_and_change_nothing() {
     for (kahan, ext) in [(false, "pt"), (true, "safetensors"), (false, "safetensors")] {
         let path = dir.join(format!("ckpt-{kahan}.{ext}"));
         fabric_run(&|vs, seed| adam(vs, seed, kahan), 4, 2, None, Some(&path));
-        let fabric = Fabric::builder()
-            .precision("bf16-true")
-            .accelerator("cpu")
-            .build()
-            .unwrap();
+        let fabric = bf16_fabric();
         let mut r = run();
         let opt = FusedAdamW::new(&r.vs, 1e-3).unwrap();
         let (_m, _o) = fabric.setup(r.model, &mut r.vs, opt).unwrap();
@@ -494,11 +494,7 @@ fn bad_combinations_are_refused_and_change_nothing() {
 fn the_kahan_buffer_is_optimizer_state_in_the_memory_report() {
     let mut bytes = Vec::new();
     for kahan in [false, true] {
-        let fabric = Fabric::builder()
-            .precision("bf16-true")
-            .accelerator("cpu")
-            .build()
-            .unwrap();
+        let fabric = bf16_fabric();
         let mut r = run();
         let opt = FusedAdamW::new(&r.vs, 1e-3).unwrap().kahan_summation(kahan);
         let (m, mut o) = fabric.setup(r.model, &mut r.vs, opt).unwrap();
