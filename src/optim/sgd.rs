@@ -127,7 +127,8 @@ impl Kernel for SgdKernel {
         self.implementation == Impl::Fused
     }
 
-    /// A momentum buffer when there is momentum.
+    /// A momentum buffer when there is momentum; Kahan's buffer, and the step count that keys
+    /// stochastic rounding's random bits, with those options.
     fn fields(&self) -> Vec<Field> {
         let mut fields = Vec::new();
         if self.hyper.momentum != 0.0 {
